@@ -1,0 +1,200 @@
+"""Building blocks shared by every family: norms (LayerNorm, RepBN, PRepBN) and attention cores.
+
+Parameter and buffer names follow the SLAB authors' code exactly, so their checkpoints load
+strictly: RepBN has `alpha` and `bn.*`; PRepBN (`LinearNorm`) has the buffers `warm`, `iter`,
+`total_step` and the submodules `norm1` (LayerNorm) and `norm2` (RepBN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NormFactory = Callable[[int], nn.Module]
+
+
+class RepBN(nn.Module):
+    """`BN(x) + alpha * x` over the channel (last) dim of tokens (B, N, C).
+
+    BatchNorm1d runs on `x.transpose(1, 2)`, so its statistics cover batch and tokens.
+    In eval mode it is a per-channel affine map: see `repbn_affine`.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1))
+        self.bn = nn.BatchNorm1d(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.transpose(1, 2)
+        x = self.bn(x) + self.alpha * x
+        return x.transpose(1, 2)
+
+
+class LinearNorm(nn.Module):
+    """PRepBN: trains from LayerNorm (`norm1`) to RepBN (`norm2`) progressively.
+
+    Training mixes `lam * norm1(x) + (1 - lam) * norm2(x)` with `lam = r0 * iter / total_step`,
+    where `iter` counts down once per training-mode forward (after `warm` LN-only calls).
+    Eval mode uses `norm2` alone, whatever `iter` is: a checkpoint saved with `iter > 0` or
+    `warm > 0` evaluates differently from what was trained (see `prepbn_progress`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        norm1: NormFactory,
+        norm2: NormFactory,
+        warm: int = 0,
+        step: int = 300000,
+        r0: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("warm", torch.tensor(warm))
+        self.register_buffer("iter", torch.tensor(step))
+        self.register_buffer("total_step", torch.tensor(step))
+        self.r0 = r0
+        self.norm1 = norm1(dim)
+        self.norm2 = norm2(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.norm2(x)
+        if self.warm > 0:
+            self.warm.copy_(self.warm - 1)
+            return self.norm1(x)
+        lam = self.r0 * self.iter / self.total_step
+        if self.iter > 0:
+            self.iter.copy_(self.iter - 1)
+        return lam * self.norm1(x) + (1 - lam) * self.norm2(x)
+
+
+class ChannelAffine(nn.Module):
+    """`x * weight + bias` over the last dim: an eval-mode norm that could not be folded.
+
+    Exports as exactly one Mul and one Add.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight + self.bias
+
+
+def layer_norm(eps: float) -> NormFactory:
+    return partial(nn.LayerNorm, eps=eps)
+
+
+def repbn(eps: float = 1e-5) -> NormFactory:
+    return partial(RepBN, eps=eps)
+
+
+def prepbn(ln_eps: float, step: int, bn_eps: float = 1e-5) -> NormFactory:
+    """The authors' `partial(LinearNorm, norm1=LayerNorm, norm2=RepBN, step=T)`."""
+    return partial(LinearNorm, norm1=layer_norm(ln_eps), norm2=repbn(bn_eps), step=step)
+
+
+def norm_factory(kind: str, *, ln_eps: float, step: int = 300000) -> NormFactory:
+    """Norm layer for `kind` in {"layernorm", "repbn", "prepbn"}."""
+    if kind == "layernorm":
+        return layer_norm(ln_eps)
+    if kind == "repbn":
+        return repbn()
+    if kind == "prepbn":
+        return prepbn(ln_eps, step)
+    raise ValueError(f"unknown norm kind {kind!r}")
+
+
+def repbn_affine(norm: RepBN) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode RepBN as `y = a * x + b` per channel; returns (a, b) in float64."""
+    bn = norm.bn
+    var = bn.running_var.double()
+    mean = bn.running_mean.double()
+    inv_std = torch.rsqrt(var + bn.eps)
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    a = gamma * inv_std + norm.alpha.double()
+    b = beta - gamma * mean * inv_std
+    return a, b
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention cores
+
+
+class SLACore(nn.Module):
+    """The normalised product of SLA: `(q (k^T v)) / (q . sum_tokens(k) + eps)` per head.
+
+    Inputs are already ReLU'd and split into heads: q, k (BH, N, c), v (BH, N, d). The
+    association order is chosen statically from the shapes, as in the authors' code. Written
+    with MatMul/Mul/ReduceSum only (no einsum), so it exports to a portable ONNX graph.
+
+    `compute_dtype` (None = input dtype) is the precision of the normaliser and of the k^T v
+    product; fp16 deployments keep it at float32 (the "fp32 island"), as the authors do by
+    disabling autocast around these products.
+    """
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.compute_dtype: torch.dtype | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out_dtype = v.dtype
+        if self.compute_dtype is not None and q.dtype != self.compute_dtype:
+            q, k, v = q.to(self.compute_dtype), k.to(self.compute_dtype), v.to(self.compute_dtype)
+        n, c, d = q.shape[-2], q.shape[-1], v.shape[-1]
+        k_sum = k.sum(dim=-2, keepdim=True)  # (BH, 1, c)
+        z = 1.0 / (torch.matmul(q, k_sum.transpose(-2, -1)) + self.eps)  # (BH, N, 1)
+        if n * n * (c + d) > c * d * (n + n):
+            out = torch.matmul(q, torch.matmul(k.transpose(-2, -1), v))
+        else:
+            out = torch.matmul(torch.matmul(q, k.transpose(-2, -1)), v)
+        out = out * z
+        return out.to(out_dtype)
+
+
+def sla_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Functional form of `SLACore` (input dtype throughout)."""
+    return SLACore(eps)(q, k, v)
+
+
+def focused_kernel(x: torch.Tensor, scale: torch.Tensor, focusing_factor: float) -> torch.Tensor:
+    """FLatten's focused feature map on (B, N, C): relu + 1e-6, / softplus(scale), then
+    `x**p * ||x|| / ||x**p||` with norms over all C channels."""
+    x = (F.relu(x) + 1e-6) / F.softplus(scale)
+    x_norm = x.norm(dim=-1, keepdim=True)
+    x = x**focusing_factor
+    return (x / x.norm(dim=-1, keepdim=True)) * x_norm
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2 (keys `fc1`, `fc2`, as in every family)."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def head_split(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, H*d) -> (B*H, N, d), batch-major as in the authors' rearrange."""
+    b, n, c = x.shape
+    return x.reshape(b, n, heads, c // heads).permute(0, 2, 1, 3).reshape(b * heads, n, c // heads)
+
+
+def head_merge(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B*H, N, d) -> (B, N, H*d)."""
+    bh, n, d = x.shape
+    return x.reshape(bh // heads, heads, n, d).permute(0, 2, 1, 3).reshape(bh // heads, n, heads * d)
