@@ -169,10 +169,14 @@ def sla_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-
 def focused_kernel(x: torch.Tensor, scale: torch.Tensor, focusing_factor: float) -> torch.Tensor:
     """FLatten's focused feature map on (B, N, C): relu + 1e-6, / softplus(scale), then
     `x**p * ||x|| / ||x**p||` with norms over all C channels."""
+    dtype = x.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        # x**3 and its norm overflow half precision: compute the kernel in fp32.
+        x, scale = x.float(), scale.float()
     x = (F.relu(x) + 1e-6) / F.softplus(scale)
     x_norm = x.norm(dim=-1, keepdim=True)
     x = x**focusing_factor
-    return (x / x.norm(dim=-1, keepdim=True)) * x_norm
+    return ((x / x.norm(dim=-1, keepdim=True)) * x_norm).to(dtype)
 
 
 class Mlp(nn.Module):

@@ -1,0 +1,228 @@
+"""The `slab-deploy` command line. typer lives only here; each command is thin over one library call."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from slab_deploy import __version__
+from slab_deploy.errors import SlabDeployError
+
+app = typer.Typer(
+    name="slab-deploy",
+    help="Take SLAB vision transformers from checkpoint to production: inspect, fold, export, check, bench.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registered model name (see `slab-deploy models`).")]
+CkptOpt = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", "-c", help="Checkpoint file (authors' .pth, state_dict, safetensors or folded)."),
+]
+EmaOpt = Annotated[bool, typer.Option("--ema", help="Use the EMA weights (state_dict_ema) of a training checkpoint.")]
+UnfinishedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unfinished-prepbn",
+        help="Deploy a checkpoint saved before PRepBN finished (its eval output differs from what was trained).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"slab-deploy {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """slab-deploy: SLAB checkpoints to production."""
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@app.command()
+def models(
+    pattern: Annotated[str, typer.Argument(help="Shell-style filter, e.g. 'slab_*'.")] = "*",
+    all_: Annotated[bool, typer.Option("--all", help="Include the tiny test variants.")] = False,
+    measure: Annotated[
+        bool, typer.Option("--measure/--no-measure", help="Count params and GMACs from the model itself.")
+    ] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the model zoo: family, norm, attention per stage, params, GMACs, released weights."""
+    from slab_deploy.models import get_spec, list_models
+    from slab_deploy.models.stats import model_stats
+
+    rows = []
+    for name in list_models(pattern, include_test=all_):
+        s = get_spec(name)
+        params, gmacs = model_stats(name) if measure else (None, None)
+        rows.append(
+            {
+                "name": name,
+                "family": s.family,
+                "norm": s.norm,
+                "attention": list(s.attention),
+                "params_m": None if params is None else round(params / 1e6, 2),
+                "gmacs": None if gmacs is None else round(gmacs, 2),
+                "paper_params_m": s.paper_params_m,
+                "paper_gmacs": s.paper_gmacs,
+                "paper_top1": s.paper_top1,
+                "released": s.released,
+                "layout": s.layout,
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"slab-deploy model zoo ({len(rows)} models)")
+    for col in ("name", "family", "norm", "attention", "params (M)", "GMACs", "top-1", "weights"):
+        t.add_column(col, justify="right" if col in ("params (M)", "GMACs", "top-1") else "left")
+    for r in rows:
+        t.add_row(
+            r["name"],
+            r["family"],
+            r["norm"],
+            "/".join(r["attention"]),
+            "-" if r["params_m"] is None else f"{r['params_m']:.1f}",
+            "-" if r["gmacs"] is None else f"{r['gmacs']:.2f}",
+            "-" if r["paper_top1"] is None else f"{r['paper_top1']:.1f}",
+            "released" if r["released"] else "-",
+        )
+    _console().print(t)
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+
+
+@app.command()
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file to inspect.")],
+    ema: EmaOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Report a checkpoint's format, layout, variant(s), PRepBN state, EMA, params and sha256."""
+    from slab_deploy.models.checkpoint import detect_variants, read_checkpoint
+
+    sd, info = read_checkpoint(checkpoint, ema=ema)
+    variants = detect_variants(sd)
+    d = info.to_dict()
+    d["variants"] = variants
+    if as_json:
+        typer.echo(json.dumps(d, indent=2, default=str))
+        return
+    from rich.table import Table
+
+    t = Table(title=str(checkpoint), show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    unfinished = [s for s in info.prepbn if not s.finished]
+    prep = (
+        "n/a (no PRepBN layers)"
+        if not info.prepbn
+        else (
+            f"finished ({len(info.prepbn)} layers, iter=0, warm=0)"
+            if not unfinished
+            else f"UNFINISHED: {len(unfinished)}/{len(info.prepbn)} layers, least done at "
+            f"{min(s.progress for s in unfinished):.1%} (iter {max(s.iter for s in unfinished)})"
+        )
+    )
+    rows = [
+        ("format", info.format),
+        ("weights from", info.entry or "(top level)"),
+        ("top-level keys", ", ".join(info.top_level_keys[:10]) if info.entry else "-"),
+        ("layout", info.layout),
+        ("variant(s)", ", ".join(variants) or "no registered variant matches"),
+        ("classes", str(info.num_classes)),
+        ("PRepBN", prep),
+        ("EMA weights", "yes (use --ema)" if info.has_ema else "no"),
+        ("tensors / params", f"{info.num_tensors} / {info.num_params:,}"),
+        ("inert objects", ", ".join(info.opaque_objects) or "-"),
+        ("epoch / max acc", f"{info.epoch} / {info.max_accuracy}"),
+        ("folded", "yes (slab-deploy fold)" if info.folded else "no"),
+        ("sha256", info.sha256),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    _console().print(t)
+
+
+# ------------------------------------------------------------------------------------------------ fold
+
+
+@app.command()
+def fold(
+    model: ModelOpt,
+    checkpoint: CkptOpt = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folded checkpoint to write.")] = Path("folded.pt"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    ema: EmaOpt = False,
+    allow_unfinished_prepbn: UnfinishedOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fold every PRepBN/RepBN into its neighbouring Linear/Conv and write a folded checkpoint."""
+    from slab_deploy.errors import ArtifactError
+    from slab_deploy.pipeline import load_model
+    from slab_deploy.passes import fold_model, save_folded
+
+    if output.exists() and not force:
+        raise ArtifactError(f"{output} exists; pass --force to overwrite it or choose another --output")
+    m = load_model(model, checkpoint, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn)
+    folded, report = fold_model(m)
+    info = getattr(m, "checkpoint_info", None)
+    save_folded(folded, output, source_sha256=info.sha256 if info else None)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    from slab_deploy.report import fold_table
+
+    con = _console()
+    con.print(fold_table(report))
+    con.print(f"[bold]{report.summary()}[/bold]")
+    con.print(f"params {report.params_before:,} -> {report.params_after:,}; wrote {output}")
+
+
+def main() -> None:
+    """Console-script entry: user errors print one line and exit with their code."""
+    try:
+        app(standalone_mode=False)
+    except SlabDeployError as exc:
+        _console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

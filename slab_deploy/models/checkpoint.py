@@ -1,0 +1,411 @@
+"""Checkpoint reading and strict loading.
+
+Accepted: the SLAB authors' training files (`{'model', 'optimizer', ..., 'config'}` with a pickled
+yacs config, optional `state_dict_ema`), bare state_dicts, `{'state_dict': ...}` wrappers,
+`module.` prefixes, safetensors files, and folded checkpoints written by `slab-deploy fold`.
+Nothing foreign is executed (see `_safe_pickle`). Loading is strict; the two RepBN layouts
+(LinearNorm `X.norm2.*` vs plain `X.alpha`/`X.bn.*`) are remapped when the variant asks for
+the other one; a PRepBN schedule that had not finished is refused unless overridden.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slab_deploy.errors import CheckpointError, UnfinishedPRepBNError
+
+FOLD_META_KEY = "slab_deploy"
+
+
+@dataclass
+class PRepBNState:
+    """Progress of one PRepBN (LinearNorm) layer's LayerNorm -> RepBN schedule."""
+
+    name: str
+    warm: int
+    iter: int
+    total_step: int
+
+    @property
+    def finished(self) -> bool:
+        return self.iter <= 0 and self.warm <= 0
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the schedule done (1.0 = LayerNorm fully replaced)."""
+        if self.total_step <= 0:
+            return 1.0
+        return 1.0 - max(self.iter, 0) / self.total_step
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint file holds, as `slab-deploy inspect` reports it."""
+
+    path: str
+    format: str
+    sha256: str
+    entry: str  # which top-level key the weights came from ("" for a bare state_dict)
+    top_level_keys: list[str]
+    has_ema: bool
+    layout: str
+    num_tensors: int
+    num_params: int
+    num_classes: int | None
+    prepbn: list[PRepBNState] = field(default_factory=list)
+    opaque_objects: list[str] = field(default_factory=list)
+    epoch: int | None = None
+    max_accuracy: float | None = None
+    folded: dict[str, Any] | None = None
+    stripped_prefix: str = ""
+    remapped: str = ""
+
+    @property
+    def prepbn_finished(self) -> bool:
+        return all(s.finished for s in self.prepbn)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["prepbn_finished"] = self.prepbn_finished
+        return d
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_path(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a directory; pass the checkpoint file inside it (*.pth, *.pt or *.safetensors)"
+        )
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); download it again")
+
+
+def _read_raw(path: Path) -> tuple[Any, str, list[str]]:
+    """Returns (object, file format, opaque object class names)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        from slab_deploy.models._safe_pickle import load_zip_checkpoint
+
+        obj, opaque = load_zip_checkpoint(path)
+        return obj, "torch-zip", opaque
+    if len(head) >= 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if n < path.stat().st_size:
+            return _read_safetensors(path), "safetensors", []
+    if head[:1] == b"\x80":
+        # Pre-1.6 torch files (not zip). torch's weights-only unpickler accepts only tensors and
+        # plain containers, so nothing foreign runs.
+        import pickle
+
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), "torch-legacy", []
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
+            raise CheckpointError(
+                f"{path} is a legacy torch pickle that cannot be read safely ({first}); re-save it with a current torch"
+            ) from None
+    raise CheckpointError(
+        f"{path} is not a PyTorch (.pth) or safetensors checkpoint (starts with {head[:8]!r}); "
+        "pass a file saved by torch.save or safetensors"
+    )
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    from slab_deploy._deps import require
+
+    st = require("safetensors.torch", "reading .safetensors checkpoints")
+    try:
+        tensors = dict(st.load_file(str(path), device="cpu"))
+        safe_open = require("safetensors").safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} is a corrupt safetensors file ({exc}); download it again") from None
+    if FOLD_META_KEY in meta:
+        return {FOLD_META_KEY: json.loads(meta[FOLD_META_KEY]), "model": tensors}
+    return tensors
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    stripped = ""
+    for p in _PREFIXES:
+        if sd and all(k.startswith(p) for k in sd):
+            sd = {k[len(p) :]: v for k, v in sd.items()}
+            stripped += p
+    return sd, stripped
+
+
+def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
+    keys = set(sd)
+    if any(k.endswith(".norm2.alpha") and k[: -len("norm2.alpha")] + "iter" in keys for k in keys):
+        return "prepbn"
+    if any(k.endswith(".alpha") and k[: -len("alpha")] + "bn.running_mean" in keys for k in keys):
+        return "repbn"
+    if any(re.search(r"norm\d*\.weight$", k) for k in keys):
+        return "layernorm"
+    return "unknown"
+
+
+def prepbn_states(sd: Mapping[str, torch.Tensor]) -> list[PRepBNState]:
+    states = []
+    for k in sd:
+        if k.endswith(".total_step"):
+            p = k[: -len("total_step")]
+            if p + "iter" in sd:
+                warm = int(sd[p + "warm"].item()) if p + "warm" in sd else 0
+                states.append(
+                    PRepBNState(p[:-1], warm=warm, iter=int(sd[p + "iter"].item()), total_step=int(sd[k].item()))
+                )
+    return states
+
+
+def _num_classes(sd: Mapping[str, torch.Tensor]) -> int | None:
+    w = sd.get("head.weight")
+    return int(w.shape[0]) if w is not None and w.dim() == 2 else None
+
+
+def read_checkpoint(path: str | Path, *, ema: bool = False) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Read the weights of `path` safely. Returns (state_dict, info); loads nothing into a model."""
+    path = Path(path)
+    _check_path(path)
+    obj, fmt, opaque = _read_raw(path)
+    top_keys = sorted(map(str, obj)) if isinstance(obj, Mapping) else []
+    entry = ""
+    folded = None
+    if isinstance(obj, Mapping) and FOLD_META_KEY in obj and "model" in obj:
+        folded = dict(obj[FOLD_META_KEY])
+        entry, sd_obj, fmt = "model", obj["model"], f"{fmt} (slab-deploy folded)"
+    elif ema:
+        if not isinstance(obj, Mapping) or "state_dict_ema" not in obj:
+            raise CheckpointError(
+                f"{path} has no EMA weights (no 'state_dict_ema' entry; it has {top_keys[:8]}); drop --ema"
+            )
+        entry, sd_obj = "state_dict_ema", obj["state_dict_ema"]
+    elif _is_state_dict(obj):
+        sd_obj = obj
+    elif isinstance(obj, Mapping) and ("model" in obj or "state_dict" in obj):
+        entry = "model" if "model" in obj else "state_dict"
+        sd_obj = obj[entry]
+        if entry == "model" and "optimizer" in obj or "config" in obj:
+            fmt = f"{fmt} (training checkpoint)"
+    else:
+        what = f"a {type(obj).__name__} with keys {top_keys[:8]}" if top_keys else f"a {type(obj).__name__}"
+        raise CheckpointError(
+            f"{path} holds {what}, not model weights; expected a state_dict or a dict with 'model' or 'state_dict'"
+        )
+    if isinstance(sd_obj, nn.Module):  # pragma: no cover - the restricted unpickler cannot build modules
+        sd_obj = sd_obj.state_dict()
+    if not _is_state_dict(sd_obj):
+        raise CheckpointError(
+            f"{path}: entry {entry or '(top level)'!r} is not a state_dict of tensors; it may be a checkpoint of "
+            "something other than a model"
+        )
+    sd, stripped = _strip_prefix(dict(sd_obj))
+    extra = obj if isinstance(obj, Mapping) else {}
+    epoch = extra.get("epoch") if isinstance(extra.get("epoch"), int) else None
+    acc = extra.get("max_accuracy")
+    if isinstance(acc, torch.Tensor) and acc.numel() == 1:
+        acc = acc.item()
+    info = CheckpointInfo(
+        path=str(path),
+        format=fmt,
+        sha256=sha256_file(path),
+        entry=entry,
+        top_level_keys=top_keys,
+        has_ema="state_dict_ema" in top_keys,
+        layout=detect_layout(sd),
+        num_tensors=len(sd),
+        num_params=int(sum(v.numel() for k, v in sd.items() if v.is_floating_point() and not _is_buffer_key(k))),
+        num_classes=_num_classes(sd),
+        prepbn=prepbn_states(sd),
+        opaque_objects=sorted(set(opaque)),
+        epoch=epoch,
+        max_accuracy=float(acc) if isinstance(acc, (int, float)) else None,
+        folded=folded,
+        stripped_prefix=stripped,
+    )
+    return sd, info
+
+
+_BUFFER_SUFFIXES = (
+    "running_mean",
+    "running_var",
+    "num_batches_tracked",
+    "relative_position_index",
+    "attn_mask",
+    ".iter",
+    ".warm",
+    ".total_step",
+)
+
+
+def _is_buffer_key(k: str) -> bool:
+    return k.endswith(_BUFFER_SUFFIXES)
+
+
+def check_prepbn_finished(info: CheckpointInfo, *, allow_unfinished: bool) -> None:
+    """Refuse a checkpoint saved before every PRepBN layer finished its LayerNorm -> RepBN schedule."""
+    unfinished = [s for s in info.prepbn if not s.finished]
+    if not unfinished or allow_unfinished:
+        return
+    worst = min(unfinished, key=lambda s: s.progress)
+    names = ", ".join(s.name for s in unfinished[:3]) + (f" and {len(unfinished) - 3} more" if len(unfinished) > 3 else "")
+    warm = f", {worst.warm} LayerNorm-only warm-up steps left" if worst.warm > 0 else ""
+    raise UnfinishedPRepBNError(
+        f"{info.path} was saved before PRepBN finished: {len(unfinished)}/{len(info.prepbn)} norm layers ({names}) "
+        f"are at {worst.progress:.1%} of the LayerNorm->RepBN schedule (iter {worst.iter} of {worst.total_step}{warm}); "
+        "in eval mode they would use RepBN alone, which is not what was trained. Use the final checkpoint, or pass "
+        "--allow-unfinished-prepbn to deploy it anyway"
+    )
+
+
+def remap_layout(
+    sd: dict[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Convert between LinearNorm (`X.norm2.*`) and plain RepBN (`X.alpha`, `X.bn.*`) key layouts to
+    match `model_sd`. Returns (state_dict, note); the note is empty when nothing changed."""
+    want = set(model_sd)
+    have = set(sd)
+    out = dict(sd)
+    notes = []
+    # LinearNorm file -> plain RepBN model: keep the eval-time RepBN (norm2), drop LN and counters.
+    for k in list(have):
+        if k.endswith(".norm2.alpha"):
+            p = k[: -len("norm2.alpha")]
+            if p + "alpha" in want and k not in want:
+                for sub in list(out):
+                    if sub.startswith(p + "norm2."):
+                        out[p + sub[len(p + "norm2.") :]] = out.pop(sub)
+                    elif sub.startswith(p + "norm1.") or sub in (p + "iter", p + "warm", p + "total_step"):
+                        out.pop(sub)
+                notes.append(p[:-1])
+    if notes:
+        return out, f"LinearNorm -> RepBN layout for {len(notes)} norms (LayerNorm branch and schedule dropped)"
+    # plain RepBN file -> LinearNorm model: RepBN becomes norm2; LayerNorm branch from the model; schedule done.
+    for k in list(have):
+        if k.endswith(".alpha") and not k.endswith(".norm2.alpha"):
+            p = k[: -len("alpha")]
+            if p + "norm2.alpha" in want and k not in want:
+                for sub in list(out):
+                    if sub == p + "alpha" or sub.startswith(p + "bn."):
+                        out[p + "norm2." + sub[len(p) :]] = out.pop(sub)
+                for sub in want:
+                    if sub.startswith(p + "norm1."):
+                        out[sub] = model_sd[sub].detach().clone()
+                out[p + "warm"] = torch.tensor(0)
+                out[p + "iter"] = torch.tensor(0)
+                out[p + "total_step"] = model_sd[p + "total_step"].detach().clone()
+                notes.append(p[:-1])
+    if notes:
+        return out, (
+            f"RepBN -> LinearNorm layout for {len(notes)} norms (schedule marked finished; the unused LayerNorm "
+            "branch keeps its initial values)"
+        )
+    return out, ""
+
+
+def _short(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def strict_load(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str, model_name: str) -> None:
+    """Load `sd` into `model` strictly; on any mismatch raise one readable CheckpointError."""
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in sd)
+    unexpected = sorted(k for k in sd if k not in own)
+    mis = sorted(k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape))
+    if missing or unexpected or mis:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_short(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_short(unexpected)})")
+        if mis:
+            shapes = [f"{k}: file {list(sd[k].shape)} vs model {list(own[k].shape)}" for k in mis]
+            parts.append(f"{len(mis)} shape mismatches ({_short(shapes, 2)})")
+        guess = detect_variants(sd)
+        hint = (
+            f"; it looks like {' or '.join(guess)}: pass --model {guess[0]}"
+            if guess and model_name not in guess
+            else "; check that the checkpoint belongs to this model"
+        )
+        raise CheckpointError(f"{source} does not fit {model_name}: " + "; ".join(parts) + hint)
+    for k, v in sd.items():
+        if own[k].dtype != v.dtype and not (own[k].is_floating_point() and v.is_floating_point()):
+            sd = dict(sd)
+            sd[k] = v.to(own[k].dtype)
+    model.load_state_dict(sd, strict=True)
+
+
+_FINGERPRINTS: dict[str, dict[str, tuple[int, ...]]] = {}
+
+
+def _fingerprint(name: str) -> dict[str, tuple[int, ...]]:
+    if name not in _FINGERPRINTS:
+        from slab_deploy.models.registry import build_model
+
+        with torch.device("meta"):
+            m = build_model(name)
+        _FINGERPRINTS[name] = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    return _FINGERPRINTS[name]
+
+
+def detect_variants(sd: Mapping[str, torch.Tensor], *, include_test: bool = False) -> list[str]:
+    """Registered variants whose keys and shapes (head aside, either RepBN layout) equal `sd`'s."""
+    from slab_deploy.models.registry import list_models
+
+    def norm_key(k: str) -> str:
+        k = re.sub(r"\.norm2\.(alpha|bn\.)", r".\1", k)
+        return k
+
+    def canon(d: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        ln_branches = {k[: -len("norm2.alpha")] for k in d if k.endswith(".norm2.alpha")}
+        out = {}
+        for k, v in d.items():
+            if k.startswith(("head.", "head_dist.")) or k.endswith((".iter", ".warm", ".total_step")):
+                continue  # the class count and the schedule do not identify a variant
+            if any(k.startswith(p + "norm1.") for p in ln_branches if k.endswith(("weight", "bias"))):
+                continue  # nor does the LayerNorm branch of a LinearNorm (absent in plain-RepBN files)
+            out[norm_key(k)] = tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v)
+        return out
+
+    target = canon(sd)
+    hits = []
+    for name in list_models(include_test=include_test):
+        try:
+            fp = canon(_fingerprint(name))
+        except Exception:  # a variant that cannot build on meta is simply not a candidate
+            continue
+        if fp == target:
+            hits.append(name)
+    # LayerNorm-layout files also match the LN keys of PRepBN variants only when exact; keep exact hits.
+    return hits

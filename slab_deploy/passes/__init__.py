@@ -1,0 +1,9 @@
+"""nn.Module rewrites, one pass per file."""
+
+from __future__ import annotations
+
+from slab_deploy.passes.fold import FoldReport, NormFold, fold_model, restore_folded_structure, save_folded
+from slab_deploy.passes.repbn_to_affine import RepBNToAffine
+from slab_deploy.passes.unwrap_prepbn import UnwrapPRepBN
+
+__all__ = ["FoldReport", "NormFold", "RepBNToAffine", "UnwrapPRepBN", "fold_model", "restore_folded_structure", "save_folded"]

@@ -1,0 +1,284 @@
+"""fold_model: PRepBN -> RepBN -> per-channel affine -> folded into Linear/Conv, with a report.
+
+The result has no BatchNorm, RepBN, LinearNorm or LayerNorm left in a SLAB model; norms that cannot
+be folded exactly stay as one explicit `ChannelAffine` (Mul + Add) with the reason in the report.
+LayerNorm baselines are left as they are: LayerNorm's statistics depend on the input, so it has no
+fixed affine to fold.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slab_deploy.models.layers import ChannelAffine, LinearNorm, RepBN
+from slab_deploy.passes.base import prepare, set_submodule
+from slab_deploy.passes.fold_affine import Fold, apply_fold, plan_folds
+from slab_deploy.passes.repbn_to_affine import RepBNToAffine
+from slab_deploy.passes.unwrap_prepbn import UnwrapPRepBN
+from slab_deploy.tolerances import tolerance_for
+
+FOLD_FORMAT = 1
+
+
+@dataclass
+class NormFold:
+    """What happened to one norm layer."""
+
+    name: str
+    kind: str  # "prepbn" | "repbn" | "affine" | "layernorm"
+    channels: int
+    action: str  # "folded" | "kept-affine" | "kept-layernorm"
+    side: str = ""  # "input" (into the consumer) | "output" (into the producer)
+    into: list[str] = field(default_factory=list)
+    through: list[str] = field(default_factory=list)  # commuting ops between norm and target
+    reason: str = ""
+    max_abs_delta: float | None = None  # change of the probe logits this fold introduced
+
+
+@dataclass
+class FoldReport:
+    model: str
+    norms: list[NormFold]
+    params_before: int
+    params_after: int
+    probe_shape: list[int]
+    max_abs_logit: float
+    max_abs_delta: float  # folded vs unfolded logits on the probe batch
+    tolerance_max_rel: float
+    seconds: float
+    biases_added: list[str] = field(default_factory=list)
+
+    @property
+    def folded(self) -> int:
+        return sum(n.action == "folded" for n in self.norms)
+
+    @property
+    def kept(self) -> int:
+        return sum(n.action != "folded" for n in self.norms)
+
+    @property
+    def max_rel_delta(self) -> float:
+        return self.max_abs_delta / max(self.max_abs_logit, 1e-12)
+
+    @property
+    def changed(self) -> bool:
+        return self.folded > 0 or any(n.kind in ("prepbn", "repbn") for n in self.norms)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(folded=self.folded, kept=self.kept, max_rel_delta=self.max_rel_delta)
+        return d
+
+    def summary(self) -> str:
+        ln = sum(n.action == "kept-layernorm" for n in self.norms)
+        aff = sum(n.action == "kept-affine" for n in self.norms)
+        parts = [f"{self.folded}/{len(self.norms)} norms folded"]
+        if aff:
+            parts.append(f"{aff} kept as explicit affine")
+        if ln:
+            parts.append(f"{ln} LayerNorm not foldable (input-dependent statistics)")
+        parts.append(f"max |delta logit| {self.max_abs_delta:.2e} ({self.max_rel_delta:.1e} of max |logit|)")
+        return ", ".join(parts)
+
+
+def _norm_kinds(model: nn.Module) -> dict[str, tuple[str, int]]:
+    kinds: dict[str, tuple[str, int]] = {}
+    skip: tuple[str, ...] = ()
+    for name, m in model.named_modules():
+        if skip and name.startswith(skip):
+            continue
+        if isinstance(m, LinearNorm):
+            kinds[name] = ("prepbn", m.norm2.bn.num_features)
+            skip = (name + ".",)
+        elif isinstance(m, RepBN):
+            kinds[name] = ("repbn", m.bn.num_features)
+        elif isinstance(m, ChannelAffine):
+            kinds[name] = ("affine", m.weight.numel())
+        elif isinstance(m, nn.LayerNorm):
+            kinds[name] = ("layernorm", int(m.normalized_shape[-1]))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            kinds[name] = ("batchnorm", m.num_features)
+    return kinds
+
+
+def default_probe(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """Seeded random images of the model's input size."""
+    size = getattr(model, "img_size", None)
+    if size is None:
+        spec = getattr(model, "spec", None)
+        size = spec.input_size[1:] if spec is not None else (224, 224)
+    if isinstance(size, int):
+        size = (size, size)
+    g = torch.Generator().manual_seed(seed)
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    return torch.randn(batch, 3, *size, generator=g).to(device)
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def fold_model(
+    model: nn.Module,
+    *,
+    probe: torch.Tensor | None = None,
+    inplace: bool = False,
+    verify: bool = True,
+) -> tuple[nn.Module, FoldReport]:
+    """Fold every PRepBN/RepBN of `model` into its neighbours; returns (folded model, report).
+
+    Each fold is checked on `probe` (seeded random images by default); one that moves the logits
+    beyond the `fold` tolerance is reverted and kept as an explicit affine. The input model is
+    not changed unless `inplace`.
+    """
+    t0 = time.perf_counter()
+    model = prepare(model, inplace)
+    name = getattr(getattr(model, "spec", None), "name", type(model).__name__)
+    kinds = _norm_kinds(model)
+    params_before = _count(model)
+    probe = default_probe(model) if probe is None else probe
+    reference = model(probe).detach()
+    UnwrapPRepBN(model, inplace=True)
+    RepBNToAffine(model, inplace=True)
+    folds, refusals = plan_folds(model, probe)
+    tol = tolerance_for("fold", "fp32").max_rel or 1e-4
+    scale = float(reference.abs().max())
+    budget = tol * max(scale, 1e-12)
+    entries: dict[str, NormFold] = {}
+    biases_added: list[str] = []
+    prev = model(probe).detach()
+    for fold in folds:
+        kind, ch = kinds.get(fold.norm, ("affine", 0))
+        saved = _snapshot(model, fold)
+        added = apply_fold(model, fold)
+        delta = None
+        if verify:
+            cur = model(probe).detach()
+            if float((cur - reference).abs().max()) > budget:
+                _restore(model, fold, saved, added)
+                entries[fold.norm] = NormFold(
+                    fold.norm, kind, ch, "kept-affine", reason=(
+                        f"folding into {', '.join(fold.modules)} moved the logits by "
+                        f"{float((cur - reference).abs().max()):.2e} (> {budget:.1e}); the path mixes channels"
+                    ),
+                )
+                continue
+            delta = float((cur - prev).abs().max())
+            prev = cur
+        biases_added += added
+        entries[fold.norm] = NormFold(fold.norm, kind, ch, "folded", fold.side, fold.modules, fold.path, max_abs_delta=delta)
+    for r in refusals:
+        kind, ch = kinds.get(r.norm, ("affine", 0))
+        entries[r.norm] = NormFold(r.norm, kind, ch, "kept-affine", reason=r.reason)
+    for n, (kind, ch) in kinds.items():
+        if kind == "layernorm" and n not in entries:
+            entries[n] = NormFold(n, kind, ch, "kept-layernorm", reason="LayerNorm statistics depend on the input: nothing fixed to fold")
+        elif n not in entries and kind in ("prepbn", "repbn", "affine"):
+            entries[n] = NormFold(n, kind, ch, "kept-affine", reason="not reached by the probe forward pass")
+    final = model(probe).detach()
+    order = list(kinds)
+    report = FoldReport(
+        model=name,
+        norms=[entries[n] for n in order if n in entries],
+        params_before=params_before,
+        params_after=_count(model),
+        probe_shape=list(probe.shape),
+        max_abs_logit=scale,
+        max_abs_delta=float((final - reference).abs().max()),
+        tolerance_max_rel=tol,
+        seconds=time.perf_counter() - t0,
+        biases_added=biases_added,
+    )
+    model.fold_report = report  # type: ignore[assignment]
+    return model, report
+
+
+def _snapshot(model: nn.Module, fold: Fold) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    out = {}
+    for n in fold.modules:
+        m = model.get_submodule(n)
+        out[n] = (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
+    out["__norm__"] = (model.get_submodule(fold.norm),)  # type: ignore[assignment]
+    return out
+
+
+def _restore(model: nn.Module, fold: Fold, saved: dict[str, Any], added: list[str]) -> None:
+    for n in fold.modules:
+        m = model.get_submodule(n)
+        w, b = saved[n]
+        m.weight.data.copy_(w)
+        if n in added:
+            m.bias = None
+        elif b is not None:
+            m.bias.data.copy_(b)
+    set_submodule(model, fold.norm, saved["__norm__"][0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Folded checkpoints
+
+
+def fold_metadata(report: FoldReport, *, source_sha256: str | None = None) -> dict[str, Any]:
+    return {
+        "format": FOLD_FORMAT,
+        "model": report.model,
+        "folded": [n.name for n in report.norms if n.action == "folded"],
+        "kept_affine": [n.name for n in report.norms if n.action == "kept-affine"],
+        "biases_added": list(report.biases_added),
+        "source_sha256": source_sha256,
+        "report": report.to_dict(),
+    }
+
+
+def save_folded(model: nn.Module, path: str | Path, *, source_sha256: str | None = None) -> Path:
+    """Write a folded checkpoint that `create_model(name, checkpoint=path)` loads back folded.
+
+    Written to a temporary file and renamed, so an interrupted write never leaves a partial file.
+    """
+    from slab_deploy.models.checkpoint import FOLD_META_KEY
+    from slab_deploy.utils import atomic_write
+
+    report: FoldReport | None = getattr(model, "fold_report", None)
+    if report is None:
+        raise ValueError("save_folded needs a model returned by fold_model")
+    payload = {FOLD_META_KEY: fold_metadata(report, source_sha256=source_sha256), "model": model.state_dict()}
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+@torch.no_grad()
+def restore_folded_structure(model: nn.Module, meta: dict[str, Any]) -> None:
+    """Turn a freshly built (unfolded) model into the folded architecture described by `meta`,
+    so a folded state_dict loads into it strictly."""
+    if int(meta.get("format", 0)) != FOLD_FORMAT:
+        from slab_deploy.errors import CheckpointError
+
+        raise CheckpointError(
+            f"folded checkpoint format {meta.get('format')} is not supported by this slab-deploy (expects {FOLD_FORMAT}); "
+            "fold the original checkpoint again"
+        )
+    UnwrapPRepBN(model, inplace=True)
+    RepBNToAffine(model, inplace=True)
+    for n in meta.get("folded", []):
+        set_submodule(model, n, nn.Identity())
+    for n in meta.get("biases_added", []):
+        m = model.get_submodule(n)
+        if m.bias is None:
+            out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+            m.bias = nn.Parameter(torch.zeros(out, dtype=m.weight.dtype, device=m.weight.device))
+    rep = meta.get("report")
+    if rep:
+        model.fold_report = FoldReport(  # type: ignore[assignment]
+            **{k: v for k, v in rep.items() if k in FoldReport.__dataclass_fields__ and k != "norms"},
+            norms=[NormFold(**n) for n in rep.get("norms", [])],
+        )

@@ -1,0 +1,67 @@
+"""The one tolerance table, keyed by (rung, precision), used by `check` and by the test suite.
+
+Exact rewrites (fold, ONNX export, simplification) are judged by max |delta| relative to the
+reference's max |logit|; reduced-precision rungs by cosine similarity, SQNR and top-1 agreement,
+since a 1e-5 elementwise bound fails every fp16 transformer. Every report carries the observed
+figures, so a threshold can be moved with evidence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass criteria. `None` disables a criterion. `max_rel` is max|delta| / max|reference|."""
+
+    max_rel: float | None = None
+    min_cosine: float | None = None
+    min_sqnr_db: float | None = None
+    min_top1: float | None = None  # fraction of samples whose argmax agrees
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+# rung -> precision -> tolerance. Rungs:
+#   fold        folded torch model vs checkpoint model (exact rewrite, fp32)
+#   onnx        exported ONNX (ORT CPU, unsimplified) vs checkpoint model
+#   simplified  simplified ONNX vs checkpoint model
+#   ort_cpu     deployed ONNX on ORT CPU vs checkpoint model
+#   ort_cuda    deployed ONNX on ORT CUDA vs checkpoint model
+#   tensorrt    TensorRT engine vs checkpoint model
+#   torch_cuda  torch on CUDA (eager/compile) vs checkpoint model on CPU
+TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    "fold": {"fp32": Tolerance(max_rel=1e-4)},
+    "onnx": {"fp32": Tolerance(max_rel=1e-4), "fp16": Tolerance(min_cosine=0.999, min_sqnr_db=30.0, min_top1=0.99)},
+    "simplified": {"fp32": Tolerance(max_rel=1e-4), "fp16": Tolerance(min_cosine=0.999, min_sqnr_db=30.0, min_top1=0.99)},
+    "ort_cpu": {"fp32": Tolerance(max_rel=1e-4), "fp16": Tolerance(min_cosine=0.999, min_sqnr_db=30.0, min_top1=0.99)},
+    "ort_cuda": {
+        "fp32": Tolerance(max_rel=1e-3),  # cuBLAS/cuDNN may use TF32-free but reordered reductions
+        "fp16": Tolerance(min_cosine=0.999, min_sqnr_db=30.0, min_top1=0.99),
+        "int8": Tolerance(min_cosine=0.98, min_sqnr_db=15.0, min_top1=0.9),
+    },
+    "tensorrt": {
+        "fp32": Tolerance(max_rel=1e-3),
+        "fp16": Tolerance(min_cosine=0.999, min_sqnr_db=30.0, min_top1=0.99),
+        "int8": Tolerance(min_cosine=0.98, min_sqnr_db=15.0, min_top1=0.9),
+    },
+    "torch_cuda": {
+        "fp32": Tolerance(max_rel=1e-3),
+        "fp16": Tolerance(min_cosine=0.999, min_sqnr_db=30.0, min_top1=0.99),
+        "bf16": Tolerance(min_cosine=0.995, min_sqnr_db=20.0, min_top1=0.98),
+    },
+}
+
+
+def tolerance_for(rung: str, precision: str = "fp32", overrides: dict[str, dict[str, Any]] | None = None) -> Tolerance:
+    """Tolerance of (rung, precision), with per-run `overrides` {rung: {metric: value}} applied."""
+    try:
+        tol = TOLERANCES[rung][precision]
+    except KeyError:
+        raise KeyError(f"no tolerance for rung {rung!r} at precision {precision!r}") from None
+    if overrides and rung in overrides:
+        tol = replace(tol, **overrides[rung])
+    return tol
