@@ -204,10 +204,54 @@ def fold(
     con.print(f"params {report.params_before:,} -> {report.params_after:,}; wrote {output}")
 
 
+# ------------------------------------------------------------------------------------------------ export
+
+
+@app.command()
+def export(
+    model: ModelOpt,
+    checkpoint: CkptOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory [default: ./<model>].")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", help="Static batch size (default: dynamic batch).")] = None,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Dynamic batch dimension (the default).")] = False,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (18: the torch.export exporter's native opset).")] = 18,
+    precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16 (fp16 keeps SLA's normaliser and k^T v in fp32).")] = "fp32",
+    simplifier: Annotated[str, typer.Option("--simplifier", help="onnxsim, onnxslim, none or auto (onnxsim if installed).")] = "auto",
+    exporter: Annotated[str, typer.Option("--exporter", help="dynamo (torch.export), torchscript, or auto (dynamo, falling back).")] = "auto",
+    img_size: Annotated[int | None, typer.Option("--img-size", help="Input resolution (default: the model's, 224).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the parity inputs.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing model.onnx.")] = False,
+    ema: EmaOpt = False,
+    allow_unfinished_prepbn: UnfinishedOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fold, export to ONNX, simplify and parity-check: writes DIR/model.onnx and DIR/manifest.json."""
+    from slab_deploy.errors import UnsupportedInputError
+    from slab_deploy.export.api import ExportOptions, export_model
+
+    if batch is not None and dynamic_batch:
+        raise UnsupportedInputError("--batch and --dynamic-batch exclude each other; pass one")
+    opts = ExportOptions(batch=batch, opset=opset, precision=precision, simplifier=simplifier, exporter=exporter, seed=seed, img_size=img_size)
+    con = _console(stderr=True)
+    with con.status("exporting", spinner="dots") as status:
+        result = export_model(
+            model, checkpoint, output, opts, force=force, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn,
+            progress=lambda s: status.update(f"{model}: {s}"),
+        )
+    if as_json:
+        typer.echo(json.dumps(result.manifest, indent=2))
+        return
+    from slab_deploy.report import export_summary
+
+    _console().print(export_summary(result.manifest, result.onnx_path))
+
+
 def main() -> None:
     """Console-script entry: user errors print one line and exit with their code."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except SlabDeployError as exc:
         _console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
         sys.exit(exc.exit_code)

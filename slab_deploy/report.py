@@ -21,3 +21,37 @@ def fold_table(report: FoldReport) -> Any:
             "-" if n.max_abs_delta is None else f"{n.max_abs_delta:.1e}",
         )
     return t
+
+
+def export_summary(manifest: dict[str, Any], onnx_path: Any) -> Any:
+    from rich.table import Table
+
+    m = manifest
+    t = Table(title=f"export: {m['model']} ({m['precision']['mode']})", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    weights = "[yellow]embedded default, UNTRAINED (seeded random)[/yellow]" if m["untrained"] else f"{m['checkpoint']['path']} (sha256 {m['checkpoint']['sha256'][:12]})"
+    fold = m["fold"]
+    exp = m["export"]
+    simp = m["simplify"]
+    rows = [
+        ("weights", weights),
+        ("fold", f"{fold['folded']}/{len(fold['norms'])} norms folded, {fold['kept']} kept; max |delta logit| {fold['max_abs_delta']:.1e}"),
+        ("exporter", f"{exp['exporter']} (opset {exp['opset']}, {'dynamic batch' if exp['dynamic_batch'] else 'batch ' + str(exp['batch'])})" + (f"; fallback: {exp['fallback_reason']}" if exp["fallback_reason"] else "")),
+        ("simplifier", f"{simp['used']}: {simp['nodes_before']} -> {simp['nodes_after']} nodes" + (f" ({simp['note']})" if simp["note"] else "")),
+        ("norm-free graph", "yes" if m["norm_free"] else f"no: {m['lint']['norm_nodes']}"),
+    ]
+    for rung in ("onnx", "ort_cpu"):
+        p = m["parity"].get(rung)
+        if not p:
+            continue
+        if p.get("skipped"):
+            rows.append((f"parity {rung}", f"[yellow]skipped[/yellow]: {p['reason']}"))
+        else:
+            mark = "[green]pass[/green]" if p["passed"] else "[red]FAIL[/red]"
+            rows.append((f"parity {rung}", f"{mark} max|d| {p['max_abs']:.1e} (rel {p['max_rel']:.1e}), cos {p['cosine']:.6f}, top-1 {p['top1']:.2f}"))
+    rows.append(("time", ", ".join(f"{k} {v:.1f}s" for k, v in m["steps_seconds"].items())))
+    rows.append(("written", f"{onnx_path} and manifest.json"))
+    for k, v in rows:
+        t.add_row(k, v)
+    return t

@@ -21,12 +21,21 @@ from slab_deploy.models.layers import LinearNorm, RepBN
 
 
 @torch.no_grad()
-def randomize_weights(model: nn.Module, seed: int = 0, *, prepbn_iter: int = 0, prepbn_warm: int = 0) -> nn.Module:
+def randomize_weights(
+    model: nn.Module,
+    seed: int = 0,
+    *,
+    prepbn_iter: int = 0,
+    prepbn_warm: int = 0,
+    calibrate: bool = True,
+) -> nn.Module:
     """Give every parameter and norm statistic seeded random values (in place).
 
-    Weights ~ N(0, 0.02)-ish scaled by fan-in so activations stay O(1); BN running mean ~ N(0, 0.5),
-    running var ~ U(0.5, 2), gamma ~ U(0.5, 1.5), beta ~ N(0, 0.2), RepBN alpha ~ U(0.2, 1.2);
-    positional encodings ~ N(0, 0.1); PRepBN counters set to `prepbn_iter` / `prepbn_warm`.
+    Weights ~ N(0, 1/fan_in) / 2; then (with `calibrate`) BatchNorm running statistics are
+    measured on one seeded random batch, so activations keep a realistic scale through depth,
+    and perturbed: mean += N(0, 0.1 std), var *= U(0.7, 1.4). gamma ~ U(0.5, 1.5),
+    beta ~ N(0, 0.2), RepBN alpha ~ U(0.05, 0.5) (never the default 1); positional encodings
+    ~ N(0, 0.1); PRepBN counters set to `prepbn_iter` / `prepbn_warm`. The model ends in eval mode.
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -35,30 +44,40 @@ def randomize_weights(model: nn.Module, seed: int = 0, *, prepbn_iter: int = 0, 
 
     for name, p in model.named_parameters():
         if p.dim() >= 2:
-            fan_in = p[0].numel()
-            p.copy_(rand(p.shape, fan_in**-0.5))
+            p.copy_(rand(p.shape, 0.5 * p[0].numel() ** -0.5))
         elif name.endswith("alpha"):
-            p.copy_(torch.rand(p.shape, generator=g) + 0.2)
+            p.copy_(torch.rand(p.shape, generator=g) * 0.45 + 0.05)
         elif name.endswith("weight"):
-            p.copy_(1.0 + rand(p.shape, 0.2))
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
         else:
             p.copy_(rand(p.shape, 0.1))
+        if "positional_encoding" in name or "pos_embed" in name or "relative_position_bias_table" in name:
+            p.copy_(rand(p.shape, 0.1))
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    if calibrate and bns:
+        size = getattr(model, "img_size", None) or getattr(getattr(model, "spec", None), "input_size", (3, 224, 224))[1]
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batch
+            m.train()
+        model(torch.randn(4, 3, *size, generator=g))
+        for m in bns:
+            m.momentum = 0.1
+            m.eval()
+    for m in bns:
+        std = m.running_var.clamp_min(1e-6).sqrt()
+        m.running_mean.add_(rand(m.running_mean.shape, 1.0) * 0.1 * std)
+        m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) * 0.7 + 0.7)
+        if m.weight is not None:
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.copy_(rand(m.bias.shape, 0.2))
+        m.num_batches_tracked.fill_(1000)
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(rand(m.running_mean.shape, 0.5))
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
-            if m.weight is not None:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(rand(m.bias.shape, 0.2))
-            m.num_batches_tracked.fill_(1000)
-        if isinstance(m, RepBN):
-            m.alpha.copy_(torch.rand(1, generator=g) + 0.2)
         if isinstance(m, LinearNorm):
             m.iter.fill_(prepbn_iter)
             m.warm.fill_(prepbn_warm)
-    for name, p in model.named_parameters():
-        if "positional_encoding" in name or "pos_embed" in name or "relative_position_bias_table" in name:
-            p.copy_(rand(p.shape, 0.1))
     return model
 
 
@@ -81,6 +100,7 @@ def _yacs_like() -> Iterator[type]:
                 self.__dict__["__immutable__"] = False
 
         CfgNode.__module__ = "yacs.config"
+        CfgNode.__qualname__ = "CfgNode"
         cfg_mod.CfgNode = CfgNode  # type: ignore[attr-defined]
         cls = CfgNode
     try:

@@ -294,43 +294,38 @@ def remap_layout(
     """Convert between LinearNorm (`X.norm2.*`) and plain RepBN (`X.alpha`, `X.bn.*`) key layouts to
     match `model_sd`. Returns (state_dict, note); the note is empty when nothing changed."""
     want = set(model_sd)
-    have = set(sd)
     out = dict(sd)
+    file_ln = {k[: -len("total_step")] for k in sd if k.endswith(".total_step") and k[: -len("total_step")] + "norm2.alpha" in sd}
+    model_ln = {k[: -len("total_step")] for k in want if k.endswith(".total_step")}
+    to_plain = [p for p in sorted(file_ln - model_ln) if p + "alpha" in want]
+    to_linear = [p for p in sorted(model_ln - file_ln) if p + "alpha" in sd]
+    for p in to_plain:
+        # LinearNorm file -> plain RepBN model: keep the eval-time RepBN (norm2), drop LN and counters.
+        for k in [k for k in out if k.startswith(p)]:
+            rest = k[len(p) :]
+            if rest.startswith("norm2."):
+                out[p + rest[len("norm2.") :]] = out.pop(k)
+            elif rest.startswith("norm1.") or rest in ("iter", "warm", "total_step"):
+                del out[k]
+    for p in to_linear:
+        # plain RepBN file -> LinearNorm model: RepBN becomes norm2; LN branch from the model; schedule done.
+        for k in [k for k in out if k == p + "alpha" or k.startswith(p + "bn.")]:
+            out[p + "norm2." + k[len(p) :]] = out.pop(k)
+        for k in want:
+            if k.startswith(p + "norm1."):
+                out[k] = model_sd[k].detach().clone()
+        out[p + "warm"] = torch.tensor(0)
+        out[p + "iter"] = torch.tensor(0)
+        out[p + "total_step"] = model_sd[p + "total_step"].detach().clone()
     notes = []
-    # LinearNorm file -> plain RepBN model: keep the eval-time RepBN (norm2), drop LN and counters.
-    for k in list(have):
-        if k.endswith(".norm2.alpha"):
-            p = k[: -len("norm2.alpha")]
-            if p + "alpha" in want and k not in want:
-                for sub in list(out):
-                    if sub.startswith(p + "norm2."):
-                        out[p + sub[len(p + "norm2.") :]] = out.pop(sub)
-                    elif sub.startswith(p + "norm1.") or sub in (p + "iter", p + "warm", p + "total_step"):
-                        out.pop(sub)
-                notes.append(p[:-1])
-    if notes:
-        return out, f"LinearNorm -> RepBN layout for {len(notes)} norms (LayerNorm branch and schedule dropped)"
-    # plain RepBN file -> LinearNorm model: RepBN becomes norm2; LayerNorm branch from the model; schedule done.
-    for k in list(have):
-        if k.endswith(".alpha") and not k.endswith(".norm2.alpha"):
-            p = k[: -len("alpha")]
-            if p + "norm2.alpha" in want and k not in want:
-                for sub in list(out):
-                    if sub == p + "alpha" or sub.startswith(p + "bn."):
-                        out[p + "norm2." + sub[len(p) :]] = out.pop(sub)
-                for sub in want:
-                    if sub.startswith(p + "norm1."):
-                        out[sub] = model_sd[sub].detach().clone()
-                out[p + "warm"] = torch.tensor(0)
-                out[p + "iter"] = torch.tensor(0)
-                out[p + "total_step"] = model_sd[p + "total_step"].detach().clone()
-                notes.append(p[:-1])
-    if notes:
-        return out, (
-            f"RepBN -> LinearNorm layout for {len(notes)} norms (schedule marked finished; the unused LayerNorm "
-            "branch keeps its initial values)"
+    if to_plain:
+        notes.append(f"LinearNorm -> RepBN layout for {len(to_plain)} norms (LayerNorm branch and schedule dropped)")
+    if to_linear:
+        notes.append(
+            f"RepBN -> LinearNorm layout for {len(to_linear)} norms (schedule marked finished; the unused "
+            "LayerNorm branch keeps its initial values)"
         )
-    return out, ""
+    return out, "; ".join(notes)
 
 
 def _short(keys: list[str], n: int = 4) -> str:
@@ -352,7 +347,9 @@ def strict_load(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str
         if mis:
             shapes = [f"{k}: file {list(sd[k].shape)} vs model {list(own[k].shape)}" for k in mis]
             parts.append(f"{len(mis)} shape mismatches ({_short(shapes, 2)})")
-        guess = detect_variants(sd)
+        from slab_deploy.models.registry import get_spec
+
+        guess = detect_variants(sd, include_test=get_spec(model_name).test)
         hint = (
             f"; it looks like {' or '.join(guess)}: pass --model {guess[0]}"
             if guess and model_name not in guess

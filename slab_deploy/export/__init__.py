@@ -1,0 +1,1 @@
+"""torch -> ONNX export, ONNX passes and simplification, ONNX -> TensorRT."""

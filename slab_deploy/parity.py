@@ -1,0 +1,91 @@
+"""Compare outputs against a reference -> metrics and a verdict (numpy only)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from slab_deploy.tolerances import Tolerance
+
+
+@dataclass
+class Metrics:
+    max_abs: float
+    max_rel: float  # max |delta| / max |reference|
+    max_rel_elem: float  # max over elements of |delta| / (|reference| + 1e-6 * max|reference|)
+    mean_abs: float
+    cosine: float
+    sqnr_db: float
+    top1: float  # fraction of samples whose argmax agrees
+    top5: float  # fraction of samples whose reference top-1 is in the candidate's top-5
+    max_abs_reference: float
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> Metrics:
+    ref = np.asarray(reference, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64)
+    if ref.shape != cand.shape:
+        raise ValueError(f"shape mismatch: reference {ref.shape} vs candidate {cand.shape}")
+    d = cand - ref
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    finite = bool(np.isfinite(cand).all())
+    max_abs = float(np.abs(d).max()) if finite else float("inf")
+    noise = float((d**2).sum())
+    signal = float((ref**2).sum())
+    sqnr = float("inf") if noise == 0 else (10 * math.log10(signal / noise) if finite and signal > 0 else float("-inf"))
+    r = ref.reshape(ref.shape[0], -1)
+    c = cand.reshape(cand.shape[0], -1)
+    denom = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
+    cos = float(np.min(np.where(denom > 0, (r * c).sum(1) / np.maximum(denom, 1e-300), 1.0))) if finite else float("nan")
+    top1 = float((r.argmax(1) == c.argmax(1)).mean()) if finite else 0.0
+    k = min(5, c.shape[1])
+    top5_idx = np.argsort(-c, axis=1)[:, :k]
+    top5 = float(np.mean([r_i.argmax() in t for r_i, t in zip(r, top5_idx, strict=True)])) if finite else 0.0
+    return Metrics(
+        max_abs=max_abs,
+        max_rel=max_abs / scale if scale > 0 else max_abs,
+        max_rel_elem=float((np.abs(d) / (np.abs(ref) + 1e-6 * max(scale, 1e-30))).max()) if finite else float("inf"),
+        mean_abs=float(np.abs(d).mean()) if finite else float("inf"),
+        cosine=cos,
+        sqnr_db=sqnr,
+        top1=top1,
+        top5=top5,
+        max_abs_reference=scale,
+        samples=int(ref.shape[0]),
+    )
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+    needed: dict[str, float] = field(default_factory=dict)  # the tolerance that would have passed
+
+
+def judge(m: Metrics, tol: Tolerance) -> Verdict:
+    failures = []
+    needed: dict[str, float] = {}
+    if tol.max_rel is not None:
+        needed["max_rel"] = m.max_rel
+        if not m.max_rel <= tol.max_rel:
+            failures.append(f"max_rel {m.max_rel:.2e} > {tol.max_rel:.0e}")
+    if tol.min_cosine is not None:
+        needed["min_cosine"] = m.cosine
+        if not m.cosine >= tol.min_cosine:
+            failures.append(f"cosine {m.cosine:.6f} < {tol.min_cosine}")
+    if tol.min_sqnr_db is not None:
+        needed["min_sqnr_db"] = m.sqnr_db
+        if not m.sqnr_db >= tol.min_sqnr_db:
+            failures.append(f"SQNR {m.sqnr_db:.1f} dB < {tol.min_sqnr_db} dB")
+    if tol.min_top1 is not None:
+        needed["min_top1"] = m.top1
+        if not m.top1 >= tol.min_top1:
+            failures.append(f"top-1 agreement {m.top1:.3f} < {tol.min_top1}")
+    return Verdict(not failures, failures, needed)

@@ -1,0 +1,51 @@
+"""ONNX Runtime helpers and runner (CPU and CUDA execution providers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+
+def session(model: onnx.ModelProto | str | Path, providers: list[Any] | None = None, threads: int | None = None,
+            graph_opt: str = "all", profile_prefix: str | None = None) -> Any:
+    """An InferenceSession on `model` (a path or an in-memory ModelProto)."""
+    from slab_deploy._deps import require
+
+    ort = require("onnxruntime", "running ONNX models")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.graph_optimization_level = {
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[graph_opt]
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(src, sess_options=so, providers=providers or ["CPUExecutionProvider"])
+
+
+def run_onnx(model: onnx.ModelProto | str | Path, inputs: np.ndarray, providers: list[Any] | None = None,
+             threads: int | None = None) -> np.ndarray:
+    """Run a single-input, single-output model; returns the output as float32 numpy."""
+    sess = session(model, providers, threads)
+    name = sess.get_inputs()[0].name
+    out = sess.run(None, {name: inputs})[0]
+    return np.asarray(out, dtype=np.float32)
+
+
+def cuda_available() -> bool:
+    from slab_deploy._deps import available
+
+    if not available("onnxruntime"):
+        return False
+    from slab_deploy._deps import require
+
+    return "CUDAExecutionProvider" in require("onnxruntime").get_available_providers()
