@@ -246,6 +246,59 @@ def export(
     _console().print(export_summary(result.manifest, result.onnx_path))
 
 
+# ------------------------------------------------------------------------------------------------ check
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command()
+def check(
+    model: ModelOpt,
+    checkpoint: CkptOpt = None,
+    artifacts: Annotated[Path | None, typer.Option("--artifacts", "-a", help="Output directory of `export` (default: export now, in a temporary directory).")] = None,
+    backends: Annotated[str, typer.Option("--backends", help="Comma list of torch, onnx, ort-cpu, ort-cuda, tensorrt.")] = "torch,onnx,ort-cpu,ort-cuda,tensorrt",
+    precision: Annotated[str, typer.Option("--precision", help="Comma list of fp32, fp16 (without --artifacts).")] = "fp32",
+    inputs: Annotated[int, typer.Option("--inputs", help="Number of seeded random images (or the most images to read).")] = 8,
+    images: Annotated[Path | None, typer.Option("--images", help="Folder of real images, fed through the model's preprocessing.")] = None,
+    replay: Annotated[Path | None, typer.Option("--replay", help="io.npz of an earlier report: rerun its exact inputs.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")] = 0,
+    tolerance: Annotated[list[str] | None, typer.Option("--tolerance", help="Override RUNG:METRIC=VALUE (repeatable), e.g. ort_cuda:min_cosine=0.995.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Directory for report.json, report.md and io.npz.")] = None,
+    ema: EmaOpt = False,
+    allow_unfinished_prepbn: UnfinishedOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the parity ladder; exit 0 on pass, 3 naming the first rung that broke, 1 on bad input."""
+    from slab_deploy.check import parse_tolerance_overrides, raise_for_verdict, run_check, write_reports
+
+    overrides = parse_tolerance_overrides(tolerance or [])
+    con = _console(stderr=True)
+    with con.status("checking", spinner="dots") as status:
+        rep = run_check(
+            model, checkpoint, artifacts=artifacts, backends=_csv(backends), precisions=_csv(precision), inputs=inputs,
+            images=images, replay=replay, seed=seed, tolerance=overrides, ema=ema,
+            allow_unfinished_prepbn=allow_unfinished_prepbn, progress=lambda s: status.update(f"{model}: {s}"),
+        )
+    base = f"slab-deploy check --model {model}" + (f" --checkpoint {checkpoint}" if checkpoint else "") + (
+        f" --artifacts {artifacts}" if artifacts else f" --precision {precision}"
+    ) + "".join(f" --tolerance {t}" for t in tolerance or [])
+    paths = write_reports(rep, report, base) if report is not None else {}
+    if as_json:
+        typer.echo(json.dumps(rep.to_dict(), indent=2, default=str))
+    else:
+        from slab_deploy.report import check_table
+
+        out = _console()
+        out.print(check_table(rep))
+        style = "green" if rep.passed else "red"
+        out.print(f"[bold {style}]{rep.verdict()}[/bold {style}]")
+        if paths:
+            out.print(f"reports: {paths['json']}, {paths['markdown']}; replay: {rep.replay_command}")
+    raise_for_verdict(rep)
+
+
 def main() -> None:
     """Console-script entry: user errors print one line and exit with their code."""
     try:

@@ -55,3 +55,34 @@ def export_summary(manifest: dict[str, Any], onnx_path: Any) -> Any:
     for k, v in rows:
         t.add_row(k, v)
     return t
+
+
+def check_table(report: Any) -> Any:
+    from rich.table import Table
+
+    t = Table(title=f"parity ladder: {report.model}" + (" [yellow](untrained weights)[/yellow]" if report.untrained else ""))
+    for col in ("rung", "prec", "status", "max abs", "max rel", "cosine", "SQNR dB", "top-1", "top-5", "needed to pass"):
+        t.add_column(col, justify="left" if col in ("rung", "prec", "status", "needed to pass") else "right", overflow="fold")
+    first = report.first_failure
+    notes: list[str] = []
+    for r in report.rungs:
+        m = r.metrics or {}
+
+        def f(k: str, fmt: str, m: dict[str, Any] = m) -> str:
+            v = m.get(k)
+            return "-" if v is None else format(v, fmt)
+
+        if r.status == "skipped":
+            notes.append(f"{r.rung} ({r.precision}) skipped: {r.reason}")
+            status = f"[dim]skipped [{len(notes)}][/dim]"
+        elif r.status == "pass":
+            status = "[green]pass[/green]"
+        else:
+            status = "[bold red]FAIL[/bold red]" + (" (first)" if r is first else "")
+        need = ", ".join(f"{k}={v:.3g}" for k, v in r.needed.items()) if r.status != "skipped" else ""
+        t.add_row(r.rung, r.precision, status, f("max_abs", ".1e"), f("max_rel", ".1e"), f("cosine", ".6f"),
+                  f("sqnr_db", ".1f"), f("top1", ".2f"), f("top5", ".2f"), need)
+    if notes:
+        t.caption = "\n".join(f"[{i}] {n}" for i, n in enumerate(notes, 1))
+        t.caption_justify = "left"
+    return t

@@ -25,6 +25,7 @@ from slab_deploy.tolerances import tolerance_for
 from slab_deploy.utils import atomic_write
 
 PRECISIONS = ("fp32", "fp16")
+UNSIMPLIFIED_NAME = "model.unsimplified.onnx"  # kept beside model.onnx so `check` can tell exporter from simplifier faults
 
 
 @dataclass
@@ -103,6 +104,7 @@ def export_model(
     force: bool = False,
     ema: bool = False,
     allow_unfinished_prepbn: bool = False,
+    keep_unsimplified: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Fold, export, simplify and parity-check `model_name`; writes DIR/model.onnx and DIR/manifest.json.
@@ -254,6 +256,11 @@ def export_model(
     }
     if not norm_ok:
         manifest["status"] = status = "lint-failed"
+    if keep_unsimplified:
+        set_metadata(raw, {**meta, "slab_deploy.stage": "unsimplified"})
+        with atomic_write(out_dir / UNSIMPLIFIED_NAME) as tmp:
+            onnx.save(raw, str(tmp))
+        manifest["unsimplified_onnx"] = UNSIMPLIFIED_NAME
     target = onnx_path if status == "ok" else out_dir / "model.parity-failed.onnx"
     with atomic_write(target) as tmp:
         onnx.save(final, str(tmp))

@@ -49,3 +49,41 @@ def cuda_available() -> bool:
     from slab_deploy._deps import require
 
     return "CUDAExecutionProvider" in require("onnxruntime").get_available_providers()
+
+
+class ORTRunner:
+    """ONNX Runtime on CPU or CUDA. `graph_opt="none"` interprets the graph as written (the check
+    ladder uses it to tell graph faults from optimiser faults)."""
+
+    def __init__(self, model_path: str | Path, provider: str = "cpu", *, threads: int | None = None,
+                 graph_opt: str = "all", precision: str = "fp32") -> None:
+        from slab_deploy.runtime.base import RunnerInfo, UnsupportedBackend
+
+        ort = _ort()
+        if provider == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UnsupportedBackend("ONNX Runtime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
+            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        try:
+            self.session = session(model_path, providers, threads, graph_opt)
+        except Exception as exc:
+            raise UnsupportedBackend(f"ONNX Runtime cannot load the graph: {str(exc).splitlines()[0][:200]}") from None
+        if provider == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise UnsupportedBackend("the CUDA execution provider failed to initialise (CUDA/cuDNN libraries?)")
+        self.input = self.session.get_inputs()[0].name
+        self.info = RunnerInfo(
+            f"ort-{provider}", provider, precision,
+            {"onnxruntime": ort.__version__, "graph_opt": graph_opt, "threads": threads, "providers": self.session.get_providers()},
+        )
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        out = self.session.run(None, {self.input: np.ascontiguousarray(images, dtype=np.float32)})[0]
+        return np.asarray(out, dtype=np.float32)
+
+
+def _ort() -> Any:
+    from slab_deploy._deps import require
+
+    return require("onnxruntime", "running ONNX models")
