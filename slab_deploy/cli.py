@@ -39,7 +39,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    import shutil
+
+    # Reports are read in CI logs too: do not squeeze tables into 80 columns when not on a terminal.
+    width = None if sys.stdout.isatty() else max(shutil.get_terminal_size((160, 24)).columns, 160)
+    return Console(stderr=stderr, highlight=False, width=width)
 
 
 def _version(value: bool) -> None:
@@ -297,6 +301,122 @@ def check(
         if paths:
             out.print(f"reports: {paths['json']}, {paths['markdown']}; replay: {rep.replay_command}")
     raise_for_verdict(rep)
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+
+@app.command()
+def bench(
+    device: Annotated[str, typer.Option("--device", help="cuda or cpu.")] = "cpu",
+    models_: Annotated[str | None, typer.Option("--models", help="Comma list of models (SLAB ones run folded).")] = None,
+    compare: Annotated[str | None, typer.Option("--compare", help="A SLAB model: benchmark it folded with its LayerNorm and FLatten baselines.")] = None,
+    unfolded: Annotated[bool, typer.Option("--unfolded", help="Also benchmark SLAB models unfolded (as trained).")] = False,
+    backends: Annotated[str | None, typer.Option("--backends", help="Comma list: torch, torch-cudagraph, torch-compile, ort-cpu, ort-cuda, ort-cuda-graph, tensorrt.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="Comma list of fp32, fp16, bf16.")] = None,
+    batch: Annotated[str | None, typer.Option("--batch", help="Comma list of batch sizes, e.g. 1,8,64.")] = None,
+    threads: Annotated[str | None, typer.Option("--threads", help="Comma list of CPU thread counts (CPU backends).")] = None,
+    profile: Annotated[str | None, typer.Option("--profile", help="Named target in profiles/ (see `slab-deploy profiles`) or a .yaml path.")] = None,
+    iters: Annotated[int | None, typer.Option("--iters", help="Timed iterations (at least).")] = None,
+    warmup: Annotated[int | None, typer.Option("--warmup", help="Warm-up iterations.")] = None,
+    checkpoint: CkptOpt = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for bench.json/csv/md, plots and exported graphs.")] = Path("bench-out"),
+    against: Annotated[Path | None, typer.Option("--against", help="Earlier bench.json: exit 4 when a case regressed beyond --threshold.")] = None,
+    threshold: Annotated[float, typer.Option("--threshold", help="Allowed slow-down against --against (fraction).")] = 0.10,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure latency and throughput of SLAB models against their LayerNorm and FLatten baselines."""
+    from dataclasses import replace
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from slab_deploy.bench import Target, compare_against, compare_targets, raise_for_regressions, run_bench, write_outputs
+    from slab_deploy.errors import ConfigError
+    from slab_deploy.models import get_spec
+    from slab_deploy.profiles import Profile, load_profile
+
+    if device not in ("cuda", "cpu"):
+        raise ConfigError(f"--device must be cuda or cpu, not {device!r}")
+    if compare and models_:
+        raise ConfigError("--compare and --models exclude each other")
+    if compare:
+        targets = compare_targets(compare, unfolded=unfolded, checkpoint=str(checkpoint) if checkpoint else None)
+    elif models_:
+        targets = []
+        for n in _csv(models_):
+            slab = get_spec(n).is_slab
+            targets.append(Target(n, "folded" if slab else "baseline", str(checkpoint) if checkpoint and len(_csv(models_)) == 1 else None))
+            if slab and unfolded:
+                targets.append(Target(n, "unfolded"))
+    else:
+        raise ConfigError("pass --compare SLAB_MODEL or --models a,b,c")
+    if profile:
+        prof = load_profile(profile)
+        if prof.device != device:
+            raise ConfigError(f"profile {prof.name} is for --device {prof.device}, not {device}")
+    else:
+        cuda = device == "cuda"
+        prof = Profile(
+            name=f"default-{device}", description="command-line defaults", device=device,
+            backends=("torch", "torch-cudagraph", "ort-cuda") if cuda else ("ort-cpu",),
+            precisions=("fp32", "fp16") if cuda else ("fp32",), batches=(1, 64) if cuda else (1,),
+            warmup=20 if cuda else 3, iters=100 if cuda else 10, min_seconds=0.5,
+        )
+    overrides: dict[str, Any] = {}
+    if backends:
+        overrides["backends"] = tuple(_csv(backends))
+    if precision:
+        overrides["precisions"] = tuple(_csv(precision))
+    if batch:
+        overrides["batches"] = tuple(int(b) for b in _csv(batch))
+    if threads:
+        overrides["threads"] = tuple(int(t) for t in _csv(threads))
+    if iters is not None:
+        overrides["iters"] = iters
+    if warmup is not None:
+        overrides["warmup"] = warmup
+    if overrides:
+        from slab_deploy.profiles import validate
+
+        merged = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in prof.to_dict().items() if k not in ("source", "extra")}, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in overrides.items()}}
+        if merged.get("threads") == [None]:
+            merged["threads"] = None
+        prof = replace(validate(merged, "command line"), source=prof.source)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console(stderr=True), transient=True) as progress:
+        rep = run_bench(targets, prof, output, progress=progress)
+    rep.command = "slab-deploy " + " ".join(sys.argv[1:])
+    paths = write_outputs(rep, output)
+    regressions = compare_against(rep, against, threshold) if against else []
+    if as_json:
+        typer.echo(json.dumps(rep.to_dict(), indent=2, default=str))
+    else:
+        from slab_deploy.report import bench_tables
+
+        con = _console()
+        for t in bench_tables(rep):
+            con.print(t)
+        con.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    raise_for_regressions(regressions, threshold)
+
+
+@app.command()
+def profiles(as_json: JsonOpt = False) -> None:
+    """List the device profiles (benchmark targets) in profiles/."""
+    from slab_deploy.profiles import list_profiles, load_profile
+
+    profs = [load_profile(n) for n in list_profiles()]
+    if as_json:
+        typer.echo(json.dumps([p.to_dict() for p in profs], indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title="device profiles")
+    for col in ("name", "device", "backends", "precisions", "batches", "threads", "description"):
+        t.add_column(col, overflow="fold")
+    for p in profs:
+        t.add_row(p.name, p.device, ",".join(p.backends), ",".join(p.precisions), ",".join(map(str, p.batches)),
+                  ",".join("default" if x is None else str(x) for x in p.threads), p.description + (" (emulated)" if p.emulated else ""))
+    _console().print(t)
 
 
 def main() -> None:

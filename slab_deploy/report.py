@@ -86,3 +86,27 @@ def check_table(report: Any) -> Any:
         t.caption = "\n".join(f"[{i}] {n}" for i, n in enumerate(notes, 1))
         t.caption_justify = "left"
     return t
+
+
+def bench_tables(report: Any) -> list[Any]:
+    from rich.table import Table
+
+    t = Table(title=f"bench on {report.environment.get('gpu') or report.environment.get('cpu')}" + (" (untrained weights)" if report.untrained else ""))
+    for col in ("model", "variant", "backend", "prec", "batch", "thr", "median ms", "p90", "p99", "CV", "img/s", "note"):
+        t.add_column(col, justify="right" if col in ("batch", "thr", "median ms", "p90", "p99", "CV", "img/s") else "left", overflow="fold")
+    for r in report.results:
+        c = r.case
+        note = ("[yellow]unstable[/yellow]" if r.unstable else "") if r.status == "ok" else f"[dim]{r.status}: {r.reason[:90]}[/dim]"
+        fmt = lambda v, s: "-" if v is None else format(v, s)  # noqa: E731
+        t.add_row(c.model, c.variant, c.backend, c.precision, str(c.batch), str(c.threads or "-"), fmt(r.median_ms, ".3f"),
+                  fmt(r.p90_ms, ".3f"), fmt(r.p99_ms, ".3f"), fmt(r.cv, ".1%"), fmt(r.throughput, ",.0f"), note)
+    out = [t]
+    if report.speedups:
+        s = Table(title="speed-up of the folded SLAB model")
+        for col in ("SLAB", "vs", "backend", "prec", "batch", "thr", "speed-up"):
+            s.add_column(col, justify="right" if col in ("batch", "thr", "speed-up") else "left")
+        for x in report.speedups:
+            colour = "green" if x["speedup"] >= 1 else "red"
+            s.add_row(x["slab"], x["other"], x["backend"], x["precision"], str(x["batch"]), str(x["threads"] or "-"), f"[{colour}]{x['speedup']:.2f}x[/{colour}]")
+        out.append(s)
+    return out

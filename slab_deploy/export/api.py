@@ -38,6 +38,7 @@ class ExportOptions:
     parity_batch: int = 3
     seed: int = 0
     img_size: int | None = None
+    fold: bool = True  # False exports the checkpoint model as is (for unfolded benchmarks)
 
 
 @dataclass
@@ -138,7 +139,7 @@ def export_model(
 
     t = time.perf_counter()
     say("folding norms")
-    folded, report = fold_model(ref)
+    folded, report = fold_model(ref, verify=opts.fold) if opts.fold else _unfolded(ref)
     steps["fold"] = time.perf_counter() - t
 
     pre = preprocessing(ref)
@@ -198,7 +199,7 @@ def export_model(
     final.doc_string = f"{model_name} exported by slab-deploy {__version__} ({opts.precision}, folded)"
 
     passed = all(r.get("passed", True) for r in parity.values())
-    norm_ok = lint_res.norm_free or not ref.spec.is_slab or report.kept > 0
+    norm_ok = lint_res.norm_free or not ref.spec.is_slab or report.kept > 0 or not opts.fold
     status = "ok" if passed else "parity-failed"
     manifest = {
         "status": status,
@@ -281,6 +282,22 @@ def export_model(
         )
     assert get_metadata(final)["slab_deploy.model"] == model_name
     return result
+
+
+def _unfolded(model: nn.Module) -> tuple[nn.Module, Any]:
+    """The checkpoint model as is, with an empty fold report (norms listed as not folded)."""
+    import copy
+
+    from slab_deploy.passes.fold import FoldReport, NormFold, _norm_kinds
+
+    kinds = _norm_kinds(model)
+    n = sum(p.numel() for p in model.parameters())
+    rep = FoldReport(
+        getattr(model.spec, "name", "?"),
+        [NormFold(k, kind, c, "kept-layernorm" if kind == "layernorm" else "kept-affine", reason="fold disabled (--no-fold)") for k, (kind, c) in kinds.items()],
+        n, n, [], 0.0, 0.0, 0.0, 0.0,
+    )
+    return copy.deepcopy(model), rep
 
 
 def _ort_parity(model: onnx.ModelProto, x: np.ndarray, reference: np.ndarray, tol: Any) -> dict[str, Any]:

@@ -1,0 +1,624 @@
+"""Latency and throughput measurement -> report.
+
+Every case runs warm-up iterations, then timed iterations (at least `iters`, and for at least
+`min_seconds`). GPU compute is timed with CUDA events on the stream that does the work (torch,
+TensorRT) or with perf_counter after a synchronisation (ONNX Runtime, whose stream is its own);
+inputs are already on the device, and the host<->device copies of one batch are measured apart
+and reported in their own columns. CPU cases use perf_counter.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slab_deploy.errors import ConfigError, RegressionError
+from slab_deploy.profiles import BACKENDS, Profile
+
+CV_WARN = 0.10  # coefficient of variation above which a case is flagged unstable
+
+
+@dataclass
+class Case:
+    model: str
+    variant: str  # folded | unfolded | baseline
+    backend: str
+    precision: str
+    batch: int
+    threads: int | None = None
+
+    @property
+    def key(self) -> str:
+        t = f"/t{self.threads}" if self.threads else ""
+        return f"{self.model}[{self.variant}]/{self.backend}/{self.precision}/b{self.batch}{t}"
+
+
+@dataclass
+class Result:
+    case: Case
+    status: str  # ok | skipped | error
+    reason: str = ""
+    median_ms: float | None = None
+    p90_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    mean_ms: float | None = None
+    min_ms: float | None = None
+    cv: float | None = None
+    samples: int = 0
+    throughput: float | None = None  # images / s at the median
+    h2d_ms: float | None = None
+    d2h_ms: float | None = None
+    peak_mem_mib: float | None = None
+    compile_s: float | None = None
+    gmacs: float | None = None
+    tflops: float | None = None
+    mfu: float | None = None
+    unstable: bool = False
+    timer: str = ""
+
+    def flat(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(d.pop("case"))
+        d["key"] = self.case.key
+        return d
+
+
+@dataclass
+class BenchReport:
+    environment: dict[str, Any]
+    profile: dict[str, Any]
+    results: list[Result]
+    command: str = ""
+    created: str = ""
+    speedups: list[dict[str, Any]] = field(default_factory=list)
+    untrained: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "created": self.created,
+            "command": self.command,
+            "environment": self.environment,
+            "profile": self.profile,
+            "untrained_weights": self.untrained,
+            "results": [r.flat() for r in self.results],
+            "speedups": self.speedups,
+        }
+
+
+# ---------------------------------------------------------------------------------------------- environment
+
+
+def environment(device: str) -> dict[str, Any]:
+    import torch
+
+    from slab_deploy import __version__
+    from slab_deploy._deps import version_of
+
+    env: dict[str, Any] = {
+        "slab-deploy": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch": torch.__version__,
+        "onnxruntime": version_of("onnxruntime") or version_of("onnxruntime-gpu"),
+        "onnxruntime_dist": "onnxruntime-gpu" if version_of("onnxruntime-gpu") else ("onnxruntime" if version_of("onnxruntime") else None),
+        "tensorrt": version_of("tensorrt") or version_of("tensorrt-rtx") or version_of("tensorrt_rtx"),
+        "device": device,
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(
+            gpu=p.name,
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            compute_capability=f"{p.major}.{p.minor}",
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            driver=_driver_version(),
+        )
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _driver_version() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def _stats(samples_ms: list[float]) -> dict[str, float]:
+    a = np.asarray(samples_ms, dtype=np.float64)
+    mean = float(a.mean())
+    return {
+        "median_ms": float(np.median(a)),
+        "p90_ms": float(np.percentile(a, 90)),
+        "p95_ms": float(np.percentile(a, 95)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": mean,
+        "min_ms": float(a.min()),
+        "cv": float(a.std(ddof=1) / mean) if len(a) > 1 and mean > 0 else 0.0,
+    }
+
+
+def time_host(fn: Callable[[], Any], warmup: int, iters: int, min_seconds: float, sync: Callable[[], None] | None = None) -> list[float]:
+    """perf_counter timing (after `sync` when given) of `fn`."""
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    out: list[float] = []
+    t_end = time.perf_counter() + min_seconds
+    while len(out) < iters or (time.perf_counter() < t_end and len(out) < iters * 20):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def time_cuda_events(fn: Callable[[], Any], warmup: int, iters: int, min_seconds: float, stream: Any = None) -> list[float]:
+    """CUDA-event timing of `fn` on `stream` (default: the current stream)."""
+    import torch
+
+    stream = stream or torch.cuda.current_stream()
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out: list[float] = []
+    t_end = time.perf_counter() + min_seconds
+    while len(out) < iters or (time.perf_counter() < t_end and len(out) < iters * 20):
+        n = max(iters - len(out), 10)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for s, e in events:
+            s.record(stream)
+            fn()
+            e.record(stream)
+        torch.cuda.synchronize()
+        out += [s.elapsed_time(e) for s, e in events]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- per-backend setup
+
+
+def _torch_case(model: Any, case: Case, profile: Profile, x_np: np.ndarray) -> tuple[list[float], dict[str, Any]]:
+    import torch
+
+    from slab_deploy.models.layers import SLACore
+    from slab_deploy.runtime.base import UnsupportedBackend
+    from slab_deploy.runtime.torch_runner import DTYPES
+
+    dev = torch.device(profile.device)
+    if dev.type == "cpu" and case.precision != "fp32":
+        raise UnsupportedBackend(f"torch {case.precision} on the CPU is not a deployment target")
+    if case.backend != "torch" and dev.type != "cuda":
+        raise UnsupportedBackend(f"{case.backend} needs a CUDA device")
+    dtype = DTYPES[case.precision]
+    m = model.to(dev, dtype).eval()
+    for mod in m.modules():
+        if isinstance(mod, SLACore):
+            mod.compute_dtype = torch.float32 if dtype != torch.float32 else None
+    extra: dict[str, Any] = {}
+    if case.threads and dev.type == "cpu":
+        torch.set_num_threads(case.threads)
+    x = torch.from_numpy(x_np).to(dev, dtype)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        if case.backend == "torch-compile":
+            t0 = time.perf_counter()
+            fn_c = torch.compile(m, mode=profile.compile_mode)
+            fn_c(x)
+            torch.cuda.synchronize()
+            extra["compile_s"] = time.perf_counter() - t0
+
+            def fn() -> Any:
+                return fn_c(x)
+
+        elif case.backend == "torch-cudagraph":
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    m(x)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                m(x)
+            fn = g.replay
+        else:
+
+            def fn() -> Any:
+                return m(x)
+
+        if dev.type == "cuda":
+            samples = time_cuda_events(fn, profile.warmup, profile.iters, profile.min_seconds)
+            extra["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            extra["timer"] = "cuda-events"
+        else:
+            samples = time_host(fn, profile.warmup, profile.iters, profile.min_seconds)
+            extra["timer"] = "perf_counter"
+    if dev.type == "cuda":
+        extra.update(_copy_times(x_np, model_out_elems=x.shape[0] * 1000))
+    return samples, extra
+
+
+def _copy_times(x_np: np.ndarray, model_out_elems: int) -> dict[str, float]:
+    """Median host->device time of one input batch and device->host time of its logits (pinned memory)."""
+    import torch
+
+    host = torch.from_numpy(x_np).pin_memory()
+    dev = torch.empty_like(host, device="cuda")
+    out_dev = torch.empty(model_out_elems, device="cuda")
+    out_host = torch.empty(model_out_elems).pin_memory()
+    h2d = time_cuda_events(lambda: dev.copy_(host, non_blocking=True), 3, 20, 0.0)
+    d2h = time_cuda_events(lambda: out_host.copy_(out_dev, non_blocking=True), 3, 20, 0.0)
+    return {"h2d_ms": statistics.median(h2d), "d2h_ms": statistics.median(d2h)}
+
+
+def _ort_case(onnx_path: Path, case: Case, profile: Profile, x_np: np.ndarray) -> tuple[list[float], dict[str, Any]]:
+    from slab_deploy.runtime.base import UnsupportedBackend
+    from slab_deploy.runtime.ort import _ort, session
+
+    ort = _ort()
+    extra: dict[str, Any] = {"timer": "perf_counter"}
+    if case.backend == "ort-cpu":
+        sess = session(onnx_path, ["CPUExecutionProvider"], threads=case.threads)
+        name = sess.get_inputs()[0].name
+        return time_host(lambda: sess.run(None, {name: x_np}), profile.warmup, profile.iters, profile.min_seconds), extra
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise UnsupportedBackend("ONNX Runtime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
+    graph = case.backend == "ort-cuda-graph"
+    opts = {"device_id": 0, "enable_cuda_graph": "1" if graph else "0"}
+    sess = session(onnx_path, [("CUDAExecutionProvider", opts)])
+    if "CUDAExecutionProvider" not in sess.get_providers():
+        raise UnsupportedBackend("ONNX Runtime's CUDA provider failed to initialise")
+    inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
+    x_dev = ort.OrtValue.ortvalue_from_numpy(x_np, "cuda", 0)
+    y_dev = ort.OrtValue.ortvalue_from_shape_and_type([x_np.shape[0], _out_dim(sess)], np.float32, "cuda", 0)
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input(inp.name, x_dev)
+    binding.bind_ortvalue_output(out.name, y_dev)
+
+    def fn() -> None:
+        sess.run_with_iobinding(binding)
+
+    samples = time_host(fn, profile.warmup, profile.iters, profile.min_seconds, sync=binding.synchronize_outputs)
+    extra.update(_copy_times(x_np, x_np.shape[0] * _out_dim(sess)))
+    return samples, extra
+
+
+def _out_dim(sess: Any) -> int:
+    shape = sess.get_outputs()[0].shape
+    return int(shape[-1]) if isinstance(shape[-1], int) else 1000
+
+
+def _trt_case(onnx_path: Path, case: Case, profile: Profile, x_np: np.ndarray) -> tuple[list[float], dict[str, Any]]:
+    import torch
+
+    from slab_deploy.runtime.tensorrt import TensorRTRunner
+
+    r = TensorRTRunner.from_onnx(onnx_path, precision=case.precision, max_batch=max(profile.batches))
+    x = torch.from_numpy(x_np).cuda()
+    r.bind(x)
+    samples = time_cuda_events(r.execute, profile.warmup, profile.iters, profile.min_seconds, stream=torch.cuda.ExternalStream(r.stream.cuda_stream))
+    return samples, {"timer": "cuda-events", **_copy_times(x_np, x_np.shape[0] * 1000)}
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Target:
+    model: str
+    variant: str  # folded | unfolded | baseline
+    checkpoint: str | None = None
+
+
+def compare_targets(name: str, *, unfolded: bool = False, checkpoint: str | None = None) -> list[Target]:
+    from slab_deploy.models import get_spec
+
+    spec = get_spec(name)
+    if not spec.is_slab:
+        raise ConfigError(f"--compare takes a SLAB model; {name} is a {spec.norm} baseline (try one of its SLAB counterparts)")
+    out = [Target(name, "folded", checkpoint)]
+    if unfolded:
+        out.append(Target(name, "unfolded", checkpoint))
+    out += [Target(b, "baseline") for b in spec.compare_with]
+    return out
+
+
+def run_bench(
+    targets: Sequence[Target],
+    profile: Profile,
+    output: Path,
+    *,
+    progress: Any = None,
+    export_cache: Path | None = None,
+) -> BenchReport:
+    """Run every (target, backend, precision, batch, threads) case of `profile`."""
+    import torch
+
+    from slab_deploy.models.stats import model_stats
+    from slab_deploy.runtime.base import UnsupportedBackend
+
+    for b in profile.backends:
+        if b not in BACKENDS:
+            raise ConfigError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+    if profile.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but torch sees no CUDA device; use --device cpu or a GPU host")
+    env = environment(profile.device)
+    cases = [
+        (t, Case(t.model, t.variant, b, p, bs, th))
+        for t in targets
+        for b in profile.backends
+        for p in profile.precisions
+        for bs in profile.batches
+        for th in (profile.threads if b in ("ort-cpu", "torch") and profile.device == "cpu" else (None,))
+    ]
+    results: list[Result] = []
+    models: dict[tuple[str, str], Any] = {}
+    cache = export_cache or (output / "onnx")
+    task = progress.add_task("benchmarking", total=len(cases)) if progress is not None else None
+    for t, case in cases:
+        if progress is not None:
+            progress.update(task, description=case.key)
+        res = Result(case, "ok")
+        try:
+            from slab_deploy.models import get_spec
+
+            x_np = np.random.default_rng(0).standard_normal((case.batch, *get_spec(t.model).input_size), dtype=np.float32)
+            if case.backend.startswith("torch"):
+                key = (t.model, t.variant)
+                if key not in models:
+                    models[key] = _torch_model(t)
+                import copy
+
+                samples, extra = _torch_case(copy.deepcopy(models[key]), case, profile, x_np)
+            else:
+                onnx_path = _onnx_for(t, case.precision, cache)
+                if case.backend == "tensorrt":
+                    samples, extra = _trt_case(onnx_path, case, profile, x_np)
+                else:
+                    samples, extra = _ort_case(onnx_path, case, profile, x_np)
+            st = _stats(samples)
+            for k, v in st.items():
+                setattr(res, k, v)
+            for k, v in extra.items():
+                setattr(res, k, v)
+            res.samples = len(samples)
+            res.throughput = case.batch / (st["median_ms"] / 1e3)
+            res.unstable = st["cv"] > CV_WARN
+            _, gmacs = model_stats(t.model)
+            res.gmacs = gmacs
+            res.tflops = 2 * gmacs * 1e9 * case.batch / (st["median_ms"] / 1e3) / 1e12
+            if profile.peak_tflops:
+                res.mfu = res.tflops / profile.peak_tflops
+        except UnsupportedBackend as exc:
+            res.status, res.reason = "skipped", str(exc)
+        except Exception as exc:  # a backend crashing on one case must not hide the others
+            res.status, res.reason = "error", f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        finally:
+            if profile.device == "cuda":
+                torch.cuda.empty_cache()
+        results.append(res)
+        if progress is not None:
+            progress.advance(task)
+    report = BenchReport(env, profile.to_dict(), results, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    report.untrained = all(t.checkpoint is None for t in targets)
+    report.speedups = speedups(results)
+    return report
+
+
+def _torch_model(t: Target) -> Any:
+    from slab_deploy.passes import fold_model
+    from slab_deploy.pipeline import load_model
+
+    m = load_model(t.model, t.checkpoint)
+    if t.variant == "folded":
+        m, _ = fold_model(m)
+    return m
+
+
+def _onnx_for(t: Target, precision: str, cache: Path) -> Path:
+    """Export (or reuse) the ONNX graph of a target at `precision`."""
+    from slab_deploy.export.api import ExportOptions, export_model
+    from slab_deploy.runtime.base import UnsupportedBackend
+
+    if precision not in ("fp32", "fp16"):
+        raise UnsupportedBackend(f"ONNX artefacts are exported in fp32 or fp16, not {precision}")
+    d = cache / f"{t.model}-{t.variant}-{precision}"
+    path = d / "model.onnx"
+    if path.exists():
+        return path
+    export_model(t.model, t.checkpoint, d, ExportOptions(precision=precision, fold=t.variant != "unfolded", simplifier="auto"), force=True)
+    return path
+
+
+def speedups(results: Sequence[Result]) -> list[dict[str, Any]]:
+    """For each (backend, precision, batch, threads): SLAB folded vs each baseline and vs unfolded."""
+    ok = [r for r in results if r.status == "ok" and r.median_ms]
+    out = []
+    for r in ok:
+        if r.case.variant != "folded":
+            continue
+        for o in ok:
+            c, d = r.case, o.case
+            if o is r or (d.backend, d.precision, d.batch, d.threads) != (c.backend, c.precision, c.batch, c.threads):
+                continue
+            if d.variant in ("baseline", "unfolded"):
+                out.append({
+                    "slab": c.model, "other": d.model if d.variant == "baseline" else f"{d.model} (unfolded)",
+                    "backend": c.backend, "precision": c.precision, "batch": c.batch, "threads": c.threads,
+                    "slab_ms": r.median_ms, "other_ms": o.median_ms, "speedup": o.median_ms / r.median_ms,  # type: ignore[operator]
+                })
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+COLUMNS = ("model", "variant", "backend", "precision", "batch", "threads", "status", "median_ms", "p90_ms", "p95_ms",
+           "p99_ms", "mean_ms", "cv", "throughput", "h2d_ms", "d2h_ms", "peak_mem_mib", "compile_s", "tflops", "mfu",
+           "samples", "unstable", "timer", "reason")
+
+
+def write_outputs(report: BenchReport, out: Path) -> dict[str, Path]:
+    from slab_deploy.utils import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "bench.json", "csv": out / "bench.csv", "markdown": out / "bench.md"}
+    with atomic_write(paths["json"]) as tmp:
+        tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(COLUMNS), extrasaction="ignore")
+    w.writeheader()
+    for r in report.results:
+        w.writerow(r.flat())
+    with atomic_write(paths["csv"]) as tmp:
+        tmp.write_text(buf.getvalue())
+    with atomic_write(paths["markdown"]) as tmp:
+        tmp.write_text(to_markdown(report))
+    try:
+        paths.update(plot(report, out))
+    except Exception as exc:  # plots are a convenience; the numbers are in the files above
+        if exc.__class__.__name__ != "MissingDependencyError":
+            raise
+    return paths
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def to_markdown(report: BenchReport) -> str:
+    env = report.environment
+    lines = [
+        "# slab-deploy bench",
+        "",
+        f"- date: {report.created}",
+        f"- command: `{report.command}`",
+        f"- device: {env.get('gpu') or env.get('cpu')} ({env.get('device')}); driver {env.get('driver', '-')}, CUDA {env.get('cuda', '-')}",
+        f"- versions: torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')} ({env.get('onnxruntime_dist')}), TensorRT {env.get('tensorrt') or '-'}, slab-deploy {env.get('slab-deploy')}",
+        f"- profile: {report.profile.get('name')} (warm-up {report.profile.get('warmup')}, >= {report.profile.get('iters')} timed runs, >= {report.profile.get('min_seconds')} s)",
+        f"- weights: {'embedded default (untrained; latency does not depend on weights)' if report.untrained else 'from checkpoint'}",
+        "- latency: compute only, inputs already on the device; host<->device copies of one batch in their own columns",
+        "",
+        "| model | variant | backend | prec | batch | thr | median ms | p90 | p99 | CV | img/s | H2D ms | D2H ms | peak MiB | MFU | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report.results:
+        c = r.case
+        note = r.reason if r.status != "ok" else ("unstable (CV > 10%)" if r.unstable else "")
+        if r.compile_s:
+            note = (note + f"; compile {r.compile_s:.0f} s").strip("; ")
+        lines.append(
+            f"| {c.model} | {c.variant} | {c.backend} | {c.precision} | {c.batch} | {c.threads or '-'} | {_fmt(r.median_ms, '.3f')} "
+            f"| {_fmt(r.p90_ms, '.3f')} | {_fmt(r.p99_ms, '.3f')} | {_fmt(r.cv, '.1%')} | {_fmt(r.throughput, ',.0f')} "
+            f"| {_fmt(r.h2d_ms, '.3f')} | {_fmt(r.d2h_ms, '.3f')} | {_fmt(r.peak_mem_mib, ',.0f')} | {_fmt(r.mfu, '.1%')} | {note} |"
+        )
+    if report.speedups:
+        lines += ["", "## Speed-up of the folded SLAB model (other median / SLAB median)", "",
+                  "| SLAB | vs | backend | prec | batch | SLAB ms | other ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
+        for s in report.speedups:
+            lines.append(f"| {s['slab']} | {s['other']} | {s['backend']} | {s['precision']} | {s['batch']} | {s['slab_ms']:.3f} | {s['other_ms']:.3f} | {s['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: BenchReport, out: Path) -> dict[str, Path]:
+    from slab_deploy._deps import require
+
+    mpl = require("matplotlib", "benchmark plots")
+    mpl.use("Agg")
+    plt = require("matplotlib.pyplot", "benchmark plots")
+    ok = [r for r in report.results if r.status == "ok"]
+    paths: dict[str, Path] = {}
+    if not ok:
+        return paths
+    series: dict[tuple[str, str, str, str], list[tuple[int, float]]] = {}
+    for r in ok:
+        c = r.case
+        series.setdefault((c.model, c.variant, c.backend, f"{c.precision}{'/t' + str(c.threads) if c.threads else ''}"), []).append((c.batch, r.median_ms or 0))
+    backends = sorted({k[2] for k in series})
+    fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 4), squeeze=False)
+    for ax, b in zip(axes[0], backends, strict=True):
+        for (model, variant, backend, prec), pts in sorted(series.items()):
+            if backend != b:
+                continue
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{model} [{variant}] {prec}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("median latency (ms)")
+        ax.set_title(b)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths["latency_plot"] = out / "latency_vs_batch.png"
+    fig.savefig(paths["latency_plot"], dpi=110)
+    plt.close(fig)
+    if report.speedups:
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(report.speedups)), 4))
+        labels = [f"{s['other']}\n{s['backend']} {s['precision']} b{s['batch']}" for s in report.speedups]
+        ax.bar(range(len(labels)), [s["speedup"] for s in report.speedups])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("speed-up of folded SLAB (x)")
+        ax.set_title(f"{report.speedups[0]['slab']} vs baselines")
+        fig.tight_layout()
+        paths["speedup_plot"] = out / "speedup.png"
+        fig.savefig(paths["speedup_plot"], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def compare_against(report: BenchReport, previous: Path, threshold: float) -> list[str]:
+    """Cases whose median regressed by more than `threshold` (fraction) against `previous` JSON."""
+    try:
+        old = json.loads(Path(previous).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--against {previous}: cannot read an earlier bench.json ({exc})") from None
+    before = {r["key"]: r for r in old.get("results", []) if r.get("status") == "ok"}
+    regressions = []
+    for r in report.results:
+        o = before.get(r.case.key)
+        if r.status == "ok" and o and r.median_ms and o.get("median_ms"):
+            ratio = r.median_ms / o["median_ms"]
+            if ratio > 1 + threshold:
+                regressions.append(f"{r.case.key}: {o['median_ms']:.3f} -> {r.median_ms:.3f} ms (+{ratio - 1:.0%})")
+    return regressions
+
+
+def raise_for_regressions(regressions: list[str], threshold: float) -> None:
+    if regressions:
+        raise RegressionError(f"{len(regressions)} case(s) slower than the baseline by more than {threshold:.0%}: " + "; ".join(regressions[:5]))
