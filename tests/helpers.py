@@ -41,3 +41,19 @@ def fold_budget(reference: torch.Tensor) -> float:
 def norm_modules(model: torch.nn.Module) -> list[str]:
     kinds = (RepBN, LinearNorm, torch.nn.LayerNorm, torch.nn.modules.batchnorm._BatchNorm)
     return [n for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+    """Run `slab-deploy ARGS` in-process through the console entry point; returns (code, out, err)."""
+    import sys
+
+    from slab_deploy.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["slab-deploy", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

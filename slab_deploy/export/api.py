@@ -153,6 +153,8 @@ def export_model(
     say(f"exporting ONNX ({opts.precision})")
     deploy = prepare_precision(folded, opts.precision)
     example = torch.randn(opts.batch or 2, *pre["input_size"], generator=g)
+    with torch.no_grad():
+        deploy(example)  # one eager call settles shape-derived choices (e.g. SLA's product order) before tracing
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="slab-deploy-export-") as td:
         tmp = Path(td) / "raw.onnx"
@@ -312,7 +314,14 @@ def _ort_parity(model: onnx.ModelProto, x: np.ndarray, reference: np.ndarray, to
         raise ExportError(f"ONNX Runtime could not run the exported graph: {text.splitlines()[0][:300]}") from None
     m = compare(reference, got)
     v = judge(m, tol)
-    return {"passed": v.passed, "failures": v.failures, "tolerance": tol.to_dict(), **m.to_dict()}
+    out = {"passed": v.passed, "failures": v.failures, "tolerance": tol.to_dict(), **m.to_dict()}
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
+        out["note"] = (
+            "ONNX Runtime's CPU provider runs most fp16 nodes through fp32 kernels (it inserts casts), so this "
+            "rung checks the fp16 weights, not fp16 arithmetic: verify on a GPU with "
+            "`slab-deploy check --backends ort-cuda`"
+        )
+    return out
 
 
 def _json_default(o: Any) -> Any:

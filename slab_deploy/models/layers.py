@@ -145,15 +145,26 @@ class SLACore(nn.Module):
         super().__init__()
         self.eps = eps
         self.compute_dtype: torch.dtype | None = None
+        self._kv_first: bool | None = None  # decided from the shapes on the first eager call
+
+    @staticmethod
+    def kv_first(n: int, c: int, d: int) -> bool:
+        """(k^T v) first when it is cheaper than (q k^T): N*N*(c+d) > c*d*2N, as the authors decide."""
+        return n * n * (c + d) > c * d * (n + n)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out_dtype = v.dtype
         if self.compute_dtype is not None and q.dtype != self.compute_dtype:
             q, k, v = q.to(self.compute_dtype), k.to(self.compute_dtype), v.to(self.compute_dtype)
-        n, c, d = q.shape[-2], q.shape[-1], v.shape[-1]
+        kv_first = self._kv_first
+        if kv_first is None:
+            # Shapes are static for these models; under an exporter's tracer use the cached choice.
+            kv_first = self.kv_first(int(q.shape[-2]), int(q.shape[-1]), int(v.shape[-1]))
+            if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+                self._kv_first = kv_first
         k_sum = k.sum(dim=-2, keepdim=True)  # (BH, 1, c)
         z = 1.0 / (torch.matmul(q, k_sum.transpose(-2, -1)) + self.eps)  # (BH, N, 1)
-        if n * n * (c + d) > c * d * (n + n):
+        if kv_first:
             out = torch.matmul(q, torch.matmul(k.transpose(-2, -1), v))
         else:
             out = torch.matmul(torch.matmul(q, k.transpose(-2, -1)), v)
@@ -193,12 +204,10 @@ class Mlp(nn.Module):
 
 
 def head_split(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, N, H*d) -> (B*H, N, d), batch-major as in the authors' rearrange."""
-    b, n, c = x.shape
-    return x.reshape(b, n, heads, c // heads).permute(0, 2, 1, 3).reshape(b * heads, n, c // heads)
+    """(B, N, H*d) -> (B*H, N, d), batch-major as in the authors' rearrange (no batch arithmetic)."""
+    return x.unflatten(-1, (heads, x.shape[-1] // heads)).transpose(1, 2).flatten(0, 1)
 
 
 def head_merge(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B*H, N, d) -> (B, N, H*d)."""
-    bh, n, d = x.shape
-    return x.reshape(bh // heads, heads, n, d).permute(0, 2, 1, 3).reshape(bh // heads, n, heads * d)
+    return x.unflatten(0, (-1, heads)).transpose(1, 2).flatten(2)

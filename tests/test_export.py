@@ -1,0 +1,154 @@
+"""Export: clean graphs, manifest, dynamic batch, parity, atomic writes, simplifier rejection, fp16."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from slab_deploy.errors import ArtifactError, ParityError
+from slab_deploy.export import onnx_passes
+from slab_deploy.export.api import ExportOptions, export_model
+from slab_deploy.models import get_spec
+from slab_deploy.runtime.ort import run_onnx
+from slab_deploy.testing import random_checkpoint
+
+from helpers import full_models, tiny_models
+
+MANIFEST_KEYS = {
+    "status", "model", "checkpoint", "fold", "export", "simplify", "lint", "precision", "io", "preprocessing",
+    "parity", "versions", "norm_free", "onnx",
+}
+
+
+def _export(name: str, tmp: Path, **opts) -> dict:  # type: ignore[no-untyped-def]
+    ckpt = random_checkpoint(name, tmp / "ckpt.pth", seed=3)
+    res = export_model(name, ckpt, tmp / "out", ExportOptions(**opts))
+    return res.manifest
+
+
+def _assert_clean(m: dict, name: str, out: Path) -> None:
+    spec = get_spec(name)
+    assert MANIFEST_KEYS <= set(m), MANIFEST_KEYS - set(m)
+    assert m["status"] == "ok"
+    assert m["lint"]["einsum"] == 0 and m["lint"]["resize"] == 0
+    if spec.is_slab:
+        assert m["norm_free"] and m["lint"]["norm_nodes"] == {}
+        assert m["fold"]["folded"] == len(m["fold"]["norms"])
+    else:
+        assert m["lint"]["norm_nodes"].get("LayerNormalization", 0) > 0 or m["simplify"]["ops_after"].get("ReduceMean", 0) > 0
+    for rung in ("onnx", "ort_cpu"):
+        assert m["parity"][rung]["passed"], m["parity"][rung]
+    model = onnx.load(str(out / "model.onnx"))
+    props = onnx_passes.get_metadata(model)
+    pre = json.loads(props["slab_deploy.preprocessing"])
+    assert pre["mean"] == list(spec.mean) and pre["input_size"][0] == 3
+    assert props["slab_deploy.checkpoint_sha256"] == m["checkpoint"]["sha256"]
+
+
+@pytest.mark.parametrize("name", tiny_models())
+def test_export_tiny(name: str, tmp_path: Path) -> None:
+    m = _export(name, tmp_path)
+    out = tmp_path / "out"
+    _assert_clean(m, name, out)
+    assert m["export"]["dynamic_batch"]
+    # dynamic batch really works, and the unsimplified graph sits beside the deployed one
+    size = m["preprocessing"]["input_size"]
+    for b in (1, 5):
+        y = run_onnx(out / "model.onnx", np.random.default_rng(b).standard_normal((b, *size), dtype=np.float32))
+        assert y.shape == (b, m["io"]["outputs"][0]["shape"][1])
+    assert (out / "model.unsimplified.onnx").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", full_models())
+def test_export_full_size(name: str, tmp_path: Path) -> None:
+    m = _export(name, tmp_path)
+    _assert_clean(m, name, tmp_path / "out")
+
+
+def test_torchscript_exporter_and_static_batch(tmp_path: Path) -> None:
+    name = "test_slab_swin"
+    m = _export(name, tmp_path, exporter="torchscript", batch=2, simplifier="onnxslim")
+    _assert_clean(m, name, tmp_path / "out")
+    assert m["export"]["exporter"] == "torchscript" and not m["export"]["dynamic_batch"]
+    g = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert g.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+
+
+def test_no_overwrite_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "test_slab_swin"
+    ckpt = random_checkpoint(name, tmp_path / "c.pth", seed=1)
+    out = tmp_path / "out"
+    export_model(name, ckpt, out)
+    good = (out / "model.onnx").read_bytes()
+    with pytest.raises(ArtifactError, match="--force"):
+        export_model(name, ckpt, out)
+
+    def boom(*a, **k):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt  # an interrupted write
+
+    monkeypatch.setattr(onnx, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(name, ckpt, out, force=True)
+    assert (out / "model.onnx").read_bytes() == good
+    assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
+
+
+def test_parity_failure_exits_3_and_keeps_marked_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import slab_deploy.passes as passes
+
+    real = passes.fold_model
+
+    def wrong_fold(model, **kw):  # type: ignore[no-untyped-def]
+        folded, rep = real(model, **kw)
+        with torch.no_grad():
+            folded.head.bias.add_(0.5)  # a fault in the deployed model
+        return folded, rep
+
+    monkeypatch.setattr(passes, "fold_model", wrong_fold)
+    ckpt = random_checkpoint("test_slab_swin", tmp_path / "c.pth", seed=1)
+    with pytest.raises(ParityError) as ei:
+        export_model("test_slab_swin", ckpt, tmp_path / "out")
+    assert ei.value.exit_code == 3 and "rung 'onnx'" in str(ei.value)
+    assert not (tmp_path / "out" / "model.onnx").exists()
+    assert (tmp_path / "out" / "model.parity-failed.onnx").exists()
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["status"] == "parity-failed" and not m["parity"]["onnx"]["passed"]
+
+
+def test_simplifier_that_changes_results_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def bad_simplifier(name: str, model: onnx.ModelProto) -> onnx.ModelProto:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        init = max(out.graph.initializer, key=lambda t: len(t.raw_data) or len(t.float_data))
+        arr = onnx.numpy_helper.to_array(init).copy()
+        arr.flat[0] += 100.0
+        init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+        return out
+
+    monkeypatch.setattr(onnx_passes, "_run_simplifier", bad_simplifier)
+    m = _export("test_slab_swin", tmp_path, simplifier="onnxslim")
+    assert m["status"] == "ok"
+    assert not m["simplify"]["accepted"] and "rejected" in m["simplify"]["note"]
+    assert m["simplify"]["used"] == "none"
+
+
+def test_fp16_export_keeps_fp32_islands(tmp_path: Path) -> None:
+    name = "test_slab_swin"
+    m = _export(name, tmp_path, precision="fp16")
+    assert m["status"] == "ok" and m["precision"]["mode"] == "fp16"
+    g = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert g.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert g.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    f16 = sum(t.data_type == onnx.TensorProto.FLOAT16 for t in g.graph.initializer)
+    assert f16 > 0.9 * len([t for t in g.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT)])
+    casts_to_f32 = [n for n in g.graph.node if n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)]
+    n_sla = sum(1 for a in get_spec(name).attention if a == "sla")
+    assert len(casts_to_f32) >= n_sla  # q, k, v of every SLA block go to fp32 for the normaliser and k^T v
+    p = m["parity"]["ort_cpu"]
+    assert p.get("skipped") or (p["passed"] and p["cosine"] > 0.999)
