@@ -213,7 +213,7 @@ def time_cuda_events(fn: Callable[[], Any], warmup: int, iters: int, min_seconds
 def _torch_case(model: Any, case: Case, profile: Profile, x_np: np.ndarray) -> tuple[list[float], dict[str, Any]]:
     import torch
 
-    from slab_deploy.models.layers import SLACore
+    from slab_deploy.models.layers import set_sla_policy
     from slab_deploy.runtime.base import UnsupportedBackend
     from slab_deploy.runtime.torch_runner import DTYPES
 
@@ -224,9 +224,7 @@ def _torch_case(model: Any, case: Case, profile: Profile, x_np: np.ndarray) -> t
         raise UnsupportedBackend(f"{case.backend} needs a CUDA device")
     dtype = DTYPES[case.precision]
     m = model.to(dev, dtype).eval()
-    for mod in m.modules():
-        if isinstance(mod, SLACore):
-            mod.compute_dtype = torch.float32 if dtype != torch.float32 else None
+    set_sla_policy(m, profile.sla_policy if dtype != torch.float32 else "native")
     extra: dict[str, Any] = {}
     if case.threads and dev.type == "cpu":
         torch.set_num_threads(case.threads)
@@ -406,7 +404,7 @@ def run_bench(
 
                 samples, extra = _torch_case(copy.deepcopy(models[key]), case, profile, x_np)
             else:
-                onnx_path = _onnx_for(t, case.precision, cache)
+                onnx_path = _onnx_for(t, case.precision, cache, profile.sla_policy, profile.exporter)
                 if case.backend == "tensorrt":
                     samples, extra = _trt_case(onnx_path, case, profile, x_np)
                 else:
@@ -450,18 +448,18 @@ def _torch_model(t: Target) -> Any:
     return m
 
 
-def _onnx_for(t: Target, precision: str, cache: Path) -> Path:
+def _onnx_for(t: Target, precision: str, cache: Path, sla_policy: str = "fp32", exporter: str = "auto") -> Path:
     """Export (or reuse) the ONNX graph of a target at `precision`."""
     from slab_deploy.export.api import ExportOptions, export_model
     from slab_deploy.runtime.base import UnsupportedBackend
 
     if precision not in ("fp32", "fp16"):
         raise UnsupportedBackend(f"ONNX artefacts are exported in fp32 or fp16, not {precision}")
-    d = cache / f"{t.model}-{t.variant}-{precision}"
+    d = cache / f"{t.model}-{t.variant}-{precision}" if precision == "fp32" else cache / f"{t.model}-{t.variant}-{precision}-sla_{sla_policy}"
     path = d / "model.onnx"
     if path.exists():
         return path
-    export_model(t.model, t.checkpoint, d, ExportOptions(precision=precision, fold=t.variant != "unfolded", simplifier="auto"), force=True)
+    export_model(t.model, t.checkpoint, d, ExportOptions(precision=precision, fold=t.variant != "unfolded", simplifier="auto", sla_policy=sla_policy, exporter=exporter), force=True)
     return path
 
 

@@ -223,6 +223,7 @@ def export(
     simplifier: Annotated[str, typer.Option("--simplifier", help="onnxsim, onnxslim, none or auto (onnxsim if installed).")] = "auto",
     exporter: Annotated[str, typer.Option("--exporter", help="dynamo (torch.export), torchscript, or auto (dynamo, falling back).")] = "auto",
     img_size: Annotated[int | None, typer.Option("--img-size", help="Input resolution (default: the model's, 224).")] = None,
+    sla_policy: Annotated[str, typer.Option("--sla-policy", help="fp16 only: SLA in fp32 (the authors' island) or mixed (fp16 matmuls, fp32 normaliser).")] = "fp32",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the parity inputs.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing model.onnx.")] = False,
     ema: EmaOpt = False,
@@ -235,7 +236,10 @@ def export(
 
     if batch is not None and dynamic_batch:
         raise UnsupportedInputError("--batch and --dynamic-batch exclude each other; pass one")
-    opts = ExportOptions(batch=batch, opset=opset, precision=precision, simplifier=simplifier, exporter=exporter, seed=seed, img_size=img_size)
+    if sla_policy not in ("fp32", "mixed"):
+        raise UnsupportedInputError(f"--sla-policy must be fp32 or mixed, not {sla_policy!r}")
+    opts = ExportOptions(batch=batch, opset=opset, precision=precision, simplifier=simplifier, exporter=exporter, seed=seed,
+                         img_size=img_size, sla_policy=sla_policy)
     con = _console(stderr=True)
     with con.status("exporting", spinner="dots") as status:
         result = export_model(
@@ -318,6 +322,8 @@ def bench(
     threads: Annotated[str | None, typer.Option("--threads", help="Comma list of CPU thread counts (CPU backends).")] = None,
     profile: Annotated[str | None, typer.Option("--profile", help="Named target in profiles/ (see `slab-deploy profiles`) or a .yaml path.")] = None,
     iters: Annotated[int | None, typer.Option("--iters", help="Timed iterations (at least).")] = None,
+    sla_policy: Annotated[str | None, typer.Option("--sla-policy", help="Half precision SLA policy: fp32 or mixed.")] = None,
+    exporter: Annotated[str | None, typer.Option("--exporter", help="ONNX exporter for ORT/TensorRT cases: auto, dynamo, torchscript.")] = None,
     warmup: Annotated[int | None, typer.Option("--warmup", help="Warm-up iterations.")] = None,
     checkpoint: CkptOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for bench.json/csv/md, plots and exported graphs.")] = Path("bench-out"),
@@ -375,6 +381,10 @@ def bench(
         overrides["iters"] = iters
     if warmup is not None:
         overrides["warmup"] = warmup
+    if sla_policy is not None:
+        overrides["sla_policy"] = sla_policy
+    if exporter is not None:
+        overrides["exporter"] = exporter
     if overrides:
         from slab_deploy.profiles import validate
 

@@ -28,6 +28,8 @@ class Profile:
     peak_tflops: float | None = None  # for model FLOP utilisation
     emulated: bool = False
     compile_mode: str = "max-autotune-no-cudagraphs"
+    sla_policy: str = "fp32"  # half-precision policy of SLA (see SLACore): fp32 | mixed
+    exporter: str = "auto"  # ONNX exporter for the ONNX Runtime / TensorRT backends
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -38,7 +40,7 @@ class Profile:
 _FIELDS = {
     "name": str, "description": str, "device": str, "backends": list, "precisions": list, "batches": list,
     "threads": (int, list, type(None)), "warmup": int, "iters": int, "min_seconds": (int, float),
-    "peak_tflops": (int, float, type(None)), "emulated": bool, "compile_mode": str,
+    "peak_tflops": (int, float, type(None)), "emulated": bool, "compile_mode": str, "sla_policy": str, "exporter": str,
 }
 _REQUIRED = ("name", "description", "device", "backends", "precisions", "batches")
 
@@ -76,6 +78,10 @@ def validate(data: Any, source: str) -> Profile:
     threads_t: tuple[int | None, ...] = (None,) if threads is None else (tuple(threads) if isinstance(threads, list) else (threads,))
     if not all(t is None or (isinstance(t, int) and t >= 1) for t in threads_t):
         raise ConfigError(f"{source}: threads must be positive integers")
+    if data.get("sla_policy", "fp32") not in ("fp32", "mixed"):
+        raise ConfigError(f"{source}: sla_policy must be fp32 or mixed")
+    if data.get("exporter", "auto") not in ("auto", "dynamo", "torchscript"):
+        raise ConfigError(f"{source}: exporter must be auto, dynamo or torchscript")
     if data.get("iters", 1) < 1 or data.get("warmup", 0) < 0:
         raise ConfigError(f"{source}: iters must be >= 1 and warmup >= 0")
     kw = {k: v for k, v in data.items() if k not in ("backends", "precisions", "batches", "threads")}

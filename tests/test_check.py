@@ -128,11 +128,11 @@ def test_fp16_without_fp32_islands_fails_on_cuda(tmp_path: Path, monkeypatch: py
 
     real = api.prepare_precision
 
-    def no_islands(model, precision):  # type: ignore[no-untyped-def]
-        wrapped = real(model, precision)
+    def no_islands(model, precision, sla_policy="fp32"):  # type: ignore[no-untyped-def]
+        wrapped = real(model, precision, sla_policy)
         for m in wrapped.modules():
             if isinstance(m, SLACore):
-                m.compute_dtype = None
+                m.policy = "native"
         return wrapped
 
     monkeypatch.setattr(api, "prepare_precision", no_islands)

@@ -39,6 +39,7 @@ class ExportOptions:
     seed: int = 0
     img_size: int | None = None
     fold: bool = True  # False exports the checkpoint model as is (for unfolded benchmarks)
+    sla_policy: str = "fp32"  # fp16 only: SLA's half-precision policy (fp32 island or mixed; see SLACore)
 
 
 @dataclass
@@ -65,18 +66,16 @@ def tool_versions() -> dict[str, str | None]:
     }
 
 
-def prepare_precision(model: nn.Module, precision: str) -> nn.Module:
+def prepare_precision(model: nn.Module, precision: str, sla_policy: str = "fp32") -> nn.Module:
     """Wrap for deployment. fp16: half weights and activations, fp32 images in and logits out, and
-    SLA's normaliser and k^T v product kept in fp32 (the authors compute them in fp32 too)."""
-    from slab_deploy.models.layers import SLACore
+    SLA's normaliser (and, with policy fp32, its k^T v product) in fp32: see `SLACore`."""
+    from slab_deploy.models.layers import set_sla_policy
 
     if precision == "fp32":
         return ImageModel(model, torch.float32)
     if precision == "fp16":
         model = model.half()
-        for m in model.modules():
-            if isinstance(m, SLACore):
-                m.compute_dtype = torch.float32
+        set_sla_policy(model, sla_policy)
         return ImageModel(model, torch.float16)
     raise UnsupportedInputError(f"unsupported precision {precision!r}; use one of {', '.join(PRECISIONS)}")
 
@@ -151,7 +150,7 @@ def export_model(
 
     t = time.perf_counter()
     say(f"exporting ONNX ({opts.precision})")
-    deploy = prepare_precision(folded, opts.precision)
+    deploy = prepare_precision(folded, opts.precision, opts.sla_policy)
     example = torch.randn(opts.batch or 2, *pre["input_size"], generator=g)
     with torch.no_grad():
         deploy(example)  # one eager call settles shape-derived choices (e.g. SLA's product order) before tracing
@@ -244,7 +243,11 @@ def export_model(
         "precision": {
             "mode": opts.precision,
             "io": "float32 images in, float32 logits out",
-            "fp32_islands": "SLA normaliser, reciprocal and k^T v product; FLatten focused kernel" if fp16 else "",
+            "sla_policy": opts.sla_policy if fp16 else "native",
+            "fp32_islands": (
+                "SLA normaliser, reciprocal and k^T v product (policy fp32); FLatten focused kernel" if opts.sla_policy == "fp32"
+                else "SLA token mean of k, normaliser and reciprocal, final scaling (policy mixed; matmuls fp16 with fp32 accumulation); FLatten focused kernel"
+            ) if fp16 else "",
         },
         "io": {
             "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": ["batch" if opts.batch is None else opts.batch, *pre["input_size"]]}],

@@ -129,6 +129,9 @@ def repbn_affine(norm: RepBN) -> tuple[torch.Tensor, torch.Tensor]:
 # Attention cores
 
 
+SLA_POLICIES = ("native", "fp32", "mixed")
+
+
 class SLACore(nn.Module):
     """The normalised product of SLA: `(q (k^T v)) / (q . sum_tokens(k) + eps)` per head.
 
@@ -136,15 +139,20 @@ class SLACore(nn.Module):
     association order is chosen statically from the shapes, as in the authors' code. Written
     with MatMul/Mul/ReduceSum only (no einsum), so it exports to a portable ONNX graph.
 
-    `compute_dtype` (None = input dtype) is the precision of the normaliser and of the k^T v
-    product; fp16 deployments keep it at float32 (the "fp32 island"), as the authors do by
-    disabling autocast around these products.
+    `policy` sets the precision of half-precision deployments:
+      native  everything in the input dtype (fp32 models: exact);
+      fp32    q, k, v cast to fp32 for the whole product, as the authors' code does (the
+              "fp32 island": safe, but the big matmuls leave the tensor cores' fp16 path);
+      mixed   the normaliser (token mean of k, q . mean k, reciprocal) in fp32; the two big
+              matmuls in fp16 with fp32 accumulation, on k scaled by 1/N so k^T v is a token
+              average that cannot overflow fp16; the final scaling by z in fp32.
+    Mathematically all three are the same function (q (k/N)^T v / (q . mean k + eps/N)).
     """
 
     def __init__(self, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
-        self.compute_dtype: torch.dtype | None = None
+        self.policy = "native"
         self._kv_first: bool | None = None  # decided from the shapes on the first eager call
 
     @staticmethod
@@ -154,22 +162,44 @@ class SLACore(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out_dtype = v.dtype
-        if self.compute_dtype is not None and q.dtype != self.compute_dtype:
-            q, k, v = q.to(self.compute_dtype), k.to(self.compute_dtype), v.to(self.compute_dtype)
+        half = q.dtype in (torch.float16, torch.bfloat16)
         kv_first = self._kv_first
         if kv_first is None:
             # Shapes are static for these models; under an exporter's tracer use the cached choice.
             kv_first = self.kv_first(int(q.shape[-2]), int(q.shape[-1]), int(v.shape[-1]))
             if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
                 self._kv_first = kv_first
+        if half and self.policy == "mixed":
+            n = k.shape[-2]
+            k_mean = k.float().mean(dim=-2, keepdim=True)  # (BH, 1, c), fp32
+            z = 1.0 / (torch.matmul(q.float(), k_mean.transpose(-2, -1)) + self.eps / n)  # (BH, N, 1), fp32
+            k_avg = (k.float() * (1.0 / n)).to(k.dtype)
+            if kv_first:
+                out = torch.matmul(q, torch.matmul(k_avg.transpose(-2, -1), v))
+            else:
+                out = torch.matmul(torch.matmul(q, k_avg.transpose(-2, -1)), v)
+            return (out.float() * z).to(out_dtype)
+        if half and self.policy == "fp32":
+            q, k, v = q.float(), k.float(), v.float()
         k_sum = k.sum(dim=-2, keepdim=True)  # (BH, 1, c)
         z = 1.0 / (torch.matmul(q, k_sum.transpose(-2, -1)) + self.eps)  # (BH, N, 1)
         if kv_first:
             out = torch.matmul(q, torch.matmul(k.transpose(-2, -1), v))
         else:
             out = torch.matmul(torch.matmul(q, k.transpose(-2, -1)), v)
-        out = out * z
-        return out.to(out_dtype)
+        return (out * z).to(out_dtype)
+
+
+def set_sla_policy(model: nn.Module, policy: str) -> int:
+    """Set the half-precision policy of every SLACore in `model`; returns how many were set."""
+    if policy not in SLA_POLICIES:
+        raise ValueError(f"unknown SLA precision policy {policy!r}; choose from {', '.join(SLA_POLICIES)}")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, SLACore):
+            m.policy = policy
+            n += 1
+    return n
 
 
 def sla_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -12,8 +12,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TorchRunner:
-    def __init__(self, model: nn.Module, device: str = "cpu", precision: str = "fp32") -> None:
-        from slab_deploy.models.layers import SLACore
+    def __init__(self, model: nn.Module, device: str = "cpu", precision: str = "fp32", sla_policy: str = "fp32") -> None:
+        from slab_deploy.models.layers import set_sla_policy
 
         if precision not in DTYPES:
             raise UnsupportedBackend(f"torch runner has no precision {precision!r}")
@@ -22,10 +22,7 @@ class TorchRunner:
         self.dtype = DTYPES[precision]
         self.device = torch.device(device)
         self.model = model.to(self.device, self.dtype).eval()
-        if self.dtype != torch.float32:
-            for m in self.model.modules():
-                if isinstance(m, SLACore):
-                    m.compute_dtype = torch.float32
+        set_sla_policy(self.model, sla_policy if self.dtype != torch.float32 else "native")
         self.info = RunnerInfo("torch", str(self.device), precision, {"torch": torch.__version__})
 
     @torch.no_grad()

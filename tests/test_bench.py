@@ -1,0 +1,126 @@
+"""bench: profiles, statistics, outputs, speed-ups, regressions against an earlier run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slab_deploy.bench import Case, Result, _stats, compare_against, compare_targets, run_bench, speedups, write_outputs
+from slab_deploy.errors import ConfigError
+from slab_deploy.profiles import Profile, list_profiles, load_profile, validate
+
+from helpers import run_cli
+
+REQUIRED_PROFILES = {"h200", "rtx4090", "jetson-orin", "edge-cpu-1t", "edge-cpu-2t", "edge-cpu-4t", "ci-cpu"}
+
+
+def test_shipped_profiles_validate() -> None:
+    names = set(list_profiles())
+    assert REQUIRED_PROFILES <= names
+    for n in names:
+        p = load_profile(n)
+        assert p.name == n and p.iters >= 1
+        if n.startswith("edge-cpu"):
+            assert p.emulated and p.threads == (int(n.split("-")[-1][:-1]),)
+
+
+@pytest.mark.parametrize(
+    "patch, match",
+    [
+        ({"backends": ["warp-drive"]}, "unknown backend"),
+        ({"precisions": ["fp8"]}, "unknown precision"),
+        ({"batches": []}, "batches"),
+        ({"device": "tpu"}, "device"),
+        ({"iters": "many"}, "wrong type"),
+        ({"colour": "red"}, "unknown field"),
+    ],
+)
+def test_bad_profiles(patch: dict, match: str) -> None:
+    base = {"name": "x", "description": "x", "device": "cpu", "backends": ["ort-cpu"], "precisions": ["fp32"], "batches": [1]}
+    with pytest.raises(ConfigError, match=match):
+        validate({**base, **patch}, "test.yaml")
+
+
+def test_stats() -> None:
+    s = _stats([1.0] * 90 + [2.0] * 9 + [10.0])
+    assert s["median_ms"] == 1.0 and s["min_ms"] == 1.0 and s["p99_ms"] > 2.0 and s["cv"] > 0.5
+
+
+def test_compare_targets() -> None:
+    t = compare_targets("test_slab_swin", unfolded=True)
+    assert [(x.model, x.variant) for x in t] == [
+        ("test_slab_swin", "folded"), ("test_slab_swin", "unfolded"), ("test_swin", "baseline"), ("test_flatten_swin", "baseline")]
+    with pytest.raises(ConfigError, match="SLAB model"):
+        compare_targets("test_swin")
+
+
+def _profile(**kw) -> Profile:  # type: ignore[no-untyped-def]
+    base = dict(name="t", description="t", device="cpu", backends=("ort-cpu", "torch", "ort-cuda"), precisions=("fp32",),
+                batches=(1, 2), threads=(1,), warmup=1, iters=3, min_seconds=0.0)
+    return Profile(**{**base, **kw})
+
+
+def test_run_bench_cpu(tmp_path: Path) -> None:
+    rep = run_bench(compare_targets("test_slab_swin", unfolded=True), _profile(), tmp_path)
+    ok = [r for r in rep.results if r.status == "ok"]
+    skipped = [r for r in rep.results if r.status == "skipped"]
+    assert len(ok) == 4 * 2 * 2  # 4 targets x (ort-cpu, torch) x 2 batches
+    assert skipped and all("CUDA" in r.reason for r in skipped)  # ort-cuda on a CPU host: said, not crashed
+    for r in ok:
+        assert r.median_ms and r.median_ms > 0 and r.p99_ms >= r.median_ms and r.samples >= 3
+        assert r.throughput == pytest.approx(r.case.batch / (r.median_ms / 1e3))
+    assert {s["other"] for s in rep.speedups} == {"test_swin", "test_flatten_swin", "test_slab_swin (unfolded)"}
+    paths = write_outputs(rep, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert data["environment"]["cpu"] and data["results"][0]["key"]
+    assert paths["csv"].read_text().startswith("model,variant,backend")
+    assert "Speed-up" in paths["markdown"].read_text()
+    assert paths["latency_plot"].stat().st_size > 1000 and paths["speedup_plot"].exists()
+    # the exported graphs are cached for the next run
+    assert (tmp_path / "onnx" / "test_slab_swin-folded-fp32" / "model.onnx").exists()
+
+
+def _result(key_ms: float, variant: str = "folded", model: str = "m") -> Result:
+    return Result(Case(model, variant, "ort-cpu", "fp32", 1, None), "ok", median_ms=key_ms)
+
+
+def test_regression_detection(tmp_path: Path) -> None:
+    from slab_deploy.bench import BenchReport
+
+    old = BenchReport({}, {}, [_result(10.0)])
+    (tmp_path / "old.json").write_text(json.dumps(old.to_dict()))
+    assert compare_against(BenchReport({}, {}, [_result(10.5)]), tmp_path / "old.json", 0.10) == []
+    regs = compare_against(BenchReport({}, {}, [_result(12.0)]), tmp_path / "old.json", 0.10)
+    assert len(regs) == 1 and "+20%" in regs[0]
+    with pytest.raises(ConfigError):
+        compare_against(old, tmp_path / "missing.json", 0.1)
+
+
+def test_speedups_pair_only_matching_cases() -> None:
+    rs = [_result(5.0, "folded", "slab"), _result(10.0, "baseline", "ln"), Result(Case("ln", "baseline", "ort-cpu", "fp32", 8), "ok", median_ms=1.0)]
+    s = speedups(rs)
+    assert len(s) == 1 and s[0]["speedup"] == 2.0
+
+
+def test_cli_bench_against_exits_4(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "b"
+    args = ["bench", "--device", "cpu", "--models", "test_slab_deit", "--backends", "ort-cpu", "--iters", "3", "--warmup", "1", "-o", str(out)]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    data = json.loads((out / "bench.json").read_text())
+    for r in data["results"]:
+        r["median_ms"] /= 100  # pretend the earlier run was 100x faster
+    (tmp_path / "fast.json").write_text(json.dumps(data))
+    code, _, err = run_cli([*args, "--against", str(tmp_path / "fast.json")], capsys, monkeypatch)
+    assert code == 4 and "slower than the baseline" in err
+
+
+def test_cli_bench_errors(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run_cli(["bench", "--device", "cpu"], capsys, monkeypatch)
+    assert code == 1 and "--compare" in err
+    code, _, err = run_cli(["bench", "--device", "cpu", "--compare", "test_slab_swin", "--profile", "h200"], capsys, monkeypatch)
+    assert code == 1 and "profile h200 is for --device cuda" in err
+    code, _, err = run_cli(["bench", "--device", "cpu", "--compare", "test_slab_swin", "--profile", "nope"], capsys, monkeypatch)
+    assert code == 1 and "unknown profile" in err
