@@ -24,6 +24,7 @@ _INSTALL: dict[str, tuple[str, str]] = {
     "onnxslim": ("onnxslim", "simplify"),
     "tensorrt": ("tensorrt", "tensorrt"),
     "tensorrt_rtx": ("tensorrt-rtx", "tensorrt"),
+    "tensorrt_rtx_bindings": ("tensorrt-rtx", "tensorrt"),
     "matplotlib": ("matplotlib", "plot"),
     "safetensors": ("safetensors", "safetensors"),
     "onnxscript": ("onnxscript", "dev"),

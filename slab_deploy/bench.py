@@ -115,7 +115,7 @@ def environment(device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "onnxruntime": version_of("onnxruntime") or version_of("onnxruntime-gpu"),
         "onnxruntime_dist": "onnxruntime-gpu" if version_of("onnxruntime-gpu") else ("onnxruntime" if version_of("onnxruntime") else None),
-        "tensorrt": version_of("tensorrt") or version_of("tensorrt-rtx") or version_of("tensorrt_rtx"),
+        "tensorrt": version_of("tensorrt") or version_of("tensorrt-rtx") or version_of("tensorrt-rtx-cu13-bindings") or version_of("tensorrt-rtx-cu12-bindings"),
         "device": device,
     }
     if device == "cuda" and torch.cuda.is_available():

@@ -201,7 +201,12 @@ def run_check(
     """Run the ladder and return the report (it does not raise on parity failure: see `raise_for_verdict`)."""
     import torch
 
-    from slab_deploy.export.api import UNSIMPLIFIED_NAME, ExportOptions, export_model, preprocessing, tool_versions
+    from slab_deploy.export.api import (
+        ExportOptions,
+        export_model,
+        preprocessing,
+        tool_versions,
+    )
     from slab_deploy.passes import fold_model
     from slab_deploy.pipeline import load_model
 

@@ -37,9 +37,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 
 def _console(stderr: bool = False) -> Any:
-    from rich.console import Console
-
     import shutil
+
+    from rich.console import Console
 
     # Reports are read in CI logs too: do not squeeze tables into 80 columns when not on a terminal.
     width = None if sys.stdout.isatty() else max(shutil.get_terminal_size((160, 24)).columns, 160)
@@ -188,8 +188,8 @@ def fold(
 ) -> None:
     """Fold every PRepBN/RepBN into its neighbouring Linear/Conv and write a folded checkpoint."""
     from slab_deploy.errors import ArtifactError
-    from slab_deploy.pipeline import load_model
     from slab_deploy.passes import fold_model, save_folded
+    from slab_deploy.pipeline import load_model
 
     if output.exists() and not force:
         raise ArtifactError(f"{output} exists; pass --force to overwrite it or choose another --output")
@@ -322,11 +322,13 @@ def bench(
     threads: Annotated[str | None, typer.Option("--threads", help="Comma list of CPU thread counts (CPU backends).")] = None,
     profile: Annotated[str | None, typer.Option("--profile", help="Named target in profiles/ (see `slab-deploy profiles`) or a .yaml path.")] = None,
     iters: Annotated[int | None, typer.Option("--iters", help="Timed iterations (at least).")] = None,
+    min_seconds: Annotated[float | None, typer.Option("--min-seconds", help="Keep timing each case at least this long.")] = None,
     sla_policy: Annotated[str | None, typer.Option("--sla-policy", help="Half precision SLA policy: fp32 or mixed.")] = None,
     exporter: Annotated[str | None, typer.Option("--exporter", help="ONNX exporter for ORT/TensorRT cases: auto, dynamo, torchscript.")] = None,
     warmup: Annotated[int | None, typer.Option("--warmup", help="Warm-up iterations.")] = None,
     checkpoint: CkptOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for bench.json/csv/md, plots and exported graphs.")] = Path("bench-out"),
+    onnx_cache: Annotated[Path | None, typer.Option("--onnx-cache", help="Where exported graphs are kept for reuse [default: OUTPUT/onnx].")] = None,
     against: Annotated[Path | None, typer.Option("--against", help="Earlier bench.json: exit 4 when a case regressed beyond --threshold.")] = None,
     threshold: Annotated[float, typer.Option("--threshold", help="Allowed slow-down against --against (fraction).")] = 0.10,
     as_json: JsonOpt = False,
@@ -336,7 +338,14 @@ def bench(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from slab_deploy.bench import Target, compare_against, compare_targets, raise_for_regressions, run_bench, write_outputs
+    from slab_deploy.bench import (
+        Target,
+        compare_against,
+        compare_targets,
+        raise_for_regressions,
+        run_bench,
+        write_outputs,
+    )
     from slab_deploy.errors import ConfigError
     from slab_deploy.models import get_spec
     from slab_deploy.profiles import Profile, load_profile
@@ -381,6 +390,8 @@ def bench(
         overrides["iters"] = iters
     if warmup is not None:
         overrides["warmup"] = warmup
+    if min_seconds is not None:
+        overrides["min_seconds"] = min_seconds
     if sla_policy is not None:
         overrides["sla_policy"] = sla_policy
     if exporter is not None:
@@ -393,7 +404,7 @@ def bench(
             merged["threads"] = None
         prof = replace(validate(merged, "command line"), source=prof.source)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console(stderr=True), transient=True) as progress:
-        rep = run_bench(targets, prof, output, progress=progress)
+        rep = run_bench(targets, prof, output, progress=progress, export_cache=onnx_cache)
     rep.command = "slab-deploy " + " ".join(sys.argv[1:])
     paths = write_outputs(rep, output)
     regressions = compare_against(rep, against, threshold) if against else []

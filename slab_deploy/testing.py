@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slab_deploy.models.layers import LinearNorm, RepBN
+from slab_deploy.models.layers import LinearNorm
 
 
 @torch.no_grad()

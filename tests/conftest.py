@@ -31,7 +31,7 @@ def _ort_cuda_available() -> bool:
 
 def _tensorrt_available() -> bool:
     # find_spec only: importing tensorrt at collection time would initialise CUDA.
-    return any(importlib.util.find_spec(n) is not None for n in ("tensorrt", "tensorrt_rtx"))
+    return any(importlib.util.find_spec(n) is not None for n in ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings"))
 
 
 _REQUIRED_MISSING = pytest.StashKey[str]()

@@ -6,12 +6,20 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
-from slab_deploy.bench import Case, Result, _stats, compare_against, compare_targets, run_bench, speedups, write_outputs
+from slab_deploy.bench import (
+    Case,
+    Result,
+    _stats,
+    compare_against,
+    compare_targets,
+    run_bench,
+    speedups,
+    write_outputs,
+)
 from slab_deploy.errors import ConfigError
 from slab_deploy.profiles import Profile, list_profiles, load_profile, validate
-
-from helpers import run_cli
 
 REQUIRED_PROFILES = {"h200", "rtx4090", "jetson-orin", "edge-cpu-1t", "edge-cpu-2t", "edge-cpu-4t", "ci-cpu"}
 

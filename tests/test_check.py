@@ -9,13 +9,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import run_cli, slab_models, tiny_slab_models
 
 from slab_deploy.check import parse_tolerance_overrides, run_check
 from slab_deploy.errors import ConfigError
 from slab_deploy.export.api import ExportOptions, export_model
 from slab_deploy.testing import random_checkpoint
-
-from helpers import run_cli, slab_models, tiny_slab_models
 
 NAME = "test_slab_swin"
 

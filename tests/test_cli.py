@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from slab_deploy.models import get_spec, list_models
 from slab_deploy.testing import random_checkpoint
-
-from helpers import run_cli
 
 REQUIRED = {
     "slab_deit_tiny", "slab_deit_small", "slab_pvt_tiny", "slab_swin_tiny", "slab_swin_small", "slab_cswin_tiny",

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import full_models, tiny_models
 
 from slab_deploy.errors import ArtifactError, ParityError
 from slab_deploy.export import onnx_passes
@@ -16,8 +17,6 @@ from slab_deploy.export.api import ExportOptions, export_model
 from slab_deploy.models import get_spec
 from slab_deploy.runtime.ort import run_onnx
 from slab_deploy.testing import random_checkpoint
-
-from helpers import full_models, tiny_models
 
 MANIFEST_KEYS = {
     "status", "model", "checkpoint", "fold", "export", "simplify", "lint", "precision", "io", "preprocessing",

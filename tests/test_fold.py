@@ -6,15 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import fold_budget, images, norm_modules, slab_models, tiny_models, tiny_slab_models
 from torch import nn
 
 from slab_deploy.models import build_model, create_model, get_spec
 from slab_deploy.models.layers import ChannelAffine, RepBN, prepbn
-from slab_deploy.passes import fold_model, save_folded
-from slab_deploy.passes import fold_affine
+from slab_deploy.passes import fold_affine, fold_model, save_folded
 from slab_deploy.testing import randomize_weights
-
-from helpers import fold_budget, images, norm_modules, slab_models, tiny_models, tiny_slab_models
 
 
 def _check_fold(name: str, seeds: tuple[int, ...] = (0, 1), batches: tuple[int, ...] = (1, 3)) -> None:

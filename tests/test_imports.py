@@ -25,7 +25,7 @@ def _run(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_import_is_light() -> None:
-    code = "import sys, slab_deploy; print(sorted(m for m in sys.modules if m.split('.')[0] in %r))" % (HEAVY + ("torch",),)
+    code = "import sys, slab_deploy; print(sorted(m for m in sys.modules if m.split('.')[0] in {!r}))".format(HEAVY + ("torch",))
     r = _run(code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
@@ -34,8 +34,7 @@ def test_import_is_light() -> None:
 def test_library_imports_no_optional_modules() -> None:
     code = (
         "import sys; import slab_deploy.models, slab_deploy.passes, slab_deploy.export.api, slab_deploy.parity; "
-        "import torch; print(sorted(m for m in sys.modules if m.split('.')[0] in %r)); print(torch.cuda.is_initialized())"
-        % (HEAVY,)
+        f"import torch; print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})); print(torch.cuda.is_initialized())"
     )
     r = _run(code)
     assert r.returncode == 0, r.stderr
@@ -49,7 +48,7 @@ COMMANDS = ["", "models", "inspect", "fold", "export", "check", "bench", "profil
 def test_help_works_without_extras(cmd: str) -> None:
     blocked = ("onnxruntime", "onnxsim", "onnxslim", "tensorrt", "tensorrt_rtx", "matplotlib")
     code = BLOCKER.format(blocked=blocked) + (
-        "sys.argv = ['slab-deploy'] + %r + ['--help']\nfrom slab_deploy.cli import main\nmain()" % ([cmd] if cmd else [],)
+        f"sys.argv = ['slab-deploy'] + {[cmd] if cmd else []!r} + ['--help']\nfrom slab_deploy.cli import main\nmain()"
     )
     r = _run(code)
     assert r.returncode == 0, r.stderr

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 
-@lru_cache(maxsize=None)
+@cache
 def model_stats(name: str) -> tuple[int, float]:
     """(parameters, GMACs per 224x224 image) of registered model `name`, as built (unfolded)."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -20,7 +20,7 @@ def import_tensorrt() -> Any:
     """The TensorRT module: full TensorRT when installed, else TensorRT-RTX."""
     from slab_deploy._deps import available, require
 
-    for name in ("tensorrt", "tensorrt_rtx"):
+    for name in ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings"):
         if available(name):
             return require(name, "TensorRT engines")
     raise UnsupportedBackend("TensorRT is not installed (pip install 'slab-deploy[tensorrt]' on a host with NVIDIA's index)")
@@ -48,7 +48,8 @@ def build_serialized_engine(
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise UnsupportedBackend(f"TensorRT could not parse {onnx_path}: {errors[:400]}")
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    if hasattr(trt, "MemoryPoolType"):
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     inp = network.get_input(0)
     shape = list(inp.shape)
     if shape and shape[0] == -1:
