@@ -65,9 +65,21 @@ def test_export_tiny(name: str, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", full_models())
-def test_export_full_size(name: str, tmp_path: Path) -> None:
+def test_export_and_check_full_size(name: str, tmp_path: Path) -> None:
+    """Every model of the zoo at full size: export (fold, torch.export, simplify, ORT CPU parity), and
+    for SLAB models the CPU rungs of the parity ladder on the artefacts (the project's own `check`)."""
+    import shutil
+
+    from slab_deploy.check import run_check
+
     m = _export(name, tmp_path)
-    _assert_clean(m, name, tmp_path / "out")
+    out = tmp_path / "out"
+    _assert_clean(m, name, out)
+    if get_spec(name).is_slab:
+        rep = run_check(name, tmp_path / "ckpt.pth", artifacts=out, inputs=2, backends=("torch", "onnx", "ort-cpu"))
+        assert rep.passed, rep.verdict()
+        assert [r.rung for r in rep.rungs if r.status == "pass"] == ["fold", "onnx", "simplified", "ort_cpu"]
+    shutil.rmtree(out)  # full-size graphs are large: free the disk as we go
 
 
 def test_torchscript_exporter_and_static_batch(tmp_path: Path) -> None:
