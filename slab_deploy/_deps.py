@@ -81,9 +81,9 @@ def no_pip_install() -> Iterator[None]:
                 f"{cmd!r}. Install what you need yourself (see `pip install 'slab-deploy[cpu]'`)."
             )
 
-    def system(cmd: str) -> int:
-        check(cmd)
-        return original_system(cmd)
+    def system(command: Any) -> int:  # same parameter name as os.system
+        check(command)
+        return original_system(command)
 
     def popen_init(self: Any, args: Any, *rest: Any, **kwargs: Any) -> None:
         check(args)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -34,6 +34,13 @@ RUNGS = ("fold", "onnx", "simplified", "ort_cpu", "ort_cuda", "tensorrt")
 BACKENDS = ("torch", "onnx", "ort-cpu", "ort-cuda", "tensorrt")
 _RUNG_BACKEND = {"fold": "torch", "onnx": "onnx", "simplified": "onnx", "ort_cpu": "ort-cpu", "ort_cuda": "ort-cuda", "tensorrt": "tensorrt"}
 _METRICS = ("max_rel", "min_cosine", "min_sqnr_db", "min_top1")
+
+
+class _Graphs(TypedDict):
+    """The ONNX files of one exported precision."""
+
+    deployed: Path
+    unsimplified: Path | None  # None when the export did not keep model.unsimplified.onnx
 
 
 @dataclass
@@ -207,6 +214,7 @@ def run_check(
         preprocessing,
         tool_versions,
     )
+    from slab_deploy.models import checkpoint_info
     from slab_deploy.passes import fold_model
     from slab_deploy.pipeline import load_model
 
@@ -219,7 +227,7 @@ def run_check(
             raise ConfigError(f"unknown precision {p!r}; check supports fp32 and fp16")
     say("loading checkpoint")
     ref = load_model(model_name, checkpoint, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn)
-    info = ref.checkpoint_info
+    info = checkpoint_info(ref)
     pre = preprocessing(ref)
 
     # ---- inputs
@@ -278,7 +286,7 @@ def run_check(
 
     # ---- artefacts: given, or exported now into a temporary directory
     tmp: tempfile.TemporaryDirectory[str] | None = None
-    graphs: dict[str, dict[str, Path | None]] = {}
+    graphs: dict[str, _Graphs] = {}
     try:
         if artifacts is not None:
             graphs = _graphs_from_artifacts(Path(artifacts), model_name)
@@ -294,8 +302,8 @@ def run_check(
                 except ParityError:
                     pass  # the ladder below shows where
                 graphs[prec] = _graphs_from_artifacts(d, model_name)[prec]
-        for prec, g in graphs.items():
-            unsimplified, deployed = g["unsimplified"], g["deployed"]
+        for prec, graph in graphs.items():
+            unsimplified, deployed = graph["unsimplified"], graph["deployed"]
             say(f"ONNX rungs ({prec})")
             record("onnx", prec, _ort_rung(unsimplified, x, "cpu", "none", prec, "exported graph (unsimplified)"), "onnx")
             record("simplified", prec, _ort_rung(deployed, x, "cpu", "none", prec), "onnx")
@@ -321,7 +329,7 @@ def run_check(
     return report
 
 
-def _graphs_from_artifacts(d: Path, model_name: str) -> dict[str, dict[str, Path | None]]:
+def _graphs_from_artifacts(d: Path, model_name: str) -> dict[str, _Graphs]:
     from slab_deploy.export.api import UNSIMPLIFIED_NAME
 
     manifest = d / "manifest.json"

@@ -77,7 +77,7 @@ def models(
     from slab_deploy.models import get_spec, list_models
     from slab_deploy.models.stats import model_stats
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in list_models(pattern, include_test=all_):
         s = get_spec(name)
         params, gmacs = model_stats(name) if measure else (None, None)

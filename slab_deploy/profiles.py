@@ -37,7 +37,7 @@ class Profile:
         return asdict(self)
 
 
-_FIELDS = {
+_FIELDS: dict[str, type | tuple[type, ...]] = {
     "name": str, "description": str, "device": str, "backends": list, "precisions": list, "batches": list,
     "threads": (int, list, type(None)), "warmup": int, "iters": int, "min_seconds": (int, float),
     "peak_tflops": (int, float, type(None)), "emulated": bool, "compile_mode": str, "sla_policy": str, "exporter": str,

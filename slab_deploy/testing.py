@@ -12,7 +12,7 @@ import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -67,17 +67,19 @@ def randomize_weights(
             m.momentum = 0.1
             m.eval()
     for m in bns:
-        std = m.running_var.clamp_min(1e-6).sqrt()
-        m.running_mean.add_(rand(m.running_mean.shape, 1.0) * 0.1 * std)
-        m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) * 0.7 + 0.7)
+        # every BatchNorm here tracks running statistics (the default), so they are tensors
+        running_mean, running_var = cast(torch.Tensor, m.running_mean), cast(torch.Tensor, m.running_var)
+        std = running_var.clamp_min(1e-6).sqrt()
+        running_mean.add_(rand(running_mean.shape, 1.0) * 0.1 * std)
+        running_var.mul_(torch.rand(running_var.shape, generator=g) * 0.7 + 0.7)
         if m.weight is not None:
             m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
             m.bias.copy_(rand(m.bias.shape, 0.2))
-        m.num_batches_tracked.fill_(1000)
-    for m in model.modules():
-        if isinstance(m, LinearNorm):
-            m.iter.fill_(prepbn_iter)
-            m.warm.fill_(prepbn_warm)
+        cast(torch.Tensor, m.num_batches_tracked).fill_(1000)
+    for mod in model.modules():
+        if isinstance(mod, LinearNorm):
+            mod.iter.fill_(prepbn_iter)
+            mod.warm.fill_(prepbn_warm)
     return model
 
 
@@ -92,7 +94,7 @@ def _yacs_like() -> Iterator[type]:
     cfg_mod = sys.modules["yacs.config"]
     cls = getattr(cfg_mod, "CfgNode", None)
     fake = cls is None
-    if fake:
+    if cls is None:
 
         class CfgNode(dict):
             def __init__(self, init: dict[str, Any] | None = None) -> None:

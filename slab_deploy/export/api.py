@@ -81,7 +81,9 @@ def prepare_precision(model: nn.Module, precision: str, sla_policy: str = "fp32"
 
 
 def preprocessing(model: nn.Module) -> dict[str, Any]:
-    spec = model.spec
+    from slab_deploy.models import model_spec
+
+    spec = model_spec(model)
     size = getattr(model, "img_size", spec.input_size[1])
     size = list(size) if isinstance(size, (tuple, list)) else [size, size]
     return {
@@ -112,6 +114,7 @@ def export_model(
     Raises ParityError (exit 3) when the deployed graph does not match the checkpoint model; the
     files are then kept for inspection as DIR/model.parity-failed.onnx and DIR/manifest.json.
     """
+    from slab_deploy.models import checkpoint_info, model_spec
     from slab_deploy.passes import fold_model
     from slab_deploy.pipeline import load_model
 
@@ -133,7 +136,7 @@ def export_model(
 
     say("loading checkpoint")
     ref = load_model(model_name, checkpoint, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn, img_size=opts.img_size)
-    info = ref.checkpoint_info
+    info = checkpoint_info(ref)
     steps["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -200,14 +203,15 @@ def export_model(
     final.doc_string = f"{model_name} exported by slab-deploy {__version__} ({opts.precision}, folded)"
 
     passed = all(r.get("passed", True) for r in parity.values())
-    norm_ok = lint_res.norm_free or not ref.spec.is_slab or report.kept > 0 or not opts.fold
+    spec = model_spec(ref)
+    norm_ok = lint_res.norm_free or not spec.is_slab or report.kept > 0 or not opts.fold
     status = "ok" if passed else "parity-failed"
     manifest = {
         "status": status,
         "model": model_name,
-        "family": ref.spec.family,
-        "norm": ref.spec.norm,
-        "attention": list(ref.spec.attention),
+        "family": spec.family,
+        "norm": spec.norm,
+        "attention": list(spec.attention),
         "untrained": bool(getattr(ref, "untrained", False)),
         "checkpoint": {
             "path": info.path if info else None,
@@ -251,7 +255,7 @@ def export_model(
         },
         "io": {
             "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": ["batch" if opts.batch is None else opts.batch, *pre["input_size"]]}],
-            "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch" if opts.batch is None else opts.batch, ref.spec.num_classes if info is None or info.num_classes is None else info.num_classes]}],
+            "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch" if opts.batch is None else opts.batch, spec.num_classes if info is None or info.num_classes is None else info.num_classes]}],
         },
         "preprocessing": pre,
         "parity": {"seed": opts.seed, "batch": pbatch, "reference": "checkpoint model (unfolded), torch fp32 eval", **parity},

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
-from slab_deploy.models.api import create_model
-from slab_deploy.models.registry import ModelSpec, build_model, get_spec, list_models, register_model
+from slab_deploy.models.api import checkpoint_info, create_model
+from slab_deploy.models.registry import (
+    ModelSpec,
+    build_model,
+    get_spec,
+    list_models,
+    model_spec,
+    register_model,
+)
 
-__all__ = ["ModelSpec", "build_model", "create_model", "get_spec", "list_models", "register_model"]
+__all__ = [
+    "ModelSpec",
+    "build_model",
+    "checkpoint_info",
+    "create_model",
+    "get_spec",
+    "list_models",
+    "model_spec",
+    "register_model",
+]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -16,6 +16,11 @@ from slab_deploy.models.checkpoint import (
     strict_load,
 )
 from slab_deploy.models.registry import build_model, get_spec
+
+
+def checkpoint_info(model: nn.Module) -> CheckpointInfo | None:
+    """The `CheckpointInfo` that `create_model` attached to `model` as `.checkpoint_info` (None: no checkpoint)."""
+    return cast("CheckpointInfo | None", model.checkpoint_info)
 
 
 def create_model(

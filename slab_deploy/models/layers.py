@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,10 @@ class LinearNorm(nn.Module):
     Eval mode uses `norm2` alone, whatever `iter` is: a checkpoint saved with `iter > 0` or
     `warm > 0` evaluates differently from what was trained (see `prepbn_progress`).
     """
+
+    warm: torch.Tensor
+    iter: torch.Tensor
+    total_step: torch.Tensor
 
     def __init__(
         self,
@@ -115,8 +120,8 @@ def norm_factory(kind: str, *, ln_eps: float, step: int = 300000) -> NormFactory
 def repbn_affine(norm: RepBN) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode RepBN as `y = a * x + b` per channel; returns (a, b) in float64."""
     bn = norm.bn
-    var = bn.running_var.double()
-    mean = bn.running_mean.double()
+    var = cast(torch.Tensor, bn.running_var).double()
+    mean = cast(torch.Tensor, bn.running_mean).double()
     inv_std = torch.rsqrt(var + bn.eps)
     gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
     beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)

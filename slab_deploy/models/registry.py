@@ -12,7 +12,7 @@ import difflib
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from slab_deploy.errors import ModelNotFoundError
 
@@ -110,6 +110,11 @@ def get_spec(name: str) -> ModelSpec:
         raise ModelNotFoundError(
             f"unknown model {name!r}.{hint} Run `slab-deploy models` for the list."
         ) from None
+
+
+def model_spec(model: nn.Module) -> ModelSpec:
+    """The `ModelSpec` that `build_model` attached to `model` as `.spec`."""
+    return cast(ModelSpec, model.spec)
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

@@ -12,14 +12,14 @@ import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from slab_deploy.models.layers import ChannelAffine, LinearNorm, RepBN
 from slab_deploy.passes.base import prepare, set_submodule
-from slab_deploy.passes.fold_affine import Fold, apply_fold, plan_folds
+from slab_deploy.passes.fold_affine import Fold, _Foldable, apply_fold, plan_folds
 from slab_deploy.passes.repbn_to_affine import RepBNToAffine
 from slab_deploy.passes.unwrap_prepbn import UnwrapPRepBN
 from slab_deploy.tolerances import tolerance_for
@@ -95,7 +95,7 @@ def _norm_kinds(model: nn.Module) -> dict[str, tuple[str, int]]:
         if skip and name.startswith(skip):
             continue
         if isinstance(m, LinearNorm):
-            kinds[name] = ("prepbn", m.norm2.bn.num_features)
+            kinds[name] = ("prepbn", cast(RepBN, m.norm2).bn.num_features)
             skip = (name + ".",)
         elif isinstance(m, RepBN):
             kinds[name] = ("repbn", m.bn.num_features)
@@ -156,7 +156,7 @@ def fold_model(
     entries: dict[str, NormFold] = {}
     biases_added: list[str] = []
     captured = _capture(model, folds, probe)
-    affines = {f.norm: model.get_submodule(f.norm) for f in folds}
+    affines = {f.norm: cast(ChannelAffine, model.get_submodule(f.norm)) for f in folds}
     pristine = copy.deepcopy(model) if verify and folds else None
     for fold in folds:
         biases_added += apply_fold(model, fold)
@@ -220,7 +220,7 @@ def _channel_view(v: torch.Tensor, m: nn.Module, ndim: int) -> torch.Tensor:
     return v.view([1, -1] + [1] * (ndim - 2))
 
 
-def _local_delta(model: nn.Module, fold: Fold, aff: nn.Module, captured: dict[str, Any]) -> float:
+def _local_delta(model: nn.Module, fold: Fold, aff: ChannelAffine, captured: dict[str, Any]) -> float:
     """Max |delta| at the output of each folded layer on the captured probe activations:
     input side  W'((x_in - b)/a) vs W x_in;  output side  W' x vs a * (W x) + b."""
     a, b = aff.weight.detach(), aff.bias.detach()
@@ -273,24 +273,25 @@ def _fold_one_by_one(
     return entries, added_all
 
 
-def _snapshot(model: nn.Module, fold: Fold) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    out = {}
+def _snapshot(model: nn.Module, fold: Fold) -> dict[str, tuple[Any, ...]]:
+    """Per folded layer (weight, bias or None); under "__norm__", (the affine module,)."""
+    out: dict[str, tuple[Any, ...]] = {}
     for n in fold.modules:
-        m = model.get_submodule(n)
+        m = cast(_Foldable, model.get_submodule(n))
         out[n] = (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
-    out["__norm__"] = (model.get_submodule(fold.norm),)  # type: ignore[assignment]
+    out["__norm__"] = (model.get_submodule(fold.norm),)
     return out
 
 
 def _restore(model: nn.Module, fold: Fold, saved: dict[str, Any], added: list[str]) -> None:
     for n in fold.modules:
-        m = model.get_submodule(n)
+        m = cast(_Foldable, model.get_submodule(n))
         w, b = saved[n]
         m.weight.data.copy_(w)
         if n in added:
             m.bias = None
-        elif b is not None:
-            m.bias.data.copy_(b)
+        elif b is not None:  # the layer had this bias before the fold, so it still has one
+            cast(torch.Tensor, m.bias).data.copy_(b)
     set_submodule(model, fold.norm, saved["__norm__"][0])
 
 

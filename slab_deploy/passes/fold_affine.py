@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -49,6 +49,8 @@ _TRANSPARENT = (
 )
 
 _FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
+_Foldable = nn.Linear | _Conv
 
 
 def _is_transparent(node: Any) -> bool:
@@ -158,7 +160,7 @@ def plan_folds(model: nn.Module, probe: torch.Tensor) -> tuple[list[Fold], list[
     refusals: list[Refusal] = []
     claimed: set[str] = set()
     for aff_name, aff_outs in rec["aff_out"].items():
-        aff = model.get_submodule(aff_name)
+        aff = cast(ChannelAffine, model.get_submodule(aff_name))
         c = aff.weight.numel()
         # -------- input side: every use of the affine's output must reach a foldable consumer
         consumers: dict[str, set[int]] = defaultdict(set)
@@ -188,7 +190,7 @@ def plan_folds(model: nn.Module, probe: torch.Tensor) -> tuple[list[Fold], list[
             reason_in = "its output reaches no Linear/Conv"
         else:
             for mname, calls in consumers.items():
-                m = model.get_submodule(mname)
+                m = cast(_Foldable, model.get_submodule(mname))  # hooked in _call_records: a _FOLDABLE
                 if len(calls) != len(call_inputs[mname]):
                     reason_in = f"{mname} is also called on other inputs"
                 elif mname in claimed:
@@ -231,7 +233,7 @@ def plan_folds(model: nn.Module, probe: torch.Tensor) -> tuple[list[Fold], list[
                 reason_out = reason_out or "no Linear/Conv produces its input"
                 break
         if not reason_out and producer is not None:
-            pm = model.get_submodule(producer)
+            pm = cast(_Foldable, model.get_submodule(producer))
             out_ch = pm.out_features if isinstance(pm, nn.Linear) else pm.out_channels
             if producer in claimed:
                 reason_out = f"{producer} already absorbs another norm"
@@ -247,7 +249,7 @@ def plan_folds(model: nn.Module, probe: torch.Tensor) -> tuple[list[Fold], list[
     return folds, refusals
 
 
-def _padding(m: nn.Module) -> tuple[int, ...]:
+def _padding(m: _Conv) -> tuple[int, ...]:
     pad = m.padding
     if isinstance(pad, str):
         return (0,) if pad == "valid" else (1,)
@@ -280,11 +282,11 @@ def fold_output_side(weight: torch.Tensor, bias: torch.Tensor | None, a: torch.T
 
 def apply_fold(model: nn.Module, fold: Fold) -> list[str]:
     """Apply `fold` in place; returns the names of modules that received a new bias."""
-    aff = model.get_submodule(fold.norm)
+    aff = cast(ChannelAffine, model.get_submodule(fold.norm))
     a, b = aff.weight.detach(), aff.bias.detach()
-    added = []
+    added: list[str] = []
     for name in fold.modules:
-        m = model.get_submodule(name)
+        m = cast(_Foldable, model.get_submodule(name))
         fn = fold_input_side if fold.side == "input" else fold_output_side
         w, c = fn(m.weight.detach(), None if m.bias is None else m.bias.detach(), a, b)
         m.weight.data.copy_(w)

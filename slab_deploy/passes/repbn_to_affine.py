@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -12,8 +14,9 @@ from slab_deploy.passes.base import PassResult, prepare, set_submodule
 def affine_from_repbn(norm: RepBN) -> ChannelAffine:
     """`BN(x) + alpha*x` in eval mode == `a*x + b` with a = gamma/sqrt(var+eps) + alpha, b = beta - gamma*mean/sqrt(var+eps)."""
     a, b = repbn_affine(norm)
-    dtype = norm.bn.running_var.dtype
-    aff = ChannelAffine(a.numel()).to(device=norm.bn.running_var.device)
+    running_var = cast(torch.Tensor, norm.bn.running_var)  # tracked: RepBN's BatchNorm1d keeps running stats
+    dtype = running_var.dtype
+    aff = ChannelAffine(a.numel()).to(device=running_var.device)
     aff.weight.data.copy_(a.to(dtype))
     aff.bias.data.copy_(b.to(dtype))
     return aff
@@ -24,6 +27,6 @@ def RepBNToAffine(model: nn.Module, *, inplace: bool = False) -> PassResult:
     model = prepare(model, inplace)
     names = [n for n, m in model.named_modules() if isinstance(m, RepBN)]
     for n in names:
-        set_submodule(model, n, affine_from_repbn(model.get_submodule(n)))
+        set_submodule(model, n, affine_from_repbn(cast(RepBN, model.get_submodule(n))))
     notes = [f"turned {len(names)} RepBN layers into per-channel affines"] if names else []
     return PassResult(model, bool(names), notes)

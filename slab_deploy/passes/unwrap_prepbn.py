@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -15,6 +17,6 @@ def UnwrapPRepBN(model: nn.Module, *, inplace: bool = False) -> PassResult:
     model = prepare(model, inplace)
     names = [n for n, m in model.named_modules() if isinstance(m, LinearNorm)]
     for n in names:
-        set_submodule(model, n, model.get_submodule(n).norm2)
+        set_submodule(model, n, cast(LinearNorm, model.get_submodule(n)).norm2)
     notes = [f"unwrapped {len(names)} PRepBN layers to RepBN"] if names else []
     return PassResult(model, bool(names), notes)
