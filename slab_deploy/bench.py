@@ -113,8 +113,7 @@ def environment(device: str) -> dict[str, Any]:
         "cpu": _cpu_name(),
         "cpu_count": __import__("os").cpu_count(),
         "torch": torch.__version__,
-        "onnxruntime": version_of("onnxruntime") or version_of("onnxruntime-gpu"),
-        "onnxruntime_dist": "onnxruntime-gpu" if version_of("onnxruntime-gpu") else ("onnxruntime" if version_of("onnxruntime") else None),
+        **_ort_environment(),
         "tensorrt": version_of("tensorrt") or version_of("tensorrt-rtx") or version_of("tensorrt-rtx-cu13-bindings") or version_of("tensorrt-rtx-cu12-bindings"),
         "device": device,
     }
@@ -129,6 +128,17 @@ def environment(device: str) -> dict[str, Any]:
             driver=_driver_version(),
         )
     return env
+
+
+def _ort_environment() -> dict[str, Any]:
+    """The ONNX Runtime that will actually be imported (not just the installed distribution's
+    metadata: a CPU and a GPU build can sit side by side on a host)."""
+    from slab_deploy._deps import available, require
+
+    if not available("onnxruntime"):
+        return {"onnxruntime": None, "onnxruntime_providers": []}
+    ort = require("onnxruntime")
+    return {"onnxruntime": ort.__version__, "onnxruntime_providers": list(ort.get_available_providers())}
 
 
 def _cpu_name() -> str:
@@ -527,7 +537,7 @@ def to_markdown(report: BenchReport) -> str:
         f"- date: {report.created}",
         f"- command: `{report.command}`",
         f"- device: {env.get('gpu') or env.get('cpu')} ({env.get('device')}); driver {env.get('driver', '-')}, CUDA {env.get('cuda', '-')}",
-        f"- versions: torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')} ({env.get('onnxruntime_dist')}), TensorRT {env.get('tensorrt') or '-'}, slab-deploy {env.get('slab-deploy')}",
+        f"- versions: torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')} ({', '.join(env.get('onnxruntime_providers') or [])}), TensorRT {env.get('tensorrt') or '-'}, slab-deploy {env.get('slab-deploy')}",
         f"- profile: {report.profile.get('name')} (warm-up {report.profile.get('warmup')}, >= {report.profile.get('iters')} timed runs, >= {report.profile.get('min_seconds')} s)",
         f"- weights: {'embedded default (untrained; latency does not depend on weights)' if report.untrained else 'from checkpoint'}",
         "- latency: compute only, inputs already on the device; host<->device copies of one batch in their own columns",

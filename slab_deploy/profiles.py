@@ -102,7 +102,7 @@ def load_profile(name_or_path: str) -> Profile:
                 data = yaml.safe_load(c.read_text())
             except yaml.YAMLError as exc:
                 raise ConfigError(f"{c}: not valid YAML ({exc})") from None
-            prof = validate(data, str(c))
+            prof = validate(data, c.name if c.parent in profile_dirs() else str(c))
             if p.suffix not in (".yaml", ".yml") and prof.name != name_or_path:
                 raise ConfigError(f"{c}: profile name {prof.name!r} does not match its file name")
             return prof

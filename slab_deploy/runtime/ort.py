@@ -12,9 +12,7 @@ import onnx
 def session(model: onnx.ModelProto | str | Path, providers: list[Any] | None = None, threads: int | None = None,
             graph_opt: str = "all", profile_prefix: str | None = None) -> Any:
     """An InferenceSession on `model` (a path or an in-memory ModelProto)."""
-    from slab_deploy._deps import require
-
-    ort = require("onnxruntime", "running ONNX models")
+    ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
@@ -86,4 +84,6 @@ class ORTRunner:
 def _ort() -> Any:
     from slab_deploy._deps import require
 
-    return require("onnxruntime", "running ONNX models")
+    ort = require("onnxruntime", "running ONNX models")
+    ort.set_default_logger_severity(3)  # errors only: provider-discovery warnings are noise in reports
+    return ort
