@@ -303,7 +303,9 @@ def check(
         style = "green" if rep.passed else "red"
         out.print(f"[bold {style}]{rep.verdict()}[/bold {style}]")
         if paths:
-            out.print(f"reports: {paths['json']}, {paths['markdown']}; replay: {rep.replay_command}")
+            from rich.markup import escape
+
+            out.print(escape(f"reports: {paths['json']}, {paths['markdown']}; replay: {rep.replay_command}"))
     raise_for_verdict(rep)
 
 
@@ -441,25 +443,15 @@ def profiles(as_json: JsonOpt = False) -> None:
 
 
 def main() -> None:
-    """Console-script entry: user errors print one line and exit with their code."""
+    """Console-script entry: user errors print one line and exit with their code (1, or 3 for
+    parity failures, 4 for benchmark regressions); usage errors are typer's (exit 2)."""
     try:
-        rc = app(standalone_mode=False)
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)
+        app()  # standalone mode: typer prints usage errors and help, and exits
     except SlabDeployError as exc:
-        _console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
+        from rich.markup import escape
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+        _console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":  # pragma: no cover

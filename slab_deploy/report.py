@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
+
 from slab_deploy.passes.fold import FoldReport
 
 
@@ -15,7 +17,7 @@ def fold_table(report: FoldReport) -> Any:
         t.add_column(col, justify="right" if col in ("C", "max |delta|") else "left", overflow="fold")
     for n in report.norms:
         action = {"folded": f"[green]folded ({n.side})[/green]", "kept-affine": "[yellow]kept affine[/yellow]", "kept-layernorm": "[dim]LayerNorm[/dim]"}[n.action]
-        into = ", ".join(n.into) if n.into else n.reason
+        into = ", ".join(n.into) if n.into else escape(n.reason)
         t.add_row(
             n.name, n.kind, str(n.channels), action, into, ",".join(n.through) or "-",
             "-" if n.max_abs_delta is None else f"{n.max_abs_delta:.1e}",
@@ -73,7 +75,7 @@ def check_table(report: Any) -> Any:
             return "-" if v is None else format(v, fmt)
 
         if r.status == "skipped":
-            notes.append(f"{r.rung} ({r.precision}) skipped: {r.reason}")
+            notes.append(escape(f"{r.rung} ({r.precision}) skipped: {r.reason}"))
             status = f"[dim]skipped [{len(notes)}][/dim]"
         elif r.status == "pass":
             status = "[green]pass[/green]"
@@ -96,7 +98,7 @@ def bench_tables(report: Any) -> list[Any]:
         t.add_column(col, justify="right" if col in ("batch", "thr", "median ms", "p90", "p99", "CV", "img/s") else "left", overflow="fold")
     for r in report.results:
         c = r.case
-        note = ("[yellow]unstable[/yellow]" if r.unstable else "") if r.status == "ok" else f"[dim]{r.status}: {r.reason[:90]}[/dim]"
+        note = ("[yellow]unstable[/yellow]" if r.unstable else "") if r.status == "ok" else f"[dim]{escape(r.status + ': ' + r.reason[:90])}[/dim]"
         fmt = lambda v, s: "-" if v is None else format(v, s)  # noqa: E731
         t.add_row(c.model, c.variant, c.backend, c.precision, str(c.batch), str(c.threads or "-"), fmt(r.median_ms, ".3f"),
                   fmt(r.p90_ms, ".3f"), fmt(r.p99_ms, ".3f"), fmt(r.cv, ".1%"), fmt(r.throughput, ",.0f"), note)
