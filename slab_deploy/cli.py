@@ -325,6 +325,7 @@ def bench(
     profile: Annotated[str | None, typer.Option("--profile", help="Named target in profiles/ (see `slab-deploy profiles`) or a .yaml path.")] = None,
     iters: Annotated[int | None, typer.Option("--iters", help="Timed iterations (at least).")] = None,
     min_seconds: Annotated[float | None, typer.Option("--min-seconds", help="Keep timing each case at least this long.")] = None,
+    compile_mode: Annotated[str | None, typer.Option("--compile-mode", help="torch.compile mode for the torch-compile backend.")] = None,
     sla_policy: Annotated[str | None, typer.Option("--sla-policy", help="Half precision SLA policy: fp32 or mixed.")] = None,
     exporter: Annotated[str | None, typer.Option("--exporter", help="ONNX exporter for ORT/TensorRT cases: auto, dynamo, torchscript.")] = None,
     warmup: Annotated[int | None, typer.Option("--warmup", help="Warm-up iterations.")] = None,
@@ -394,6 +395,8 @@ def bench(
         overrides["warmup"] = warmup
     if min_seconds is not None:
         overrides["min_seconds"] = min_seconds
+    if compile_mode is not None:
+        overrides["compile_mode"] = compile_mode
     if sla_policy is not None:
         overrides["sla_policy"] = sla_policy
     if exporter is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ _REQUIRED = ("name", "description", "device", "backends", "precisions", "batches
 
 def profile_dirs() -> list[Path]:
     dirs = [Path(p) for p in os.environ.get("SLAB_DEPLOY_PROFILES", "").split(os.pathsep) if p]
-    dirs.append(Path(__file__).resolve().parent.parent / "profiles")
+    dirs.append(Path(__file__).resolve().parent.parent / "profiles")  # a source checkout
+    dirs.append(Path(sys.prefix) / "share" / "slab-deploy" / "profiles")  # an installed wheel
     return dirs
 
 
