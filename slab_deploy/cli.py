@@ -220,7 +220,7 @@ def export(
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Dynamic batch dimension (the default).")] = False,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (18: the torch.export exporter's native opset).")] = 18,
     precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16 (fp16 keeps SLA's normaliser and k^T v in fp32).")] = "fp32",
-    simplifier: Annotated[str, typer.Option("--simplifier", help="onnxsim, onnxslim, none or auto (onnxsim if installed).")] = "auto",
+    simplifier: Annotated[str, typer.Option("--simplifier", help="onnxslim, onnxsim, none or auto (onnxslim, else onnxsim).")] = "auto",
     exporter: Annotated[str, typer.Option("--exporter", help="dynamo (torch.export), torchscript, or auto (dynamo, falling back).")] = "auto",
     img_size: Annotated[int | None, typer.Option("--img-size", help="Input resolution (default: the model's, 224).")] = None,
     sla_policy: Annotated[str, typer.Option("--sla-policy", help="fp16 only: SLA in fp32 (the authors' island) or mixed (fp16 matmuls, fp32 normaliser).")] = "fp32",
