@@ -3,6 +3,7 @@ docs/benchmarks.md.
 
 Usage: python tools/summarize_bench.py docs/results/h200-2026-11-29/bench-*/bench.json
        python tools/summarize_bench.py --checks docs/results/h200-2026-11-29/check/*/report.json
+       python tools/summarize_bench.py --cpu docs/results/cpu2-2026-11-29/bench-*/bench.json
 Every figure printed comes from the JSON files; nothing is typed in.
 """
 
@@ -79,8 +80,19 @@ def checks(paths: list[str]) -> None:
                       f"| {m['max_rel']:.2e} | {m['cosine']:.7f} | {m['sqnr_db']:.1f} | {m['top1']:.2f} |")
 
 
+def cpu(paths: list[str]) -> None:
+    """Per-thread latency and speed-up tables (CPU runs)."""
+    print("| SLAB model | vs | threads | SLAB median ms | other median ms | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for data in load(paths):
+        for sp in data["speedups"]:
+            print(f"| {sp['slab']} | {sp['other']} | {sp['threads']} | {sp['slab_ms']:.1f} | {sp['other_ms']:.1f} | {sp['speedup']:.2f}x |")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--checks"]:
         checks(sys.argv[2:])
+    elif sys.argv[1:2] == ["--cpu"]:
+        cpu(sys.argv[2:])
     else:
         main(sys.argv[1:])
