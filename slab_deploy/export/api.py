@@ -178,12 +178,12 @@ def export_model(
     parity["onnx"] = rung_raw
 
     say("simplifying")
-    simp_tol = tolerance_for("simplified", "fp32").max_rel or 1e-4
+    simp_tol = tolerance_for("simplified", opts.precision)
     if fp16 and rung_raw.get("skipped"):
-        sres = simplify(raw, "none", x_np, max_rel=simp_tol)  # cannot re-check fp16 on this host's ORT
+        sres = simplify(raw, "none", x_np, tolerance=simp_tol)  # cannot re-check fp16 on this host's ORT
         sres.note = "skipped: ONNX Runtime on this host cannot run the fp16 graph to re-check a simplifier"
     else:
-        sres = simplify(raw, opts.simplifier, x_np, max_rel=1e-2 if fp16 else simp_tol)
+        sres = simplify(raw, opts.simplifier, x_np, tolerance=simp_tol)
     final = sres.model
     steps["simplify"] = sres.seconds
     say("checking ONNX Runtime parity (deployed graph)")

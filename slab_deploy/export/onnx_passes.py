@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from slab_deploy.errors import ExportError
+from slab_deploy.tolerances import Tolerance
 
 NORM_OPS = ("BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization")
 
@@ -140,10 +141,12 @@ def simplify(
     simplifier: str,
     inputs: np.ndarray,
     *,
-    max_rel: float,
+    tolerance: Tolerance,
 ) -> SimplifyResult:
     """Simplify, then re-check the outputs against the unsimplified graph on `inputs` (ORT CPU).
-    A simplifier that fails or changes results beyond `max_rel` is rejected: the input is returned."""
+    A simplifier that fails or changes results beyond `tolerance` (the table's `simplified` rung)
+    is rejected: the input is returned."""
+    from slab_deploy.parity import compare, judge
     from slab_deploy.runtime.ort import run_onnx
 
     name = resolve_simplifier(simplifier)
@@ -163,11 +166,12 @@ def simplify(
     secs = time.perf_counter() - t0
     ref = run_onnx(model, inputs)
     got = run_onnx(out, inputs)
-    delta = float(np.abs(ref - got).max())
-    scale = float(np.abs(ref).max()) or 1.0
+    metrics = compare(ref, got)
+    verdict = judge(metrics, tolerance)
+    delta = metrics.max_abs
     after = op_counts(out)
-    if not np.isfinite(delta) or delta > max_rel * scale:
+    if not verdict.passed:
         return SimplifyResult(model, "none", name, secs, n_before, n_before, False,
-                              f"{name} changed the outputs by {delta:.2e} (> {max_rel:.0e} x {scale:.2f}); "
+                              f"{name} changed the outputs ({'; '.join(verdict.failures)}); "
                               "rejected, kept the unsimplified graph", delta, before, before)
     return SimplifyResult(out, name, simplifier, secs, n_before, sum(after.values()), True, "", delta, before, after)
