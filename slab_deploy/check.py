@@ -203,7 +203,6 @@ def run_check(
     ema: bool = False,
     allow_unfinished_prepbn: bool = False,
     progress: Callable[[str], None] | None = None,
-    fold_fn: Callable[..., Any] | None = None,
 ) -> CheckReport:
     """Run the ladder and return the report (it does not raise on parity failure: see `raise_for_verdict`)."""
     import torch
@@ -274,13 +273,13 @@ def run_check(
 
     # ---- fold (torch)
     say("folding")
-    folded = None
 
     def run_fold() -> tuple[str, str, np.ndarray]:
-        nonlocal folded
-        folded, _ = (fold_fn or fold_model)(ref)
-        with torch.no_grad():
-            return "torch cpu fp32", "in memory", folded(torch.from_numpy(x)).float().numpy()
+        from slab_deploy.runtime.torch_runner import TorchRunner
+
+        folded, _ = fold_model(ref)
+        runner = TorchRunner(folded, "cpu", "fp32")
+        return f"torch {runner.info.details['torch']} cpu fp32", "in memory", runner(x)
 
     record("fold", "fp32", run_fold, "torch")
 

@@ -207,11 +207,6 @@ def set_sla_policy(model: nn.Module, policy: str) -> int:
     return n
 
 
-def sla_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Functional form of `SLACore` (input dtype throughout)."""
-    return SLACore(eps)(q, k, v)
-
-
 def focused_kernel(x: torch.Tensor, scale: torch.Tensor, focusing_factor: float) -> torch.Tensor:
     """FLatten's focused feature map on (B, N, C): relu + 1e-6, / softplus(scale), then
     `x**p * ||x|| / ||x**p||` with norms over all C channels."""
