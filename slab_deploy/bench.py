@@ -220,7 +220,10 @@ def time_cuda_events(fn: Callable[[], Any], warmup: int, iters: int, min_seconds
 # ---------------------------------------------------------------------------------------------- per-backend setup
 
 
-def _torch_case(model: Any, case: Case, profile: Profile, x_np: np.ndarray) -> tuple[list[float], dict[str, Any]]:
+def prepare_torch(model: Any, case: Case, profile: Profile, x_np: np.ndarray) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """Move `model` to the case's device and dtype and return a no-argument callable running one
+    batch (eager, CUDA graph replay or torch.compile), plus what setup measured (compile time).
+    Call it, and the callable, under `torch.inference_mode()`."""
     import torch
 
     from slab_deploy.models.layers import set_sla_policy
@@ -242,42 +245,50 @@ def _torch_case(model: Any, case: Case, profile: Profile, x_np: np.ndarray) -> t
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
-        if case.backend == "torch-compile":
-            t0 = time.perf_counter()
-            fn_c = torch.compile(m, mode=profile.compile_mode)
-            fn_c(x)
-            torch.cuda.synchronize()
-            extra["compile_s"] = time.perf_counter() - t0
+    if case.backend == "torch-compile":
+        t0 = time.perf_counter()
+        fn_c = torch.compile(m, mode=profile.compile_mode)
+        fn_c(x)
+        torch.cuda.synchronize()
+        extra["compile_s"] = time.perf_counter() - t0
 
-            def fn() -> Any:
-                return fn_c(x)
+        def fn() -> Any:
+            return fn_c(x)
 
-        elif case.backend == "torch-cudagraph":
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    m(x)
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+    elif case.backend == "torch-cudagraph":
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
                 m(x)
-            fn = g.replay
-        else:
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            m(x)
+        fn = g.replay
+    else:
 
-            def fn() -> Any:
-                return m(x)
+        def fn() -> Any:
+            return m(x)
 
-        if dev.type == "cuda":
+    return fn, extra
+
+
+def _torch_case(model: Any, case: Case, profile: Profile, x_np: np.ndarray) -> tuple[list[float], dict[str, Any]]:
+    import torch
+
+    cuda = profile.device == "cuda"
+    with torch.inference_mode():
+        fn, extra = prepare_torch(model, case, profile, x_np)
+        if cuda:
             samples = time_cuda_events(fn, profile.warmup, profile.iters, profile.min_seconds)
             extra["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
             extra["timer"] = "cuda-events"
         else:
             samples = time_host(fn, profile.warmup, profile.iters, profile.min_seconds)
             extra["timer"] = "perf_counter"
-    if dev.type == "cuda":
-        extra.update(_copy_times(x_np, model_out_elems=x.shape[0] * 1000))
+    if cuda:
+        extra.update(_copy_times(x_np, model_out_elems=x_np.shape[0] * 1000))
     return samples, extra
 
 
@@ -294,21 +305,24 @@ def _copy_times(x_np: np.ndarray, model_out_elems: int) -> dict[str, float]:
     return {"h2d_ms": statistics.median(h2d), "d2h_ms": statistics.median(d2h)}
 
 
-def _ort_case(onnx_path: Path, case: Case, profile: Profile, x_np: np.ndarray) -> tuple[list[float], dict[str, Any]]:
+def prepare_ort(onnx_path: Path, case: Case, profile: Profile, x_np: np.ndarray, *, profile_prefix: str | None = None
+                ) -> tuple[Callable[[], Any], Callable[[], None] | None, Any]:
+    """An ONNX Runtime session for the case and a no-argument callable running one batch (CUDA:
+    IO binding on device buffers, optionally a CUDA graph), the synchronisation to time it with,
+    and the session."""
     from slab_deploy.runtime.base import UnsupportedBackend
     from slab_deploy.runtime.ort import _ort, session
 
     ort = _ort()
-    extra: dict[str, Any] = {"timer": "perf_counter"}
     if case.backend == "ort-cpu":
-        sess = session(onnx_path, ["CPUExecutionProvider"], threads=case.threads)
+        sess = session(onnx_path, ["CPUExecutionProvider"], threads=case.threads, profile_prefix=profile_prefix)
         name = sess.get_inputs()[0].name
-        return time_host(lambda: sess.run(None, {name: x_np}), profile.warmup, profile.iters, profile.min_seconds), extra
+        return (lambda: sess.run(None, {name: x_np})), None, sess
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise UnsupportedBackend("ONNX Runtime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
     graph = case.backend == "ort-cuda-graph"
     opts = {"device_id": 0, "enable_cuda_graph": "1" if graph else "0"}
-    sess = session(onnx_path, [("CUDAExecutionProvider", opts)])
+    sess = session(onnx_path, [("CUDAExecutionProvider", opts)], profile_prefix=profile_prefix)
     if "CUDAExecutionProvider" not in sess.get_providers():
         raise UnsupportedBackend("ONNX Runtime's CUDA provider failed to initialise")
     inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
@@ -321,8 +335,15 @@ def _ort_case(onnx_path: Path, case: Case, profile: Profile, x_np: np.ndarray) -
     def fn() -> None:
         sess.run_with_iobinding(binding)
 
-    samples = time_host(fn, profile.warmup, profile.iters, profile.min_seconds, sync=binding.synchronize_outputs)
-    extra.update(_copy_times(x_np, x_np.shape[0] * _out_dim(sess)))
+    return fn, binding.synchronize_outputs, sess
+
+
+def _ort_case(onnx_path: Path, case: Case, profile: Profile, x_np: np.ndarray) -> tuple[list[float], dict[str, Any]]:
+    fn, sync, sess = prepare_ort(onnx_path, case, profile, x_np)
+    extra: dict[str, Any] = {"timer": "perf_counter"}
+    samples = time_host(fn, profile.warmup, profile.iters, profile.min_seconds, sync=sync)
+    if case.backend != "ort-cpu":
+        extra.update(_copy_times(x_np, x_np.shape[0] * _out_dim(sess)))
     return samples, extra
 
 

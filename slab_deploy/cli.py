@@ -426,6 +426,75 @@ def bench(
 
 
 @app.command()
+def trace(
+    device: Annotated[str, typer.Option("--device", help="cuda or cpu.")] = "cpu",
+    models_: Annotated[str | None, typer.Option("--models", help="Comma list of models (SLAB ones run folded).")] = None,
+    compare: Annotated[str | None, typer.Option("--compare", help="A SLAB model: trace it folded with its LayerNorm and FLatten baselines.")] = None,
+    unfolded: Annotated[bool, typer.Option("--unfolded", help="Also trace SLAB models unfolded (as trained).")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="torch, torch-cudagraph, torch-compile, ort-cpu, ort-cuda or ort-cuda-graph.")] = "",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16.")] = "fp32",
+    batch: Annotated[int, typer.Option("--batch", help="Batch size.")] = 1,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (CPU backends).")] = None,
+    iters: Annotated[int, typer.Option("--iters", help="Profiled iterations (figures are per iteration).")] = 10,
+    top: Annotated[int, typer.Option("--top", help="How many kernels/operators to list per model.")] = 12,
+    sla_policy: Annotated[str, typer.Option("--sla-policy", help="Half precision SLA policy: fp32 or mixed.")] = "fp32",
+    exporter: Annotated[str, typer.Option("--exporter", help="ONNX exporter for ORT cases: auto, dynamo, torchscript.")] = "auto",
+    compile_mode: Annotated[str, typer.Option("--compile-mode", help="torch.compile mode for the torch-compile backend.")] = "max-autotune-no-cudagraphs",
+    checkpoint: CkptOpt = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for trace.json/md and the raw profiles.")] = Path("trace-out"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Profile where the time goes: kernel (or operator) time by category and by model component."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from slab_deploy.bench import Target, compare_targets
+    from slab_deploy.errors import ConfigError
+    from slab_deploy.models import get_spec
+    from slab_deploy.profiles import validate
+    from slab_deploy.trace import to_markdown, trace_targets, write_outputs
+
+    if device not in ("cuda", "cpu"):
+        raise ConfigError(f"--device must be cuda or cpu, not {device!r}")
+    backend = backend or ("torch" if device == "cuda" else "ort-cpu")
+    if compare and models_:
+        raise ConfigError("--compare and --models exclude each other")
+    if compare:
+        targets = compare_targets(compare, unfolded=unfolded, checkpoint=str(checkpoint) if checkpoint else None)
+    elif models_:
+        targets = []
+        for n in _csv(models_):
+            slab = get_spec(n).is_slab
+            targets.append(Target(n, "folded" if slab else "baseline", str(checkpoint) if checkpoint and len(_csv(models_)) == 1 else None))
+            if slab and unfolded:
+                targets.append(Target(n, "unfolded"))
+    else:
+        raise ConfigError("pass --compare SLAB_MODEL or --models a,b,c")
+    cuda = device == "cuda"
+    prof = validate({
+        "name": f"trace-{device}", "description": "trace settings", "device": device, "backends": [backend],
+        "precisions": [precision], "batches": [batch], "threads": threads, "warmup": 10 if cuda else 3,
+        "iters": 30 if cuda else 5, "min_seconds": 0.0, "compile_mode": compile_mode, "sla_policy": sla_policy,
+        "exporter": exporter,
+    }, "command line")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console(stderr=True), transient=True) as progress:
+        rep = trace_targets(targets, prof, output, backend=backend, precision=precision, batch=batch, threads=threads,
+                            iters=iters, progress=progress)
+    rep.command = "slab-deploy " + " ".join(sys.argv[1:])
+    paths = write_outputs(rep, output, top)
+    if as_json:
+        typer.echo(json.dumps(rep.to_dict(), indent=2, default=str))
+    else:
+        from rich.markdown import Markdown
+
+        con = _console()
+        con.print(Markdown(to_markdown(rep, top)))
+        con.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    failed = [r for r in rep.results if r.status == "error"]
+    if failed:
+        raise ConfigError(f"{len(failed)} target(s) failed to trace: " + "; ".join(f"{r.label}: {r.reason}" for r in failed[:3]))
+
+
+@app.command()
 def profiles(as_json: JsonOpt = False) -> None:
     """List the device profiles (benchmark targets) in profiles/."""
     from slab_deploy.profiles import list_profiles, load_profile

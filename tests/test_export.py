@@ -163,3 +163,19 @@ def test_fp16_export_keeps_fp32_islands(tmp_path: Path) -> None:
     assert len(casts_to_f32) >= n_sla  # q, k, v of every SLA block go to fp32 for the normaliser and k^T v
     p = m["parity"]["ort_cpu"]
     assert p.get("skipped") or (p["passed"] and p["cosine"] > 0.999)
+
+
+def test_fp16_mixed_sla_export_passes_parity(tmp_path: Path) -> None:
+    """The mixed policy's graph keeps its normaliser's epsilon (an fp16 graph once rounded eps/N
+    to zero and divided by zero) and makes no full-size fp32 copies of q, k and v."""
+    name = "test_slab_swin"
+    m = _export(name, tmp_path, precision="fp16", sla_policy="mixed")
+    assert m["status"] == "ok"
+    p = m["parity"]["ort_cpu"]
+    assert p["passed"] and p["cosine"] > 0.999
+    g = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    recips = [n for n in g.graph.node if n.op_type in ("Reciprocal", "Div")]
+    assert recips
+    n_sla = sum(1 for a in get_spec(name).attention if a == "sla")
+    casts_to_f32 = [n for n in g.graph.node if n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)]
+    assert len(casts_to_f32) < 3 * n_sla + 1  # the fp32 policy casts q, k and v of every SLA block

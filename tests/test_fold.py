@@ -219,3 +219,23 @@ def test_folded_checkpoint_roundtrip(tmp_path: Path) -> None:
 
     with pytest.raises(CheckpointError, match=f"folded {name} checkpoint"):
         create_model(other, out)
+
+
+@pytest.mark.parametrize("name", ["test_slab_deit", "test_slab_swin", "test_slab_pvt", "test_slab_cswin"])
+def test_folded_models_feed_linears_row_major(name: str) -> None:
+    """With the norms folded away nothing re-lays-out the residual stream: the token layout after
+    each patch embedding must be row-major, or every Linear reads a transposed input (slow GEMMs,
+    strided adds on GPUs)."""
+    m, _ = fold_model(randomize_weights(create_model(name), seed=0))
+    bad: list[str] = []
+
+    def hook(mod: torch.nn.Module, args: tuple[torch.Tensor, ...], name: str = "") -> None:
+        if args[0].dim() == 3 and not args[0].is_contiguous():
+            bad.append(name)
+
+    for n, mod in m.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n))
+    with torch.no_grad():
+        m(torch.randn(2, *get_spec(name).input_size))
+    assert not bad, bad

@@ -41,6 +41,7 @@ from slab_deploy.models.layers import (
     head_merge,
     head_split,
     norm_factory,
+    to_tokens,
 )
 from slab_deploy.models.registry import register_model
 
@@ -317,14 +318,14 @@ class MergeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.resolution
         x = self.conv(_tokens_to_map(x, r, r))
-        return self.norm(x.flatten(2).transpose(1, 2))
+        return self.norm(to_tokens(x))
 
 
 class ToTokens(nn.Module):
     """(B, C, H, W) -> (B, H*W, C); a parameter-free slot, like the authors' einops Rearrange."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(2).transpose(1, 2)
+        return to_tokens(x)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from slab_deploy.errors import UnsupportedInputError
-from slab_deploy.models.layers import Mlp, NormFactory, SLACore, head_merge, head_split, norm_factory
+from slab_deploy.models.layers import (
+    Mlp,
+    NormFactory,
+    SLACore,
+    head_merge,
+    head_split,
+    norm_factory,
+    to_tokens,
+)
 from slab_deploy.models.registry import register_model
 
 __all__ = ["Attention", "Block", "PatchEmbed", "SimplifiedLinearAttention", "VisionTransformer"]
@@ -144,7 +152,7 @@ class PatchEmbed(nn.Module):
                 f"input is {tuple(x.shape[-2:])} but the model was built for {self.img_size}: "
                 "build it with img_size=... (DeiT's position embeddings fix the token count)"
             )
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return to_tokens(self.proj(x))
 
 
 class VisionTransformer(nn.Module):

@@ -148,9 +148,10 @@ class SLACore(nn.Module):
       native  everything in the input dtype (fp32 models: exact);
       fp32    q, k, v cast to fp32 for the whole product, as the authors' code does (the
               "fp32 island": safe, but the big matmuls leave the tensor cores' fp16 path);
-      mixed   the normaliser (token mean of k, q . mean k, reciprocal) in fp32; the two big
-              matmuls in fp16 with fp32 accumulation, on k scaled by 1/N so k^T v is a token
-              average that cannot overflow fp16; the final scaling by z in fp32.
+      mixed   the two big matmuls in fp16 with fp32 accumulation, on k scaled by 1/N so k^T v
+              is a token average; the normaliser's token mean accumulated in fp32, q . mean(k)
+              on mean(k) scaled to max 1 (no overflow), its reciprocal and the final scaling
+              in fp32. No full-size fp32 copy of q, k or v is made.
     Mathematically all three are the same function (q (k/N)^T v / (q . mean k + eps/N)).
     """
 
@@ -176,14 +177,22 @@ class SLACore(nn.Module):
                 self._kv_first = kv_first
         if half and self.policy == "mixed":
             n = k.shape[-2]
-            k_mean = k.float().mean(dim=-2, keepdim=True)  # (BH, 1, c), fp32
-            z = 1.0 / (torch.matmul(q.float(), k_mean.transpose(-2, -1)) + self.eps / n)  # (BH, N, 1), fp32
-            k_avg = (k.float() * (1.0 / n)).to(k.dtype)
+            # Normaliser: token mean of k accumulated in fp32 (no fp32 copy of k); q . mean(k)
+            # as an fp16 GEMV on mean(k) scaled to max 1, so it cannot overflow whatever the
+            # scale of k; the reciprocal in fp32.
+            k_mean = k.mean(dim=-2, keepdim=True, dtype=torch.float32)  # (BH, 1, c)
+            k_max = k_mean.amax(dim=-1, keepdim=True).clamp_min(1e-30)  # (BH, 1, 1)
+            qk = torch.matmul(q, (k_mean / k_max).to(q.dtype).transpose(-2, -1))  # (BH, N, 1)
+            # n / (n q.mean(k) + eps) == 1 / (q.mean(k) + eps/n); written without the tiny
+            # constant eps/n, which an fp16 graph would round to zero.
+            z = n / (qk.float() * (k_max * n) + self.eps)
+            # Products in fp16 with fp32 accumulation; k scaled by 1/N makes k^T v a token average.
+            k_avg = k * (1.0 / n)
             if kv_first:
                 out = torch.matmul(q, torch.matmul(k_avg.transpose(-2, -1), v))
             else:
                 out = torch.matmul(torch.matmul(q, k_avg.transpose(-2, -1)), v)
-            return (out.float() * z).to(out_dtype)
+            return (out * z).to(out_dtype)  # out is q (k/N)^T v, so z carries the factor N
         if half and self.policy == "fp32":
             q, k, v = q.float(), k.float(), v.float()
         k_sum = k.sum(dim=-2, keepdim=True)  # (BH, 1, c)
@@ -231,6 +240,17 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C), materialised row-major.
+
+    A transposed view would make the whole residual stream column-major once the norm after a
+    patch embedding is folded away (element-wise ops keep their first input's layout): every
+    Linear would then read a transposed input (no fused-bias GEMM) and every residual add would
+    take the strided path. Profiled on an H200 this costs SLAB-DeiT-S about 40% of its time.
+    Exported graphs do not change (ONNX has no strides)."""
+    return x.flatten(2).transpose(1, 2).contiguous()
 
 
 def head_split(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -49,6 +49,7 @@ from slab_deploy.models.layers import (
     head_merge,
     head_split,
     norm_factory,
+    to_tokens,
 )
 from slab_deploy.models.registry import register_model
 
@@ -262,7 +263,7 @@ class PatchEmbed(nn.Module):
         self.norm = norm_layer(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+        return self.norm(to_tokens(self.proj(x)))
 
 
 def _grids(img_size: tuple[int, int], patch_size: int, num_stages: int) -> list[tuple[int, int]]:

@@ -43,6 +43,7 @@ from slab_deploy.models.layers import (
     head_merge,
     head_split,
     norm_factory,
+    to_tokens,
 )
 from slab_deploy.models.registry import register_model
 
@@ -421,7 +422,7 @@ class PatchEmbed(nn.Module):
                 f"input is {tuple(x.shape[-2:])} but the model was built for {self.img_size}: "
                 "build it with img_size=... (Swin has fixed spatial sizes)"
             )
-        x = self.proj(x).flatten(2).transpose(1, 2)
+        x = to_tokens(self.proj(x))
         if self.norm is not None:
             x = self.norm(x)
         return x

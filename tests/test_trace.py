@@ -1,0 +1,104 @@
+"""`slab-deploy trace`: kernel/operator categories, ONNX Runtime profiles, components, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+
+from slab_deploy.trace import ONNX_CATEGORIES, categorize, ops_from_ort_profile
+
+# Kernel names as the torch profiler recorded them on an H200 (torch 2.11, CUDA 13), shortened
+# after the part that decides the category.
+H200_KERNELS = {
+    "nvjet_sm90_hsh_192x192_64x4_2x1_v_bz_coopB_bias_TNN": "matmul",
+    "sm80_xmma_gemm_f32f32_f32f32_f32_nt_n_tilesize32x32x8_stage3_warpsize1x2x1_ffma_aligna4_alignc4_execute_kernel": "matmul",
+    "void cutlass::Kernel2<cutlass_80_tensorop_f16_s16816gemm_f16_128x128_32x4_tt_align2>(Params)": "matmul",
+    "std::enable_if<!(false), void>::type internal::gemvx::kernel<int, int, float, float, float, float, false, true>": "matmul",
+    "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::Half, float, false>(int, float, c10::Half const*)": "norm",
+    "void at::native::batch_norm_transform_input_kernel<c10::Half, c10::Half, float, true, int>(...)": "norm",
+    "void (anonymous namespace)::softmax_warp_forward<c10::Half, c10::Half, float, 6, false, false>(c10::Half*, ...)": "softmax",
+    "conv2d_c1_k1_nhwc_specialized": "conv",
+    "void precomputed_convolve_sgemm<__half, 128, 6, 7, 3, 3, 5, 1, false>(int, int, int, __half const*, int)": "conv",
+    "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float, at::native::func_wrapper_t<float, at::native::sum_functor>>>": "reduction",
+    "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)>>": "copy/cast/layout",
+    "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}>": "copy/cast/layout",
+    "void at::native::roll_cuda_kernel<c10::Half>(c10::Half const*, c10::Half*, long, long, long, long, long, long)": "copy/cast/layout",
+    "void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous namespace)::OpaqueType<2u>>": "copy/cast/layout",
+    "Memset (Device)": "copy/cast/layout",
+    "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::CUDAFunctor_add<c10::Half>>>": "elementwise",
+    "void at::native::vectorized_elementwise_kernel<8, at::native::GeluCUDAKernelImpl(at::TensorIteratorBase&)>": "elementwise",
+    "void at::native::unrolled_elementwise_kernel<at::native::CUDAFunctor_add<c10::Half>, std::array<char*, 3ul>>": "elementwise",
+}
+
+
+@pytest.mark.parametrize("name, category", sorted(H200_KERNELS.items()))
+def test_kernel_categories(name: str, category: str) -> None:
+    assert categorize(name) == category
+
+
+def test_onnx_categories_cover_norms_and_matmuls() -> None:
+    assert ONNX_CATEGORIES["LayerNormalization"] == ONNX_CATEGORIES["SkipLayerNormalization"] == "norm"
+    assert ONNX_CATEGORIES["FusedMatMul"] == ONNX_CATEGORIES["MatMul"] == "matmul"
+
+
+def test_ort_profile_skips_warmup_runs(tmp_path: Path) -> None:
+    """Node times inside the first `skip_runs` model_run windows are not counted."""
+    events = []
+    for i, dur in enumerate([1000.0, 10.0, 10.0]):  # a slow first run, then two steady ones
+        t0 = i * 10_000.0
+        events.append({"cat": "Session", "name": "model_run", "ts": t0, "dur": 5000.0})
+        events.append({"cat": "Node", "name": "mm_kernel_time", "ts": t0 + 1, "dur": dur, "args": {"op_name": "MatMul"}})
+        events.append({"cat": "Node", "name": "ln_kernel_time", "ts": t0 + 2, "dur": 4.0, "args": {"op_name": "LayerNormalization"}})
+        events.append({"cat": "Node", "name": "ln_fence_before", "ts": t0 + 2, "dur": 0.0, "args": {"op_name": "LayerNormalization"}})
+    p = tmp_path / "prof.json"
+    p.write_text(json.dumps(events))
+    rows = {r.name: r for r in ops_from_ort_profile(p, iters=2, skip_runs=1)}
+    assert rows["MatMul"].ms == pytest.approx(0.010) and rows["MatMul"].calls == 1
+    assert rows["LayerNormalization"].category == "norm" and rows["LayerNormalization"].ms == pytest.approx(0.004)
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort-cpu"])
+def test_trace_cpu_shows_norms_only_in_the_baseline(backend: str, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "t"
+    code, _, err = run_cli(["trace", "--device", "cpu", "--models", "test_slab_deit,test_deit", "--backend", backend,
+                            "--iters", "2", "--threads", "1", "-o", str(out), "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    rep = json.loads((out / "trace.json").read_text())
+    res = {r["model"]: r for r in rep["results"]}
+    assert all(r["status"] == "ok" for r in res.values()), res
+    slab, base = res["test_slab_deit"], res["test_deit"]
+    assert slab["categories"].get("norm", 0.0) == 0.0  # folded: no norm work left
+    assert base["categories"]["norm"] > 0.0
+    for r in (slab, base):
+        assert r["categories"]["matmul"] > 0.0 and r["latency_ms"] > 0.0
+        assert r["traced_total_ms"] == pytest.approx(sum(r["categories"].values()))
+        assert r["top"] and r["top"][0]["ms"] >= r["top"][-1]["ms"]
+    if backend == "torch":
+        assert slab["components"]["attention"] > 0.0 and "norm" not in slab["components"]
+        assert base["components"]["norm"] > 0.0
+        assert (out / slab["files"]["chrome_trace"]).is_file()
+    else:
+        assert (out / slab["files"]["ort_profile"]).is_file()
+    assert "By category" in (out / "trace.md").read_text()
+
+
+def test_trace_rejects_unknown_backend(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run_cli(["trace", "--models", "test_slab_deit", "--backend", "tensorrt", "-o", str(tmp_path / "t")], capsys, monkeypatch)
+    assert code == 1 and "trace supports the backends" in err and "Traceback" not in err
+    assert not (tmp_path / "t" / "trace.json").exists()
+
+
+@pytest.mark.cuda
+def test_trace_cuda_kernels(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "t"
+    code, _, err = run_cli(["trace", "--device", "cuda", "--models", "test_slab_swin,test_swin", "--backend", "torch",
+                            "--precision", "fp16", "--batch", "8", "--iters", "3", "-o", str(out)], capsys, monkeypatch)
+    assert code == 0, err
+    res = {r["model"]: r for r in json.loads((out / "trace.json").read_text())["results"]}
+    assert res["test_slab_swin"]["source"].startswith("CUDA kernels")
+    assert res["test_slab_swin"]["categories"]["matmul"] > 0.0 and res["test_slab_swin"]["categories"].get("norm", 0.0) == 0.0
+    assert res["test_swin"]["categories"]["norm"] > 0.0
+    assert res["test_slab_swin"]["components"]["attention"] > 0.0
