@@ -98,6 +98,16 @@ def no_pip_install() -> Iterator[None]:
         subprocess.Popen.__init__ = original_init  # type: ignore[method-assign]
 
 
+def module_version(module: str) -> str | None:
+    """`__version__` of the module that `import module` loads, or None when it is not installed.
+
+    Prefer this to distribution metadata where two distributions provide one module (onnxruntime
+    and onnxruntime-gpu): the metadata may name the one that is not imported."""
+    if not available(module):
+        return None
+    return str(getattr(require(module), "__version__", None) or version_of(module))
+
+
 def version_of(dist: str) -> str | None:
     """Installed version of distribution `dist`, or None."""
     from importlib import metadata

@@ -72,6 +72,7 @@ class CheckReport:
     rungs: list[RungResult]
     versions: dict[str, Any]
     replay_command: str = ""
+    artifacts_precision: dict[str, Any] | None = None  # the export manifest's precision block (--artifacts)
 
     @property
     def first_failure(self) -> RungResult | None:
@@ -101,6 +102,7 @@ class CheckReport:
             "rungs": [asdict(r) for r in self.rungs],
             "versions": self.versions,
             "replay_command": self.replay_command,
+            "artifacts_precision": self.artifacts_precision,
         }
 
     def to_markdown(self) -> str:
@@ -322,10 +324,19 @@ def run_check(
         inputs=src,
         rungs=rungs,
         versions=tool_versions(),
+        artifacts_precision=_manifest_precision(Path(artifacts)) if artifacts is not None else None,
     )
     report._inputs = x  # type: ignore[attr-defined]
     report._outputs = outputs  # type: ignore[attr-defined]
     return report
+
+
+def _manifest_precision(d: Path) -> dict[str, Any] | None:
+    try:
+        prec = json.loads((d / "manifest.json").read_text()).get("precision")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return prec if isinstance(prec, dict) else None
 
 
 def _graphs_from_artifacts(d: Path, model_name: str) -> dict[str, _Graphs]:

@@ -221,10 +221,10 @@ def _component_times(prof: Any, cuda: bool, iters: int) -> dict[str, float]:
 
 
 def _profile(fn: Any, iters: int, cuda: bool, sync: Any, out_dir: Path) -> tuple[Any, Path]:
+    import inspect
+
     import torch
     from torch.profiler import ProfilerActivity, profile
-
-    import inspect
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     # One profiling cycle; acc_events (torch >= 2.4) also silences the "clears events" warning.

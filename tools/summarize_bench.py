@@ -2,6 +2,9 @@
 docs/benchmarks.md.
 
 Usage: python tools/summarize_bench.py docs/results/h200-2026-11-29/bench-*/bench.json
+       python tools/summarize_bench.py --merge docs/results/h200-2026-11-29-r2/*-{graph,eager,ort}/bench.json
+       python tools/summarize_bench.py --policy docs/results/h200-2026-11-29-r2/{policy-fp32,*-graph}/bench.json
+       python tools/summarize_bench.py --traces docs/results/h200-2026-11-29-r2/trace-*/trace.json
        python tools/summarize_bench.py --checks docs/results/h200-2026-11-29/check/*/report.json
        python tools/summarize_bench.py --cpu docs/results/cpu2-2026-11-29/bench-*/bench.json
 Every figure printed comes from the JSON files; nothing is typed in.
@@ -24,6 +27,73 @@ def label(r: dict) -> str:
 
 def main(paths: list[str]) -> None:
     for data in load(paths):
+        summarize(data)
+
+
+def merge(paths: list[str]) -> None:
+    """One summary per SLAB model over several bench.json files (split runs of the same
+    comparison: per backend, per precision, eager reference, torch.compile)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from slab_deploy.models import get_spec
+
+    groups: dict[str, dict] = {}
+    loose: list[dict] = []
+    for data in load(paths):
+        ok = [r for r in data["results"] if r["status"] == "ok"]
+        slabs = {r["model"] for r in ok if r["variant"] == "folded"}
+        if not slabs:
+            loose += ok
+            continue
+        for slab in slabs:
+            g = groups.setdefault(slab, {"profile": data["profile"], "results": []})
+            members = {slab, *get_spec(slab).compare_with}
+            g["results"] += [r for r in ok if r["model"] in members]
+    for r in loose:
+        for slab, g in groups.items():
+            if r["model"] in get_spec(slab).compare_with:
+                g["results"].append(r)
+    for slab, g in groups.items():
+        # the SLAB model first, then its baselines in the order of the files
+        g["results"].sort(key=lambda r: r["model"] != slab)
+        summarize(g)
+
+
+def policy(paths: list[str]) -> None:
+    """fp16 latency of the folded SLAB models under each SLA policy (same backend and batch)."""
+    rows: dict[tuple, dict[str, float]] = {}
+    for data in load(paths):
+        pol = data["profile"].get("sla_policy", "fp32")
+        for r in data["results"]:
+            if r["status"] == "ok" and r["variant"] == "folded" and r["precision"] == "fp16":
+                rows.setdefault((r["model"], r["backend"], r["batch"]), {})[pol] = r["median_ms"]
+    print("| model | backend | batch | SLA fp32 ms | SLA mixed ms | fp32 / mixed |")
+    print("|---|---|---|---|---|---|")
+    for (m, b, bs), v in sorted(rows.items()):
+        if "fp32" in v and "mixed" in v:
+            print(f"| {m} | {b} | {bs} | {v['fp32']:.2f} | {v['mixed']:.2f} | {v['fp32'] / v['mixed']:.2f}x |")
+
+
+def traces(paths: list[str]) -> None:
+    """Category and component tables of `slab-deploy trace` reports, side by side."""
+    for data in load(paths):
+        ok = [r for r in data["results"] if r["status"] == "ok"]
+        labels = [r["model"] + ("" if r["variant"] in ("folded", "baseline") else f" ({r['variant']})") for r in ok]
+        r0 = ok[0]
+        print(f"\n`{data['command']}` ({r0['backend']}, {r0['precision']}, batch {r0['batch']}; ms per iteration)\n")
+        print("| kernel time by category | " + " | ".join(labels) + " |")
+        print("|---|" + "---|" * len(ok))
+        cats = list(dict.fromkeys(c for r in ok for c in r["categories"]))
+        for c in cats:
+            print(f"| {c} | " + " | ".join(f"{r['categories'].get(c, 0.0):.2f}" for r in ok) + " |")
+        print("| **sum of kernels** | " + " | ".join(f"**{r['traced_total_ms']:.2f}**" for r in ok) + " |")
+        print("| by component: | " + " | ".join("" for _ in ok) + " |")
+        comps = list(dict.fromkeys(c for r in ok for c in r["components"]))
+        for c in comps:
+            print(f"| {c} | " + " | ".join(f"{r['components'].get(c, 0.0):.2f}" for r in ok) + " |")
+
+
+def summarize(data: dict) -> None:
+    if True:
         res = [r for r in data["results"] if r["status"] == "ok"]
         slab = next(r["model"] for r in res if r["variant"] == "folded")
         models = list(dict.fromkeys(label(r) for r in res))
@@ -38,19 +108,23 @@ def main(paths: list[str]) -> None:
                     best = min(rs, key=lambda r: r["median_ms"], default=None)
                     cells.append(f"{best['median_ms']:.2f} ({best['backend']})" if best else "-")
                 print(f"| {b} | {p} | " + " | ".join(cells) + " |")
-        print(f"\n{slab}: speed-up of the folded model, best backend each side (other / SLAB):\n")
-        print("| batch | precision | vs | speed-up |")
-        print("|---|---|---|---|")
+        print(f"\n{slab}: speed-up of the folded model (other / SLAB), best of the backends measured for both:\n")
+        print("| batch | precision | vs | speed-up | SLAB ms | other ms | backends compared |")
+        print("|---|---|---|---|---|---|---|")
         for b in sorted({r["batch"] for r in res}):
             for p in ("fp32", "fp16"):
-                mine = min((r for r in res if r["variant"] == "folded" and r["batch"] == b and r["precision"] == p), key=lambda r: r["median_ms"])
                 for m in models:
                     if m == slab:
                         continue
+                    mine_rs = [r for r in res if r["variant"] == "folded" and r["model"] == slab and r["batch"] == b and r["precision"] == p]
                     rs = [r for r in res if label(r) == m and r["batch"] == b and r["precision"] == p]
-                    if rs:
-                        other = min(rs, key=lambda r: r["median_ms"])
-                        print(f"| {b} | {p} | {m} | {other['median_ms'] / mine['median_ms']:.2f}x |")
+                    common = {r["backend"] for r in mine_rs} & {r["backend"] for r in rs}
+                    if not common:
+                        continue
+                    mine = min((r for r in mine_rs if r["backend"] in common), key=lambda r: r["median_ms"])
+                    other = min((r for r in rs if r["backend"] in common), key=lambda r: r["median_ms"])
+                    print(f"| {b} | {p} | {m} | {other['median_ms'] / mine['median_ms']:.2f}x | {mine['median_ms']:.2f} | "
+                          f"{other['median_ms']:.2f} | {', '.join(sorted(common))} |")
         eager = {r["batch"]: r["median_ms"] for r in res if r["model"] == slab and r["variant"] == "unfolded" and r["backend"] == "torch" and r["precision"] == "fp32"}
         if eager:
             print(f"\n{slab}: best deployed path vs torch eager fp32 of the unfolded checkpoint:\n")
@@ -66,17 +140,22 @@ def main(paths: list[str]) -> None:
                   f"{data['profile'].get('peak_tflops')} TFLOP/s ({best['backend']}, {best['precision']}; {best['gmacs']:.2f} GMACs/image)")
 
 
-def checks(paths: list[str]) -> None:
+def checks(paths: list[str], extra_policy: str | None = None) -> None:
     print("| model | precision | SLA policy | rung | status | max abs | max rel | cosine | SQNR dB | top-1 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for p in sorted(paths):
         r = json.loads(Path(p).read_text())
         cfg = Path(p).parent.name.removesuffix("-check").removeprefix(r["model"] + "-")
-        prec, policy = cfg.split("-")
+        if "-" in cfg and not cfg.startswith("check"):  # <model>-<precision>-<policy>-check directories
+            prec, policy = cfg.split("-")
+        else:  # the policy from a policy argument of the run: the report has no manifest block before 2026-11-29
+            art = r.get("artifacts_precision") or {}
+            prec, policy = art.get("mode", "?"), art.get("sla_policy", extra_policy or "?")
         for x in r["rungs"]:
             if x["rung"] in ("ort_cpu", "ort_cuda") and x["status"] != "skipped":
                 m = x["metrics"]
-                print(f"| {r['model']} | {prec} | {policy if prec == 'fp16' else '-'} | {x['rung']} | {x['status']} | {m['max_abs']:.2e} "
+                pr = prec if prec != "?" else x.get("precision", "?")
+                print(f"| {r['model']} | {pr} | {policy if pr == 'fp16' else '-'} | {x['rung']} | {x['status']} | {m['max_abs']:.2e} "
                       f"| {m['max_rel']:.2e} | {m['cosine']:.7f} | {m['sqnr_db']:.1f} | {m['top1']:.2f} |")
 
 
@@ -91,8 +170,17 @@ def cpu(paths: list[str]) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--checks"]:
-        checks(sys.argv[2:])
+        if sys.argv[2:3] == ["--policy"]:
+            checks(sys.argv[4:], sys.argv[3])
+        else:
+            checks(sys.argv[2:])
     elif sys.argv[1:2] == ["--cpu"]:
         cpu(sys.argv[2:])
+    elif sys.argv[1:2] == ["--merge"]:
+        merge(sys.argv[2:])
+    elif sys.argv[1:2] == ["--policy"]:
+        policy(sys.argv[2:])
+    elif sys.argv[1:2] == ["--traces"]:
+        traces(sys.argv[2:])
     else:
         main(sys.argv[1:])

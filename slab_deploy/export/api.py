@@ -52,14 +52,14 @@ class ExportResult:
 
 
 def tool_versions() -> dict[str, str | None]:
-    from slab_deploy._deps import version_of
+    from slab_deploy._deps import module_version, version_of
 
     return {
         "slab-deploy": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnx": onnx.__version__,
-        "onnxruntime": version_of("onnxruntime") or version_of("onnxruntime-gpu"),
+        "onnxruntime": module_version("onnxruntime"),
         "onnxscript": version_of("onnxscript"),
         "onnxsim": version_of("onnxsim"),
         "onnxslim": version_of("onnxslim"),
