@@ -228,7 +228,7 @@ def _profile(fn: Any, iters: int, cuda: bool, sync: Any, out_dir: Path) -> tuple
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     # One profiling cycle; acc_events (torch >= 2.4) also silences the "clears events" warning.
-    kwargs = {"acc_events": True} if "acc_events" in inspect.signature(profile.__init__).parameters else {}
+    kwargs: dict[str, Any] = {"acc_events": True} if "acc_events" in inspect.signature(profile.__init__).parameters else {}
     with profile(activities=acts, **kwargs) as prof:
         for _ in range(iters):
             fn()

@@ -182,3 +182,21 @@ def test_check_tiny_variants(name: str, tmp_path: Path) -> None:
     ckpt = random_checkpoint(name, tmp_path / "c.pth", seed=4)
     rep = run_check(name, ckpt, inputs=3, backends=("torch", "onnx", "ort-cpu"))
     assert rep.passed, rep.verdict()
+
+
+def test_top1_flips_at_near_ties_are_named() -> None:
+    """A top-1 flip between nearly tied logits still fails the rung, and the message says so."""
+    from slab_deploy.parity import compare, judge
+    from slab_deploy.tolerances import Tolerance
+
+    ref = np.array([[1.0, 0.9995, 0.1], [2.0, 0.5, 0.1], [0.3, 1.0, 0.2]])
+    cand = ref.copy()
+    cand[0, 1] += 1e-3  # flips sample 0, whose reference margin is 5e-4
+    m = compare(ref, cand)
+    assert (m.top1_flips, m.ref_margin_min, m.flip_margin_max) == (1, pytest.approx(5e-4), pytest.approx(5e-4))
+    v = judge(m, Tolerance(min_top1=0.99))
+    assert not v.passed and "all near-ties" in v.failures[0]
+    cand[1, 1] += 2.0  # a flip far from a tie: no near-tie note
+    v = judge(compare(ref, cand), Tolerance(min_top1=0.99))
+    assert not v.passed and "near-ties" not in v.failures[0]
+    assert compare(ref, ref).flip_margin_max is None

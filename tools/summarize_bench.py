@@ -159,6 +159,17 @@ def checks(paths: list[str], extra_policy: str | None = None) -> None:
                       f"| {m['max_rel']:.2e} | {m['cosine']:.7f} | {m['sqnr_db']:.1f} | {m['top1']:.2f} |")
 
 
+def margins(paths: list[str]) -> None:
+    """Smallest reference top-1 margin (top-1 minus top-2 logit) over a check run's inputs."""
+    print("| model | inputs | smallest reference top-1 margin | max abs reference logit |")
+    print("|---|---|---|---|")
+    for p in sorted(paths):
+        r = json.loads(Path(p).read_text())
+        m = next(x["metrics"] for x in r["rungs"] if x["status"] != "skipped" and x.get("metrics"))
+        print(f"| {r['model']} | {r['inputs']['count']} ({r['inputs']['source']}, seed {r['inputs']['seed']}) | "
+              f"{m['ref_margin_min']:.1e} | {m['max_abs_reference']:.2f} |")
+
+
 def cpu(paths: list[str]) -> None:
     """Per-thread latency and speed-up tables (CPU runs)."""
     print("| SLAB model | vs | threads | SLAB median ms | other median ms | speed-up |")
@@ -176,6 +187,8 @@ if __name__ == "__main__":
             checks(sys.argv[2:])
     elif sys.argv[1:2] == ["--cpu"]:
         cpu(sys.argv[2:])
+    elif sys.argv[1:2] == ["--margins"]:
+        margins(sys.argv[2:])
     elif sys.argv[1:2] == ["--merge"]:
         merge(sys.argv[2:])
     elif sys.argv[1:2] == ["--policy"]:
