@@ -248,7 +248,7 @@ def to_tokens(x: torch.Tensor) -> torch.Tensor:
     A transposed view would make the whole residual stream column-major once the norm after a
     patch embedding is folded away (element-wise ops keep their first input's layout): every
     Linear would then read a transposed input (no fused-bias GEMM) and every residual add would
-    take the strided path. Profiled on an H200 this costs SLAB-DeiT-S about 40% of its time.
+    take the strided path (on an H200: SLAB-DeiT-S 7.5 -> 5.4 ms at batch 64 in fp16).
     Exported graphs do not change (ONNX has no strides)."""
     return x.flatten(2).transpose(1, 2).contiguous()
 
