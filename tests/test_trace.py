@@ -102,3 +102,17 @@ def test_trace_cuda_kernels(tmp_path: Path, capsys, monkeypatch) -> None:  # typ
     assert res["test_slab_swin"]["categories"]["matmul"] > 0.0 and res["test_slab_swin"]["categories"].get("norm", 0.0) == 0.0
     assert res["test_swin"]["categories"]["norm"] > 0.0
     assert res["test_slab_swin"]["components"]["attention"] > 0.0
+
+
+@pytest.mark.gpu_ort
+def test_trace_ort_cuda_kernels(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The torch profiler (CUPTI) also records the kernels ONNX Runtime's CUDA provider launches."""
+    out = tmp_path / "t"
+    code, _, err = run_cli(["trace", "--device", "cuda", "--models", "test_slab_swin,test_swin", "--backend", "ort-cuda",
+                            "--precision", "fp16", "--batch", "8", "--iters", "3", "-o", str(out)], capsys, monkeypatch)
+    assert code == 0, err
+    res = {r["model"]: r for r in json.loads((out / "trace.json").read_text())["results"]}
+    for r in res.values():
+        assert r["categories"]["matmul"] > 0.0 and r["latency_ms"] > 0.0
+    assert res["test_slab_swin"]["categories"].get("norm", 0.0) == 0.0
+    assert res["test_swin"]["categories"]["norm"] > 0.0
