@@ -312,6 +312,29 @@ def check(
 # ------------------------------------------------------------------------------------------------ bench
 
 
+def _targets(compare: str | None, models_: str | None, unfolded: bool, checkpoint: Path | None) -> list[Any]:
+    """What `bench` and `trace` run: a SLAB model with its baselines, or a list of models (SLAB
+    ones folded, and also unfolded with --unfolded; a checkpoint only applies to a single model)."""
+    from slab_deploy.bench import Target, compare_targets
+    from slab_deploy.errors import ConfigError
+    from slab_deploy.models import get_spec
+
+    if compare and models_:
+        raise ConfigError("--compare and --models exclude each other")
+    if compare:
+        return compare_targets(compare, unfolded=unfolded, checkpoint=str(checkpoint) if checkpoint else None)
+    if not models_:
+        raise ConfigError("pass --compare SLAB_MODEL or --models a,b,c")
+    names = _csv(models_)
+    targets = []
+    for n in names:
+        slab = get_spec(n).is_slab
+        targets.append(Target(n, "folded" if slab else "baseline", str(checkpoint) if checkpoint and len(names) == 1 else None))
+        if slab and unfolded:
+            targets.append(Target(n, "unfolded"))
+    return targets
+
+
 @app.command()
 def bench(
     device: Annotated[str, typer.Option("--device", help="cuda or cpu.")] = "cpu",
@@ -342,32 +365,17 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from slab_deploy.bench import (
-        Target,
         compare_against,
-        compare_targets,
         raise_for_regressions,
         run_bench,
         write_outputs,
     )
     from slab_deploy.errors import ConfigError
-    from slab_deploy.models import get_spec
     from slab_deploy.profiles import Profile, load_profile
 
     if device not in ("cuda", "cpu"):
         raise ConfigError(f"--device must be cuda or cpu, not {device!r}")
-    if compare and models_:
-        raise ConfigError("--compare and --models exclude each other")
-    if compare:
-        targets = compare_targets(compare, unfolded=unfolded, checkpoint=str(checkpoint) if checkpoint else None)
-    elif models_:
-        targets = []
-        for n in _csv(models_):
-            slab = get_spec(n).is_slab
-            targets.append(Target(n, "folded" if slab else "baseline", str(checkpoint) if checkpoint and len(_csv(models_)) == 1 else None))
-            if slab and unfolded:
-                targets.append(Target(n, "unfolded"))
-    else:
-        raise ConfigError("pass --compare SLAB_MODEL or --models a,b,c")
+    targets = _targets(compare, models_, unfolded, checkpoint)
     if profile:
         prof = load_profile(profile)
         if prof.device != device:
@@ -447,28 +455,14 @@ def trace(
     """Profile where the time goes: kernel (or operator) time by category and by model component."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from slab_deploy.bench import Target, compare_targets
     from slab_deploy.errors import ConfigError
-    from slab_deploy.models import get_spec
     from slab_deploy.profiles import validate
     from slab_deploy.trace import to_markdown, trace_targets, write_outputs
 
     if device not in ("cuda", "cpu"):
         raise ConfigError(f"--device must be cuda or cpu, not {device!r}")
     backend = backend or ("torch" if device == "cuda" else "ort-cpu")
-    if compare and models_:
-        raise ConfigError("--compare and --models exclude each other")
-    if compare:
-        targets = compare_targets(compare, unfolded=unfolded, checkpoint=str(checkpoint) if checkpoint else None)
-    elif models_:
-        targets = []
-        for n in _csv(models_):
-            slab = get_spec(n).is_slab
-            targets.append(Target(n, "folded" if slab else "baseline", str(checkpoint) if checkpoint and len(_csv(models_)) == 1 else None))
-            if slab and unfolded:
-                targets.append(Target(n, "unfolded"))
-    else:
-        raise ConfigError("pass --compare SLAB_MODEL or --models a,b,c")
+    targets = _targets(compare, models_, unfolded, checkpoint)
     cuda = device == "cuda"
     prof = validate({
         "name": f"trace-{device}", "description": "trace settings", "device": device, "backends": [backend],

@@ -151,7 +151,8 @@ class SLACore(nn.Module):
       mixed   the two big matmuls in fp16 with fp32 accumulation, on k scaled by 1/N so k^T v
               is a token average; the normaliser's token mean accumulated in fp32, q . mean(k)
               on mean(k) scaled to max 1 (no overflow), its reciprocal and the final scaling
-              in fp32. No full-size fp32 copy of q, k or v is made.
+              in fp32. No full-size fp32 copy of q or v is made (nor of k in torch; an
+              exported graph casts k to fp32 for its ReduceMean).
     Mathematically all three are the same function (q (k/N)^T v / (q . mean k + eps/N)).
     """
 
