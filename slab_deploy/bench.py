@@ -617,13 +617,21 @@ def plot(report: BenchReport, out: Path) -> dict[str, Path]:
     fig.savefig(paths["latency_plot"], dpi=110)
     plt.close(fig)
     if report.speedups:
-        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(report.speedups)), 4))
-        labels = [f"{s['other']}\n{s['backend']} {s['precision']} b{s['batch']}" for s in report.speedups]
-        ax.bar(range(len(labels)), [s["speedup"] for s in report.speedups])
+        # Grouped bars: one group per (backend, precision, batch, threads), one bar per baseline.
+        groups = list(dict.fromkeys((s["backend"], s["precision"], s["batch"], s["threads"]) for s in report.speedups))
+        others = list(dict.fromkeys(s["other"] for s in report.speedups))
+        width = 0.8 / len(others)
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) + 2), 4.5))
+        for i, other in enumerate(others):
+            ups = {(s["backend"], s["precision"], s["batch"], s["threads"]): s["speedup"] for s in report.speedups if s["other"] == other}
+            xs = [g for g in range(len(groups)) if groups[g] in ups]
+            ax.bar([x - 0.4 + width * (i + 0.5) for x in xs], [ups[groups[x]] for x in xs], width, label=f"vs {other}")
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        labels = [f"{b}\n{p} b{bs}" + (f" t{th}" if th else "") for b, p, bs, th in groups]
+        ax.set_xticks(range(len(groups)), labels, rotation=45, ha="right", fontsize=7)
         ax.set_ylabel("speed-up of folded SLAB (x)")
-        ax.set_title(f"{report.speedups[0]['slab']} vs baselines")
+        ax.set_title(f"{report.speedups[0]['slab']}: other median / SLAB median")
+        ax.legend(fontsize=7)
         fig.tight_layout()
         paths["speedup_plot"] = out / "speedup.png"
         fig.savefig(paths["speedup_plot"], dpi=110)
