@@ -310,8 +310,6 @@ def trace_case(target: Target, case: Case, profile: Profile, out_dir: Path, *, i
             res.files["ort_profile"] = target_path.name
             res.source = "ONNX operators, node time (ONNX Runtime profiler)"
         else:
-            if not cuda:
-                raise RuntimeError(f"{case.backend} needs --device cuda")
             for _ in range(3):
                 fn()
             _prof, gz = _profile(fn, iters, True, sync, out_dir)
@@ -346,6 +344,8 @@ def trace_targets(targets: Sequence[Target], profile: Profile, output: Path, *, 
 
     if backend not in BACKENDS or backend == "tensorrt":
         raise ConfigError(f"trace supports the backends {', '.join(b for b in BACKENDS if b != 'tensorrt')}, not {backend!r}")
+    if profile.device != "cuda" and backend not in ("torch", "ort-cpu"):
+        raise ConfigError(f"--backend {backend} runs on a GPU: pass --device cuda, or use torch or ort-cpu on the CPU")
     if profile.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but torch sees no CUDA device; use --device cpu or a GPU host")
     if iters < 1:

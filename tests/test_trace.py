@@ -91,6 +91,11 @@ def test_trace_rejects_unknown_backend(tmp_path: Path, capsys, monkeypatch) -> N
     assert not (tmp_path / "t" / "trace.json").exists()
 
 
+def test_trace_rejects_gpu_backend_on_cpu(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run_cli(["trace", "--device", "cpu", "--models", "test_slab_deit", "--backend", "ort-cuda", "-o", str(tmp_path / "t")], capsys, monkeypatch)
+    assert code == 1 and "--device cuda" in err and "Traceback" not in err
+
+
 @pytest.mark.cuda
 def test_trace_cuda_kernels(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "t"
