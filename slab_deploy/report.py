@@ -111,4 +111,14 @@ def bench_tables(report: Any) -> list[Any]:
             colour = "green" if x["speedup"] >= 1 else "red"
             s.add_row(x["slab"], x["other"], x["backend"], x["precision"], str(x["batch"]), str(x["threads"] or "-"), f"[{colour}]{x['speedup']:.2f}x[/{colour}]")
         out.append(s)
+    if report.best_speedups and len({b for x in report.best_speedups for b in x["backends"]}) > 1:
+        s = Table(title="speed-up, best backend each side (over the backends measured for both)")
+        for col in ("SLAB", "vs", "prec", "batch", "thr", "SLAB ms", "other ms", "speed-up"):
+            s.add_column(col, justify="left" if col in ("SLAB", "vs", "prec") else "right")
+        for x in report.best_speedups:
+            colour = "green" if x["speedup"] >= 1 else "red"
+            s.add_row(x["slab"], x["other"], x["precision"], str(x["batch"]), str(x["threads"] or "-"),
+                      f"{x['slab_ms']:.3f} ({x['slab_backend']})", f"{x['other_ms']:.3f} ({x['other_backend']})",
+                      f"[{colour}]{x['speedup']:.2f}x[/{colour}]")
+        out.append(s)
     return out

@@ -112,6 +112,25 @@ def test_speedups_pair_only_matching_cases() -> None:
     assert len(s) == 1 and s[0]["speedup"] == 2.0
 
 
+def test_best_speedups_compare_only_common_backends() -> None:
+    """Best backend each side, but only over backends measured for both: a backend run for the SLAB
+    model alone (here torch-compile) must not win it a speed-up."""
+    from slab_deploy.bench import best_speedups
+
+    def r(model: str, variant: str, backend: str, ms: float, batch: int = 64) -> Result:
+        return Result(Case(model, variant, backend, "fp16", batch), "ok", median_ms=ms)
+
+    rs = [r("slab", "folded", "torch-cudagraph", 7.0), r("slab", "folded", "ort-cuda", 9.0), r("slab", "folded", "torch-compile", 5.0),
+          r("ln", "baseline", "torch-cudagraph", 9.0), r("ln", "baseline", "ort-cuda", 8.0),
+          r("slab", "unfolded", "torch-cudagraph", 11.0), r("ln", "baseline", "ort-cuda", 1.0, batch=1)]
+    best = {(b["other"], b["batch"]): b for b in best_speedups(rs)}
+    ln = best[("ln", 64)]
+    assert (ln["slab_ms"], ln["slab_backend"], ln["other_ms"], ln["other_backend"]) == (7.0, "torch-cudagraph", 8.0, "ort-cuda")
+    assert ln["speedup"] == pytest.approx(8.0 / 7.0) and ln["backends"] == ["ort-cuda", "torch-cudagraph"]
+    assert best[("slab (unfolded)", 64)]["speedup"] == pytest.approx(11.0 / 7.0)
+    assert ("ln", 1) not in best  # no SLAB case at batch 1
+
+
 def test_cli_bench_against_exits_4(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "b"
     args = ["bench", "--device", "cpu", "--models", "test_slab_deit", "--backends", "ort-cpu", "--iters", "3", "--warmup", "1", "-o", str(out)]
