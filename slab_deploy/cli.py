@@ -439,7 +439,7 @@ def trace(
     models_: Annotated[str | None, typer.Option("--models", help="Comma list of models (SLAB ones run folded).")] = None,
     compare: Annotated[str | None, typer.Option("--compare", help="A SLAB model: trace it folded with its LayerNorm and FLatten baselines.")] = None,
     unfolded: Annotated[bool, typer.Option("--unfolded", help="Also trace SLAB models unfolded (as trained).")] = False,
-    backend: Annotated[str, typer.Option("--backend", help="torch, torch-cudagraph, torch-compile, ort-cpu, ort-cuda or ort-cuda-graph.")] = "",
+    backend: Annotated[str, typer.Option("--backend", help="torch, torch-cudagraph, torch-compile, ort-cpu, ort-cuda or ort-cuda-graph (default: torch with --device cuda, ort-cpu with --device cpu).")] = "",
     precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16.")] = "fp32",
     batch: Annotated[int, typer.Option("--batch", help="Batch size.")] = 1,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (CPU backends).")] = None,
