@@ -92,52 +92,55 @@ def traces(paths: list[str]) -> None:
             print(f"| {c} | " + " | ".join(f"{r['components'].get(c, 0.0):.2f}" for r in ok) + " |")
 
 
+def best_speedups(res: list[dict]) -> list[dict]:
+    """`slab_deploy.bench.best_speedups` (best backend each side, over backends measured for both)
+    on results read back from JSON."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from slab_deploy.bench import Case, Result
+    from slab_deploy.bench import best_speedups as best
+
+    return best([Result(Case(r["model"], r["variant"], r["backend"], r["precision"], r["batch"], r["threads"]), r["status"],
+                        median_ms=r["median_ms"]) for r in res])
+
+
 def summarize(data: dict) -> None:
-    if True:
-        res = [r for r in data["results"] if r["status"] == "ok"]
-        slab = next(r["model"] for r in res if r["variant"] == "folded")
-        models = list(dict.fromkeys(label(r) for r in res))
-        print(f"\n### {slab}: best median latency (ms) per model, over backends\n")
-        print("| batch | precision | " + " | ".join(models) + " |")
-        print("|---|---|" + "---|" * len(models))
-        for b in sorted({r["batch"] for r in res}):
-            for p in ("fp32", "fp16"):
-                cells = []
-                for m in models:
-                    rs = [r for r in res if label(r) == m and r["batch"] == b and r["precision"] == p]
-                    best = min(rs, key=lambda r: r["median_ms"], default=None)
-                    cells.append(f"{best['median_ms']:.2f} ({best['backend']})" if best else "-")
-                print(f"| {b} | {p} | " + " | ".join(cells) + " |")
-        print(f"\n{slab}: speed-up of the folded model (other / SLAB), best of the backends measured for both:\n")
-        print("| batch | precision | vs | speed-up | SLAB ms | other ms | backends compared |")
-        print("|---|---|---|---|---|---|---|")
-        for b in sorted({r["batch"] for r in res}):
-            for p in ("fp32", "fp16"):
-                for m in models:
-                    if m == slab:
-                        continue
-                    mine_rs = [r for r in res if r["variant"] == "folded" and r["model"] == slab and r["batch"] == b and r["precision"] == p]
-                    rs = [r for r in res if label(r) == m and r["batch"] == b and r["precision"] == p]
-                    common = {r["backend"] for r in mine_rs} & {r["backend"] for r in rs}
-                    if not common:
-                        continue
-                    mine = min((r for r in mine_rs if r["backend"] in common), key=lambda r: r["median_ms"])
-                    other = min((r for r in rs if r["backend"] in common), key=lambda r: r["median_ms"])
-                    print(f"| {b} | {p} | {m} | {other['median_ms'] / mine['median_ms']:.2f}x | {mine['median_ms']:.2f} | "
-                          f"{other['median_ms']:.2f} | {', '.join(sorted(common))} |")
-        eager = {r["batch"]: r["median_ms"] for r in res if r["model"] == slab and r["variant"] == "unfolded" and r["backend"] == "torch" and r["precision"] == "fp32"}
-        if eager:
-            print(f"\n{slab}: best deployed path vs torch eager fp32 of the unfolded checkpoint:\n")
-            print("| batch | eager fp32 unfolded ms | best folded ms (backend, precision) | speed-up |")
-            print("|---|---|---|---|")
-            for b, e in sorted(eager.items()):
-                best = min((r for r in res if r["variant"] == "folded" and r["batch"] == b), key=lambda r: r["median_ms"])
-                print(f"| {b} | {e:.2f} | {best['median_ms']:.2f} ({best['backend']}, {best['precision']}) | {e / best['median_ms']:.1f}x |")
-        big = [r for r in res if r["variant"] == "folded" and r["batch"] == max(x["batch"] for x in res) and r.get("mfu")]
-        if big:
-            best = max(big, key=lambda r: r["mfu"])
-            print(f"\n{slab}: model FLOP utilisation at batch {best['batch']}: {best['tflops']:.1f} TFLOP/s = {best['mfu']:.1%} of "
-                  f"{data['profile'].get('peak_tflops')} TFLOP/s ({best['backend']}, {best['precision']}; {best['gmacs']:.2f} GMACs/image)")
+    res = [r for r in data["results"] if r["status"] == "ok"]
+    slab = next(r["model"] for r in res if r["variant"] == "folded")
+    models = list(dict.fromkeys(label(r) for r in res))
+    print(f"\n### {slab}: best median latency (ms) per model, over backends\n")
+    print("| batch | precision | " + " | ".join(models) + " |")
+    print("|---|---|" + "---|" * len(models))
+    for b in sorted({r["batch"] for r in res}):
+        for p in ("fp32", "fp16"):
+            cells = []
+            for m in models:
+                rs = [r for r in res if label(r) == m and r["batch"] == b and r["precision"] == p]
+                best = min(rs, key=lambda r: r["median_ms"], default=None)
+                cells.append(f"{best['median_ms']:.2f} ({best['backend']})" if best else "-")
+            print(f"| {b} | {p} | " + " | ".join(cells) + " |")
+    print(f"\n{slab}: speed-up of the folded model (other / SLAB), best of the backends measured for both:\n")
+    print("| batch | precision | vs | speed-up | SLAB ms | other ms | backends compared |")
+    print("|---|---|---|---|---|---|---|")
+    rows = {(x["batch"], x["precision"], x["other"]): x for x in best_speedups(res)}
+    for b in sorted({r["batch"] for r in res}):
+        for p in ("fp32", "fp16"):
+            for m in models:
+                x = rows.get((b, p, m))
+                if x:
+                    print(f"| {b} | {p} | {m} | {x['speedup']:.2f}x | {x['slab_ms']:.2f} | {x['other_ms']:.2f} | {', '.join(x['backends'])} |")
+    eager = {r["batch"]: r["median_ms"] for r in res if r["model"] == slab and r["variant"] == "unfolded" and r["backend"] == "torch" and r["precision"] == "fp32"}
+    if eager:
+        print(f"\n{slab}: best deployed path vs torch eager fp32 of the unfolded checkpoint:\n")
+        print("| batch | eager fp32 unfolded ms | best folded ms (backend, precision) | speed-up |")
+        print("|---|---|---|---|")
+        for b, e in sorted(eager.items()):
+            best = min((r for r in res if r["variant"] == "folded" and r["batch"] == b), key=lambda r: r["median_ms"])
+            print(f"| {b} | {e:.2f} | {best['median_ms']:.2f} ({best['backend']}, {best['precision']}) | {e / best['median_ms']:.1f}x |")
+    big = [r for r in res if r["variant"] == "folded" and r["batch"] == max(x["batch"] for x in res) and r.get("mfu")]
+    if big:
+        best = max(big, key=lambda r: r["mfu"])
+        print(f"\n{slab}: model FLOP utilisation at batch {best['batch']}: {best['tflops']:.1f} TFLOP/s = {best['mfu']:.1%} of "
+              f"{data['profile'].get('peak_tflops')} TFLOP/s ({best['backend']}, {best['precision']}; {best['gmacs']:.2f} GMACs/image)")
 
 
 def checks(paths: list[str], extra_policy: str | None = None) -> None:
