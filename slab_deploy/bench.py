@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from slab_deploy.errors import (
+    ArtifactError,
     BenchCaseError,
     CheckpointError,
     ConfigError,
@@ -738,6 +739,8 @@ def _onnx_for(t: Target, precision: str, cache: Path, sla_policy: str = "fp32", 
     name = f"{t.model}-{t.variant}-{precision}" + (f"-sla_{sla_policy}" if precision == "fp16" else "") + (
         f"-{exporter}" if exporter != "auto" else "") + f"-ck{ck[:12]}"
     d = cache / name
+    if d.exists() and not d.is_dir():
+        raise ArtifactError(f"{d} is a file where bench keeps a cached graph; remove it or pass another --onnx-cache")
     path, record = d / "model.onnx", d / CACHE_RECORD
     problem = _cache_problem(path, record, want)
     if problem is None:
