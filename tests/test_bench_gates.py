@@ -419,20 +419,39 @@ def test_cache_record_for_another_request_is_stale(cached_graph: Path) -> None:
     assert problem == f"{CACHE_RECORD} was written for another exporter, checkpoint_sha256"
 
 
-def test_corrupt_cached_graph_is_reexported_with_a_note(tmp_path: Path, cached_graph: Path) -> None:
+@pytest.mark.slow  # two CLI runs and an export: ~10 s on the 2-core runner
+def test_corrupt_cached_graph_is_reexported_with_a_note(tmp_path: Path, cached_graph: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A graph in --onnx-cache that no longer matches its record is never run: bench exports it
+    again, says so in a note (console, bench.json, bench.md), and reuses the verified file next time."""
     import onnx
 
     cache = tmp_path / "cache"
     shutil.copytree(cached_graph, cache / cached_graph.name)
-    (cache / cached_graph.name / "model.onnx").write_bytes(b"junk")
-    notes: list[str] = []
-    path = _onnx_for(Target("test_slab_deit", "folded"), "fp32", cache, exporter="torchscript", notes=notes)
-    assert len(notes) == 1 and "re-exported" in notes[0] and "does not match the sha256" in notes[0]
-    onnx.checker.check_model(onnx.load(str(path)))
-    assert _cache_problem(path, path.parent / CACHE_RECORD, _want(cached_graph)) is None
-    notes.clear()
-    assert _onnx_for(Target("test_slab_deit", "folded"), "fp32", cache, exporter="torchscript", notes=notes) == path
-    assert notes == []  # verified: reused, nothing to say
+    graph = cache / cached_graph.name / "model.onnx"
+    graph.write_bytes(b"junk")
+    args = [*BOTH, "--backends", "ort-cpu", "--onnx-cache", str(cache)]
+    code, out, err = run_cli([*args, "-o", str(tmp_path / "a")], capsys, monkeypatch)
+    assert code == 0, err
+    data = json.loads((tmp_path / "a" / "bench.json").read_text())
+    assert [r["status"] for r in data["results"]] == ["ok"]
+    assert len(data["notes"]) == 1 and "re-exported" in data["notes"][0] and "does not match the sha256" in data["notes"][0]
+    assert "note: re-exported" in out and "## Notes" in (tmp_path / "a" / "bench.md").read_text()
+    onnx.checker.check_model(onnx.load(str(graph)))
+    assert _cache_problem(graph, graph.parent / CACHE_RECORD, _want(cached_graph)) is None
+    mtime = graph.stat().st_mtime_ns
+    code, out, err = run_cli([*args, "-o", str(tmp_path / "b")], capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads((tmp_path / "b" / "bench.json").read_text())["notes"] == [] and graph.stat().st_mtime_ns == mtime
+
+
+def test_earlier_bench_results_load_as_baselines() -> None:
+    """The bench.json files of the published runs (written by bench itself) are valid --against input."""
+    paths = sorted((Path(__file__).resolve().parent.parent / "docs" / "results").rglob("bench.json"))
+    assert paths
+    for p in paths:
+        base = load_baseline(p)
+        data = json.loads(p.read_text())
+        assert len(base.medians) == sum(r["status"] == "ok" for r in data["results"])
 
 
 def test_cache_is_keyed_by_checkpoint(tmp_path: Path, cached_graph: Path) -> None:
