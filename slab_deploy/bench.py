@@ -23,7 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from slab_deploy.errors import ConfigError, RegressionError
+from slab_deploy.errors import (
+    ArtifactError,
+    BenchCaseError,
+    CheckpointError,
+    ConfigError,
+    ExportError,
+    RegressionError,
+    SlabDeployError,
+)
 from slab_deploy.profiles import BACKENDS, Profile
 
 CV_WARN = 0.10  # coefficient of variation above which a case is flagged unstable
@@ -85,6 +93,8 @@ class BenchReport:
     speedups: list[dict[str, Any]] = field(default_factory=list)
     best_speedups: list[dict[str, Any]] = field(default_factory=list)
     untrained: bool = True
+    notes: list[str] = field(default_factory=list)
+    verdict: dict[str, Any] = field(default_factory=dict)  # set by `judge`
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -96,6 +106,8 @@ class BenchReport:
             "results": [r.flat() for r in self.results],
             "speedups": self.speedups,
             "best_speedups": self.best_speedups,
+            "notes": self.notes,
+            "verdict": self.verdict,
         }
 
 
@@ -397,7 +409,12 @@ def run_bench(
     progress: Any = None,
     export_cache: Path | None = None,
 ) -> BenchReport:
-    """Run every (target, backend, precision, batch, threads) case of `profile`."""
+    """Run every (target, backend, precision, batch, threads) case of `profile`.
+
+    Bad input fails before anything runs or is written (a SlabDeployError, exit 1): an unknown
+    backend, no CUDA device, an output path that is a file, a checkpoint that does not load, a
+    batch whose estimated memory exceeds what the device has. A case that then fails is recorded
+    with status "error" and the others still run; `judge` turns the results into the verdict."""
     import torch
 
     from slab_deploy.models.stats import model_stats
@@ -408,6 +425,13 @@ def run_bench(
             raise ConfigError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
     if profile.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but torch sees no CUDA device; use --device cpu or a GPU host")
+    cache = export_cache or (output / "onnx")
+    for what, p in (("--output", output), ("--onnx-cache", cache)):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"{what} {p} is a file; pass a directory")
+    targets = list({(t.model, t.variant, t.checkpoint): t for t in targets}.values())  # a model named twice runs once
+    notes: list[str] = []
+    models = preflight(targets, profile, notes)
     env = environment(profile.device)
     cases = [
         (t, Case(t.model, t.variant, b, p, bs, th))
@@ -418,8 +442,7 @@ def run_bench(
         for th in (profile.threads if b in ("ort-cpu", "torch") and profile.device == "cpu" else (None,))
     ]
     results: list[Result] = []
-    models: dict[tuple[str, str], Any] = {}
-    cache = export_cache or (output / "onnx")
+    export_failed: dict[tuple[str, str, str | None, str], str] = {}
     task = progress.add_task("benchmarking", total=len(cases)) if progress is not None else None
     for t, case in cases:
         if progress is not None:
@@ -430,19 +453,27 @@ def run_bench(
 
             x_np = np.random.default_rng(0).standard_normal((case.batch, *get_spec(t.model).input_size), dtype=np.float32)
             if case.backend.startswith("torch"):
-                key = (t.model, t.variant)
-                if key not in models:
-                    models[key] = _torch_model(t)
                 import copy
 
-                samples, extra = _torch_case(copy.deepcopy(models[key]), case, profile, x_np)
+                samples, extra = _torch_case(copy.deepcopy(models[_model_key(t)]), case, profile, x_np)
             else:
-                onnx_path = _onnx_for(t, case.precision, cache, profile.sla_policy, profile.exporter)
+                graph = (t.model, t.variant, t.checkpoint, case.precision)
+                if graph in export_failed:
+                    raise ExportError(f"{export_failed[graph]} (the export failed for an earlier case of this run)")
+                try:
+                    onnx_path = _onnx_for(t, case.precision, cache, profile.sla_policy, profile.exporter, notes=notes)
+                except UnsupportedBackend:
+                    raise
+                except Exception as exc:
+                    export_failed[graph] = _reason(exc)
+                    raise
                 if case.backend == "tensorrt":
                     samples, extra = _trt_case(onnx_path, case, profile, x_np)
                 else:
                     samples, extra = _ort_case(onnx_path, case, profile, x_np)
             st = _stats(samples)
+            if not all(math.isfinite(v) for v in st.values()) or st["median_ms"] <= 0:
+                raise ArithmeticError(f"timing produced a non-positive or non-finite median ({st['median_ms']!r} ms)")
             for k, v in st.items():
                 setattr(res, k, v)
             for k, v in extra.items():
@@ -458,7 +489,7 @@ def run_bench(
         except UnsupportedBackend as exc:
             res.status, res.reason = "skipped", str(exc)
         except Exception as exc:  # a backend crashing on one case must not hide the others
-            res.status, res.reason = "error", f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            res.status, res.reason = "error", _reason(exc)
         finally:
             if profile.device == "cuda":
                 torch.cuda.empty_cache()
@@ -469,7 +500,17 @@ def run_bench(
     report.untrained = all(t.checkpoint is None for t in targets)
     report.speedups = speedups(results)
     report.best_speedups = best_speedups(results)
+    report.notes = notes
     return report
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{exc.__class__.__name__}: {text.splitlines()[0][:300] if text.strip() else ''}".rstrip(": ")
+
+
+def _model_key(t: Target) -> tuple[str, str, str | None]:
+    return (t.model, t.variant, t.checkpoint)
 
 
 def _torch_model(t: Target) -> Any:
@@ -482,19 +523,277 @@ def _torch_model(t: Target) -> Any:
     return m
 
 
-def _onnx_for(t: Target, precision: str, cache: Path, sla_policy: str = "fp32", exporter: str = "auto") -> Path:
-    """Export (or reuse) the ONNX graph of a target at `precision`."""
+# ---------------------------------------------------------------------------------------------- before any case
+
+
+def preflight(targets: Sequence[Target], profile: Profile, notes: list[str]) -> dict[tuple[str, str, str | None], Any]:
+    """Load (and fold) every target and estimate the memory of its largest batch, before any case
+    runs: a checkpoint that does not load is bad input (CheckpointError, exit 1), not a failed case,
+    and a batch that cannot fit is refused (ConfigError) instead of running the host out of memory.
+    Returns the loaded models when a torch backend will use them (else nothing is kept)."""
+    keep = any(b.startswith("torch") for b in profile.backends)
+    models: dict[tuple[str, str, str | None], Any] = {}
+    for t in targets:
+        m = _torch_model(t)
+        checkpoint_identity(t)
+        check_memory(m, t, max(profile.batches), profile.device, notes)
+        if keep:
+            models[_model_key(t)] = m
+        del m
+    return models
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of one case, estimated: the weights once more (the case's copy of the model or
+    the runtime's session), the input batch (twice on CUDA: the device buffer and the pinned host
+    copy the transfer timing uses) and the activations, measured as the peak of live tensors in
+    one eager fp32 forward of batch 1 on the CPU and scaled linearly to the batch."""
+
+    batch: int
+    weights: int
+    input_per_image: int
+    activations_per_image: int
+
+    def device_bytes(self, cuda: bool) -> int:
+        return self.weights + self.batch * (self.input_per_image * (2 if cuda else 1) + self.activations_per_image)
+
+    def host_bytes(self, cuda: bool) -> int:
+        return self.batch * self.input_per_image * 2 if cuda else self.device_bytes(False)
+
+    def describe(self, cuda: bool) -> str:
+        batch_in = _size(self.batch * self.input_per_image)
+        return (f"weights {_size(self.weights)} + input {'2 x ' if cuda else ''}{batch_in} + activations "
+                f"{_size(self.activations_per_image)}/image x {self.batch}, the peak of live tensors in an eager fp32 batch-1 forward")
+
+
+def estimate_memory(model: Any, input_size: Sequence[int], batch: int) -> MemoryEstimate:
+    """Measure the activation peak of batch 1 (see MemoryEstimate) and scale it to `batch`."""
+    import torch
+
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    x = torch.zeros(1, *input_size)
+    ignore = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]}
+    model = model.eval()
+    with torch.inference_mode(), _live_bytes(ignore) as live:
+        model(x)
+    per_image_in = int(np.prod(input_size)) * 4
+    return MemoryEstimate(batch, weights, per_image_in, live.peak)
+
+
+def _live_bytes(ignore: set[int]) -> Any:
+    """A dispatch mode recording the peak bytes of tensor storages alive at once during the ops
+    run under it (the outputs of every op, less the storages in `ignore`: weights and input).
+    Frees are seen through weak references; views and in-place results share their storage and
+    are counted once. (Defined in a function: torch is imported only when bench runs.)"""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Mode(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count: dict[int, int] = {}
+            self.size: dict[int, int] = {}
+            self.current = 0
+            self.peak = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                    self._track(t)
+            return out
+
+        def _track(self, t: Any) -> None:
+            st = t.untyped_storage()
+            key = st.data_ptr()
+            if key == 0 or key in ignore:
+                return
+            if key not in self.count:
+                self.count[key] = 0
+                self.size[key] = st.nbytes()
+                self.current += st.nbytes()
+                self.peak = max(self.peak, self.current)
+            self.count[key] += 1
+            weakref.finalize(t, self._release, key)
+
+        def _release(self, key: int) -> None:
+            self.count[key] -= 1
+            if not self.count[key]:
+                del self.count[key]
+                self.current -= self.size.pop(key)
+
+    return Mode()
+
+
+def check_memory(model: Any, t: Target, batch: int, device: str, notes: list[str]) -> MemoryEstimate | None:
+    """Refuse (ConfigError) a batch whose estimated peak exceeds the memory available to it."""
+    from slab_deploy.models import get_spec
+
+    try:
+        est = estimate_memory(model, get_spec(t.model).input_size, batch)
+    except Exception as exc:  # the cases of this target will fail and say why; do not guess here
+        notes.append(f"memory estimate of {t.model} [{t.variant}] unavailable ({_reason(exc)})")
+        return None
+    cuda = device == "cuda"
+    checks = [("the host", est.host_bytes(cuda), available_host_memory())]
+    if cuda:
+        import torch
+
+        checks.insert(0, ("the GPU", est.device_bytes(True), int(torch.cuda.mem_get_info()[0])))
+    for where, need, have in checks:
+        if have is not None and need > have:
+            raise ConfigError(
+                f"batch {batch} of {t.model} [{t.variant}] needs an estimated {_size(need)} on {where} "
+                f"({est.describe(cuda)}) but {_size(have)} is available; pass a smaller --batch"
+            )
+    return est
+
+
+def available_host_memory() -> int | None:
+    """Bytes the host can still give this process: the least of MemAvailable, the cgroup's limit
+    less its usage, and psutil's figure (when installed); None when none of them can be read."""
+    import os
+
+    found: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            lim, use = Path(limit).read_text().strip(), Path(usage).read_text().strip()
+            if lim.isdigit() and use.isdigit() and int(lim) < 1 << 60:
+                found.append(max(int(lim) - int(use), 0))
+        except OSError:
+            pass
+    try:
+        import psutil  # type: ignore[import-untyped]  # optional: used when present
+
+        found.append(int(psutil.virtual_memory().available))
+    except ImportError:
+        pass
+    if not found and hasattr(os, "sysconf"):
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError):
+            pass
+    return min(found) if found else None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+# ---------------------------------------------------------------------------------------------- the ONNX cache
+
+
+CACHE_RECORD = "bench-cache.json"
+CACHE_FORMAT = "slab-deploy bench cache 1"
+_MAX_RECORD_BYTES = 1 << 16
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def checkpoint_identity(t: Target) -> str:
+    """sha256 of the file the target's weights come from (the embedded default when it names none);
+    memoised by path, size and modification time."""
+    from slab_deploy.defaults import default_checkpoint
+    from slab_deploy.models.checkpoint import sha256_file
+
+    path = Path(t.checkpoint) if t.checkpoint else default_checkpoint(t.model)
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _SHA_MEMO:
+            _SHA_MEMO[key] = sha256_file(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror or exc}); check the path") from None
+    return _SHA_MEMO[key]
+
+
+def _onnx_for(t: Target, precision: str, cache: Path, sla_policy: str = "fp32", exporter: str = "auto",
+              *, notes: list[str] | None = None) -> Path:
+    """The ONNX graph of a target at `precision`: reused from `cache` only when the record bench
+    wrote beside it (CACHE_RECORD) matches the request (model, variant, precision, SLA policy,
+    exporter, checkpoint sha256) and the file's sha256; otherwise exported afresh (and `notes`
+    says why). The directory name carries the checkpoint's identity, so another checkpoint gets
+    its own graph."""
     from slab_deploy.export.api import ExportOptions, export_model
     from slab_deploy.runtime.base import UnsupportedBackend
 
     if precision not in ("fp32", "fp16"):
         raise UnsupportedBackend(f"ONNX artefacts are exported in fp32 or fp16, not {precision}")
-    d = cache / f"{t.model}-{t.variant}-{precision}" if precision == "fp32" else cache / f"{t.model}-{t.variant}-{precision}-sla_{sla_policy}"
-    path = d / "model.onnx"
-    if path.exists():
+    ck = checkpoint_identity(t)
+    want = {"model": t.model, "variant": t.variant, "precision": precision,
+            "sla_policy": sla_policy if precision == "fp16" else None, "exporter": exporter, "checkpoint_sha256": ck}
+    name = f"{t.model}-{t.variant}-{precision}" + (f"-sla_{sla_policy}" if precision == "fp16" else "") + (
+        f"-{exporter}" if exporter != "auto" else "") + f"-ck{ck[:12]}"
+    d = cache / name
+    if d.exists() and not d.is_dir():
+        raise ArtifactError(f"{d} is a file where bench keeps a cached graph; remove it or pass another --onnx-cache")
+    path, record = d / "model.onnx", d / CACHE_RECORD
+    problem = _cache_problem(path, record, want)
+    if problem is None:
         return path
+    if problem and notes is not None:
+        notes.append(f"re-exported {d}: {problem}")
+    record.unlink(missing_ok=True)  # a failed export below must not leave a record behind
     export_model(t.model, t.checkpoint, d, ExportOptions(precision=precision, fold=t.variant != "unfolded", simplifier="auto", sla_policy=sla_policy, exporter=exporter), force=True)
+    _write_cache_record(path, record, want)
     return path
+
+
+def _cache_problem(path: Path, record: Path, want: dict[str, Any]) -> str | None:
+    """None when `path` may be reused; "" when there is nothing cached; else what is wrong."""
+    from slab_deploy.models.checkpoint import sha256_file
+
+    if not path.exists() and not record.exists():
+        return ""
+    if not path.is_file():
+        return "model.onnx is missing"
+    if not record.is_file():
+        return f"no {CACHE_RECORD} beside model.onnx (not written by bench, or an interrupted export)"
+    try:
+        if record.stat().st_size > _MAX_RECORD_BYTES:
+            return f"{CACHE_RECORD} is too large to be a record"
+        rec = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        return f"{CACHE_RECORD} is unreadable ({exc.__class__.__name__})"
+    if not isinstance(rec, dict) or rec.get("format") != CACHE_FORMAT:
+        return f"{CACHE_RECORD} is not a record of this format"
+    stale = [k for k, v in want.items() if rec.get(k) != v]
+    if stale:
+        return f"{CACHE_RECORD} was written for another {', '.join(stale)}"
+    if rec.get("onnx_sha256") != sha256_file(path):
+        return "model.onnx does not match the sha256 recorded when it was exported (changed or corrupt)"
+    return None
+
+
+def _write_cache_record(path: Path, record: Path, want: dict[str, Any]) -> None:
+    from slab_deploy import __version__
+    from slab_deploy.models.checkpoint import sha256_file
+    from slab_deploy.utils import atomic_write
+
+    manifest: dict[str, Any] = {}
+    try:
+        manifest = json.loads((path.parent / "manifest.json").read_text())
+    except (OSError, ValueError):
+        pass
+    rec = {"format": CACHE_FORMAT, **want, "onnx_sha256": sha256_file(path), "onnx_bytes": path.stat().st_size,
+           "exporter_used": (manifest.get("export") or {}).get("exporter") if isinstance(manifest, dict) else None,
+           "slab_deploy": __version__, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with atomic_write(record) as tmp:
+        tmp.write_text(json.dumps(rec, indent=2) + "\n")
 
 
 def speedups(results: Sequence[Result]) -> list[dict[str, Any]]:
@@ -593,6 +892,11 @@ def to_markdown(report: BenchReport) -> str:
         f"- profile: {report.profile.get('name')} (warm-up {report.profile.get('warmup')}, >= {report.profile.get('iters')} timed runs, >= {report.profile.get('min_seconds')} s)",
         f"- weights: {'embedded default (untrained; latency does not depend on weights)' if report.untrained else 'from checkpoint'}",
         "- latency: compute only, inputs already on the device; host<->device copies of one batch in their own columns",
+    ]
+    if report.verdict:
+        v = report.verdict
+        lines.append(f"- verdict: {'passed' if v.get('passed') else 'FAILED'} (exit {v.get('exit_code')}): {v.get('message')}")
+    lines += [
         "",
         "| model | variant | backend | prec | batch | thr | median ms | p90 | p99 | CV | img/s | H2D ms | D2H ms | peak MiB | MFU | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -618,6 +922,8 @@ def to_markdown(report: BenchReport) -> str:
         for s in report.best_speedups:
             lines.append(f"| {s['slab']} | {s['other']} | {s['precision']} | {s['batch']} | {s['threads'] or '-'} | {s['slab_ms']:.3f} ({s['slab_backend']}) "
                          f"| {s['other_ms']:.3f} ({s['other_backend']}) | {s['speedup']:.2f}x |")
+    if report.notes:
+        lines += ["", "## Notes", "", *(f"- {n}" for n in report.notes)]
     return "\n".join(lines) + "\n"
 
 
@@ -676,23 +982,132 @@ def plot(report: BenchReport, out: Path) -> dict[str, Path]:
     return paths
 
 
-def compare_against(report: BenchReport, previous: Path, threshold: float) -> list[str]:
-    """Cases whose median regressed by more than `threshold` (fraction) against `previous` JSON."""
+# ---------------------------------------------------------------------------------------------- the verdict
+
+
+MAX_BASELINE_BYTES = 64 << 20  # a bench.json of thousands of cases is a few MiB
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The measured (status "ok") cases of an earlier bench.json: case key -> median ms."""
+
+    path: Path
+    medians: dict[str, float]
+
+
+def load_baseline(path: Path) -> Baseline:
+    """Read and check an earlier bench.json for --against; any malformed content is a ConfigError
+    (exit 1) naming the file and the field, and a file without one measured case is malformed: it
+    could not fail a comparison."""
+    where = f"--against {path}"
+    hint = "pass a bench.json written by slab-deploy bench"
     try:
-        old = json.loads(Path(previous).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"--against {previous}: cannot read an earlier bench.json ({exc})") from None
-    before = {r["key"]: r for r in old.get("results", []) if r.get("status") == "ok"}
-    regressions = []
-    for r in report.results:
-        o = before.get(r.case.key)
-        if r.status == "ok" and o and r.median_ms and o.get("median_ms"):
-            ratio = r.median_ms / o["median_ms"]
+        size = path.stat().st_size
+        if not path.is_file():
+            raise ConfigError(f"{where} is not a file; {hint}")
+        if size > MAX_BASELINE_BYTES:
+            raise ConfigError(f"{where}: {size} bytes is too large for a bench.json (at most {MAX_BASELINE_BYTES}); {hint}")
+        old = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it ({exc.strerror or exc}); {hint}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{where}: not JSON ({' '.join(str(exc).split())[:200]}); {hint}") from None
+    if not isinstance(old, dict):
+        raise ConfigError(f"{where}: the top level must be a JSON object, not {_json_type(old)}; {hint}")
+    results = old.get("results")
+    if not isinstance(results, list):
+        raise ConfigError(f"{where}: 'results' must be a list of cases, not {_json_type(results)}; {hint}")
+    medians: dict[str, float] = {}
+    seen: set[str] = set()
+    for i, r in enumerate(results):
+        if not isinstance(r, dict):
+            raise ConfigError(f"{where}: results[{i}] must be an object, not {_json_type(r)}; {hint}")
+        key, status, median = r.get("key"), r.get("status"), r.get("median_ms")
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{where}: results[{i}].key must be a non-empty string, not {_json_type(key)}; {hint}")
+        if key in seen:
+            raise ConfigError(f"{where}: case {key} appears twice; {hint}")
+        seen.add(key)
+        if status not in ("ok", "skipped", "error"):
+            raise ConfigError(f"{where}: results[{i}].status must be ok, skipped or error, not {status!r}; {hint}")
+        if status == "ok":
+            if not (isinstance(median, (int, float)) and not isinstance(median, bool) and math.isfinite(median) and median > 0):
+                raise ConfigError(f"{where}: results[{i}].median_ms of ok case {key} must be a finite number > 0, not {median!r}; {hint}")
+            medians[key] = float(median)
+    if not medians:
+        raise ConfigError(f"{where}: no measured (status ok) case to compare against; {hint}")
+    return Baseline(path, medians)
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(v), "a number")
+
+
+@dataclass
+class Comparison:
+    """This run against a baseline: cases slower than the threshold allows, and measured cases of
+    the baseline that this run did not measure (absent, skipped or failed)."""
+
+    baseline: str
+    threshold: float
+    regressions: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    compared: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_threshold(threshold: float) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
+        raise ConfigError(f"--threshold must be a finite fraction >= 0 (0.10 allows 10% slower), not {threshold!r}")
+    return float(threshold)
+
+
+def compare_against(report: BenchReport, baseline: Baseline, threshold: float) -> Comparison:
+    """Compare every measured case of `baseline` with this run (NaN-safe: medians were checked)."""
+    check_threshold(threshold)
+    now = {r.case.key: r for r in report.results}
+    cmp = Comparison(str(baseline.path), threshold)
+    for key, old_ms in baseline.medians.items():
+        r = now.get(key)
+        if r is None:
+            cmp.missing.append(f"{key}: not in this run")
+        elif r.status != "ok" or not r.median_ms:
+            cmp.missing.append(f"{key}: {r.status} ({r.reason[:120]})")
+        else:
+            cmp.compared += 1
+            ratio = r.median_ms / old_ms
             if ratio > 1 + threshold:
-                regressions.append(f"{r.case.key}: {o['median_ms']:.3f} -> {r.median_ms:.3f} ms (+{ratio - 1:.0%})")
-    return regressions
+                cmp.regressions.append(f"{key}: {old_ms:.3f} -> {r.median_ms:.3f} ms (+{ratio - 1:.0%})")
+    return cmp
 
 
-def raise_for_regressions(regressions: list[str], threshold: float) -> None:
-    if regressions:
-        raise RegressionError(f"{len(regressions)} case(s) slower than the baseline by more than {threshold:.0%}: " + "; ".join(regressions[:5]))
+def judge(report: BenchReport, comparison: Comparison | None = None) -> SlabDeployError | None:
+    """The run's verdict, recorded in `report.verdict`: BenchCaseError (exit 5) when a case failed
+    or nothing was measured (every case skipped: a benchmark that measured nothing cannot pass a
+    gate); else RegressionError (exit 4) when a measured case of the baseline is missing from this
+    run or regressed; else None (exit 0). A failed case outranks a regression."""
+    errors = [r for r in report.results if r.status == "error"]
+    ok = [r for r in report.results if r.status == "ok"]
+    n = len(report.results)
+    exc: SlabDeployError | None = None
+    if errors:
+        exc = BenchCaseError(f"{len(errors)} of {n} case(s) failed: " + "; ".join(f"{r.case.key}: {r.reason}" for r in errors[:3])
+                             + ("; ..." if len(errors) > 3 else ""))
+    elif not ok:
+        skipped = report.results[0].reason if report.results else "no cases"
+        exc = BenchCaseError(f"nothing was measured: all {n} case(s) were skipped (first: {skipped}); run on a host with the backend")
+    elif comparison is not None and (comparison.missing or comparison.regressions):
+        parts = []
+        if comparison.missing:
+            parts.append(f"{len(comparison.missing)} measured case(s) of the baseline not measured now: " + "; ".join(comparison.missing[:3]))
+        if comparison.regressions:
+            parts.append(f"{len(comparison.regressions)} case(s) slower than the baseline by more than {comparison.threshold:.0%}: "
+                         + "; ".join(comparison.regressions[:5]))
+        exc = RegressionError(" and ".join(parts))
+    report.verdict = {"exit_code": exc.exit_code if exc else 0, "passed": exc is None, "message": str(exc) if exc else "passed",
+                      "cases": n, "ok": len(ok), "errors": len(errors), "skipped": n - len(ok) - len(errors),
+                      "against": comparison.to_dict() if comparison is not None else None}
+    return exc

@@ -331,7 +331,7 @@ def _targets(compare: str | None, models_: str | None, unfolded: bool, checkpoin
         slab = get_spec(n).is_slab
         targets.append(Target(n, "folded" if slab else "baseline", str(checkpoint) if checkpoint and len(names) == 1 else None))
         if slab and unfolded:
-            targets.append(Target(n, "unfolded"))
+            targets.append(Target(n, "unfolded", targets[-1].checkpoint))
     return targets
 
 
@@ -355,18 +355,35 @@ def bench(
     checkpoint: CkptOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for bench.json/csv/md, plots and exported graphs.")] = Path("bench-out"),
     onnx_cache: Annotated[Path | None, typer.Option("--onnx-cache", help="Where exported graphs are kept for reuse [default: OUTPUT/onnx].")] = None,
-    against: Annotated[Path | None, typer.Option("--against", help="Earlier bench.json: exit 4 when a case regressed beyond --threshold.")] = None,
+    against: Annotated[Path | None, typer.Option("--against", help="Earlier bench.json: exit 4 when a case it measured regressed beyond --threshold, or was not measured now.")] = None,
     threshold: Annotated[float, typer.Option("--threshold", help="Allowed slow-down against --against (fraction).")] = 0.10,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure latency and throughput of SLAB models against their LayerNorm and FLatten baselines."""
+    """Measure latency and throughput of SLAB models against their LayerNorm and FLatten baselines.
+
+    Exit codes (CI gates on them):
+
+    0: no case failed and at least one was measured (a case is skipped, not failed, only when this host lacks its backend); with --against, every case measured there was measured now and none regressed beyond --threshold.
+
+    1: bad input, refused before anything runs or is written: an option or profile value, a checkpoint that does not load, a batch whose estimated memory exceeds what is available, an unreadable or malformed --against file (or one with no measured case).
+
+    2: a command line the parser rejects (an unknown option, a non-number for --iters).
+
+    4: with --against, a case measured there regressed beyond --threshold, or was not measured now (absent, skipped or failed).
+
+    5: a case failed (status error), or every case was skipped (nothing was measured). 5 outranks 4.
+
+    With 0, 4 and 5, bench.json, bench.csv and bench.md are written in full first, the verdict in them. Exported graphs are reused from --onnx-cache only when their sha256 matches the record bench wrote beside them (else they are exported again, and a note says why).
+    """
     from dataclasses import replace
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from slab_deploy.bench import (
+        check_threshold,
         compare_against,
-        raise_for_regressions,
+        judge,
+        load_baseline,
         run_bench,
         write_outputs,
     )
@@ -376,6 +393,8 @@ def bench(
     if device not in ("cuda", "cpu"):
         raise ConfigError(f"--device must be cuda or cpu, not {device!r}")
     targets = _targets(compare, models_, unfolded, checkpoint)
+    check_threshold(threshold)
+    baseline = load_baseline(against) if against is not None else None  # malformed: refused before the run
     if profile:
         prof = load_profile(profile)
         if prof.device != device:
@@ -394,9 +413,9 @@ def bench(
     if precision:
         overrides["precisions"] = tuple(_csv(precision))
     if batch:
-        overrides["batches"] = tuple(int(b) for b in _csv(batch))
+        overrides["batches"] = tuple(_int_csv(batch, "--batch"))
     if threads:
-        overrides["threads"] = tuple(int(t) for t in _csv(threads))
+        overrides["threads"] = tuple(_int_csv(threads, "--threads"))
     if iters is not None:
         overrides["iters"] = iters
     if warmup is not None:
@@ -419,18 +438,39 @@ def bench(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console(stderr=True), transient=True) as progress:
         rep = run_bench(targets, prof, output, progress=progress, export_cache=onnx_cache)
     rep.command = "slab-deploy " + " ".join(sys.argv[1:])
-    paths = write_outputs(rep, output)
-    regressions = compare_against(rep, against, threshold) if against else []
+    failure = judge(rep, compare_against(rep, baseline, threshold) if baseline is not None else None)
+    paths = write_outputs(rep, output)  # complete files, verdict included, before any non-zero exit
     if as_json:
         typer.echo(json.dumps(rep.to_dict(), indent=2, default=str))
     else:
+        from rich.markup import escape
+
         from slab_deploy.report import bench_tables
 
         con = _console()
         for t in bench_tables(rep):
             con.print(t)
-        con.print("wrote " + ", ".join(str(p) for p in paths.values()))
-    raise_for_regressions(regressions, threshold)
+        for note in rep.notes:
+            con.print(escape(f"note: {note}"))
+        con.print(escape("wrote " + ", ".join(str(p) for p in paths.values())))
+    if failure is not None:
+        failure.args = (f"{failure} (reports written: {paths['json']}, {paths['csv'].name}, {paths['markdown'].name})",)
+        raise failure
+
+
+def _int_csv(value: str, option: str) -> list[int]:
+    """A comma list of positive integers; anything else is one line naming the option."""
+    from slab_deploy.errors import ConfigError
+
+    out = []
+    for item in _csv(value):
+        if not (item.isascii() and item.isdigit() and len(item) <= 15) or int(item) < 1:
+            shown = item if len(item) <= 20 else item[:17] + "..."
+            raise ConfigError(f"{option} takes a comma list of positive integers (e.g. 1,8,64), not {shown!r}")
+        out.append(int(item))
+    if not out:
+        raise ConfigError(f"{option} takes a comma list of positive integers (e.g. 1,8,64), not {value!r}")
+    return out
 
 
 @app.command()

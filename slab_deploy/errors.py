@@ -63,3 +63,10 @@ class RegressionError(SlabDeployError):
     """A benchmark regressed beyond its threshold compared with an earlier run."""
 
     exit_code = 4
+
+
+class BenchCaseError(SlabDeployError):
+    """A benchmark case failed, or nothing was measured. Exit code 5, so CI can tell a broken case
+    from a slow one (4) and from bad input (1)."""
+
+    exit_code = 5

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,11 +40,15 @@ class Profile:
         return asdict(self)
 
 
-_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "name": str, "description": str, "device": str, "backends": list, "precisions": list, "batches": list,
-    "threads": (int, list, type(None)), "warmup": int, "iters": int, "min_seconds": (int, float),
-    "peak_tflops": (int, float, type(None)), "emulated": bool, "compile_mode": str, "sla_policy": str, "exporter": str,
-}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SLA_POLICIES = ("fp32", "mixed")
+EXPORTERS = ("auto", "dynamo", "torchscript")
+DEVICES = ("cuda", "cpu")
+MAX_THREADS = 1024  # a sanity bound: more threads than this is a typo, not an edge CPU
+MAX_PROFILE_BYTES = 1 << 20  # a profile is a few hundred bytes; refuse to parse a huge file
+
+_FIELDS = ("name", "description", "device", "backends", "precisions", "batches", "threads", "warmup", "iters",
+           "min_seconds", "peak_tflops", "emulated", "compile_mode", "sla_policy", "exporter")
 _REQUIRED = ("name", "description", "device", "backends", "precisions", "batches")
 
 
@@ -53,44 +59,124 @@ def profile_dirs() -> list[Path]:
     return dirs
 
 
+def _shown(v: Any) -> str:
+    r = repr(v)
+    return (r if len(r) <= 40 else r[:37] + "...") + f" ({type(v).__name__})"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # YAML `true` is a bool, and bool is an int in Python
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class _Checker:
+    """Type checks of one profile mapping; every failure is one line naming the source, the key and
+    what was expected."""
+
+    def __init__(self, data: dict[str, Any], source: str) -> None:
+        self.data, self.source = data, source
+
+    def fail(self, key: str, expected: str, value: Any) -> ConfigError:
+        return ConfigError(f"{self.source}: {key} must be {expected}, not {_shown(value)}")
+
+    def choice(self, key: str, choices: Sequence[str], default: str | None = None) -> str:
+        v = self.data.get(key, default)
+        if not isinstance(v, str) or v not in choices:
+            raise self.fail(key, "one of " + ", ".join(choices), v)
+        return v
+
+    def text(self, key: str, default: str | None = None) -> str:
+        v = self.data.get(key, default)
+        if not isinstance(v, str) or (key == "name" and not v.strip()):
+            raise self.fail(key, "a non-empty string" if key == "name" else "a string", v)
+        return v
+
+    def integer(self, key: str, default: int, minimum: int) -> int:
+        v = self.data.get(key, default)
+        if not _is_int(v) or v < minimum:
+            raise self.fail(key, f"an integer >= {minimum}", v)
+        return int(v)
+
+    def number(self, key: str, default: float | None, *, positive: bool = False, optional: bool = False) -> float | None:
+        v: Any = self.data.get(key, default)
+        if v is None and optional:
+            return None
+        if not _is_number(v) or v < 0 or (positive and v == 0):
+            what = "a finite number > 0" if positive else "a finite number >= 0"
+            raise self.fail(key, what + (" or null" if optional else ""), v)
+        return float(v)
+
+    def choices(self, key: str, choices: Sequence[str]) -> tuple[str, ...]:
+        v = self.data[key]
+        if not isinstance(v, list) or not v:
+            raise self.fail(key, "a non-empty list of " + ", ".join(choices), v)
+        for i, x in enumerate(v):
+            if not isinstance(x, str) or x not in choices:
+                raise self.fail(f"{key}[{i}]", "one of " + ", ".join(choices), x)
+        self._unique(key, v)
+        return tuple(v)
+
+    def integers(self, key: str, *, maximum: int | None = None, nullable: bool = False, scalar: bool = False) -> tuple[Any, ...]:
+        v = self.data[key]
+        items = v if isinstance(v, list) else [v]
+        if (isinstance(v, list) and not v) or (not scalar and not isinstance(v, list)):
+            raise self.fail(key, "a non-empty list of positive integers", v)
+        expected = "a positive integer" + (f" <= {maximum}" if maximum else "") + (" or null" if nullable else "")
+        for i, x in enumerate(items):
+            if x is None and nullable:
+                continue
+            if not _is_int(x) or x < 1 or (maximum is not None and x > maximum):
+                raise self.fail(f"{key}[{i}]" if isinstance(v, list) else key, expected, x)
+        self._unique(key, items)
+        return tuple(items)
+
+    def _unique(self, key: str, items: list[Any]) -> None:
+        dup = [x for i, x in enumerate(items) if x in items[:i]]
+        if dup:
+            raise ConfigError(f"{self.source}: {key} lists {dup[0]!r} twice")
+
+
 def validate(data: Any, source: str) -> Profile:
-    """Schema check of one profile mapping; raises ConfigError naming the file and the field."""
+    """Schema and type check of one profile mapping (bool is not an integer, numbers are finite,
+    strings come from the known vocabularies); raises ConfigError naming the source and the key."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a profile must be a mapping of fields")
-    unknown = sorted(set(data) - set(_FIELDS))
+        raise ConfigError(f"{source}: a profile must be a mapping of fields, not {type(data).__name__}")
+    unknown = sorted(str(k) for k in data if k not in _FIELDS)
     if unknown:
         raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(_FIELDS)}")
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
-    for k, typ in _FIELDS.items():
-        if k in data and not isinstance(data[k], typ):
-            raise ConfigError(f"{source}: field {k!r} has the wrong type ({type(data[k]).__name__})")
-    if data["device"] not in ("cuda", "cpu"):
-        raise ConfigError(f"{source}: device must be cuda or cpu, not {data['device']!r}")
-    for b in data["backends"]:
-        if b not in BACKENDS:
-            raise ConfigError(f"{source}: unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
-    for p in data["precisions"]:
-        if p not in PRECISIONS:
-            raise ConfigError(f"{source}: unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
-    if not data["batches"] or not all(isinstance(b, int) and b >= 1 for b in data["batches"]):
-        raise ConfigError(f"{source}: batches must be a non-empty list of positive integers")
+    c = _Checker(data, source)
     threads = data.get("threads")
-    threads_t: tuple[int | None, ...] = (None,) if threads is None else (tuple(threads) if isinstance(threads, list) else (threads,))
-    if not all(t is None or (isinstance(t, int) and t >= 1) for t in threads_t):
-        raise ConfigError(f"{source}: threads must be positive integers")
-    if data.get("sla_policy", "fp32") not in ("fp32", "mixed"):
-        raise ConfigError(f"{source}: sla_policy must be fp32 or mixed")
-    if data.get("exporter", "auto") not in ("auto", "dynamo", "torchscript"):
-        raise ConfigError(f"{source}: exporter must be auto, dynamo or torchscript")
-    if data.get("iters", 1) < 1 or data.get("warmup", 0) < 0:
-        raise ConfigError(f"{source}: iters must be >= 1 and warmup >= 0")
-    kw = {k: v for k, v in data.items() if k not in ("backends", "precisions", "batches", "threads")}
     return Profile(
-        backends=tuple(data["backends"]), precisions=tuple(data["precisions"]), batches=tuple(data["batches"]),
-        threads=threads_t, source=source, **kw,
+        name=c.text("name"),
+        description=c.text("description"),
+        device=c.choice("device", DEVICES),
+        backends=c.choices("backends", BACKENDS),
+        precisions=c.choices("precisions", PRECISIONS),
+        batches=c.integers("batches"),
+        threads=(None,) if threads is None else c.integers("threads", maximum=MAX_THREADS, nullable=True, scalar=True),
+        warmup=c.integer("warmup", 10, 0),
+        iters=c.integer("iters", 50, 1),
+        min_seconds=c.number("min_seconds", 0.0) or 0.0,
+        peak_tflops=c.number("peak_tflops", None, positive=True, optional=True),
+        emulated=_bool(data, "emulated", source),
+        compile_mode=c.choice("compile_mode", COMPILE_MODES, "max-autotune-no-cudagraphs"),
+        sla_policy=c.choice("sla_policy", SLA_POLICIES, "fp32"),
+        exporter=c.choice("exporter", EXPORTERS, "auto"),
+        source=source,
     )
+
+
+def _bool(data: dict[str, Any], key: str, source: str) -> bool:
+    v = data.get(key, False)
+    if not isinstance(v, bool):
+        raise ConfigError(f"{source}: {key} must be true or false, not {_shown(v)}")
+    return v
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -100,10 +186,14 @@ def load_profile(name_or_path: str) -> Profile:
     candidates = [p] if p.suffix in (".yaml", ".yml") else [d / f"{name_or_path}.yaml" for d in profile_dirs()]
     for c in candidates:
         if c.is_file():
+            if c.stat().st_size > MAX_PROFILE_BYTES:
+                raise ConfigError(f"{c}: {c.stat().st_size} bytes is too large for a profile (at most {MAX_PROFILE_BYTES})")
             try:
-                data = yaml.safe_load(c.read_text())
+                data = yaml.safe_load(c.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{c}: cannot read the profile ({exc})") from None
             except yaml.YAMLError as exc:
-                raise ConfigError(f"{c}: not valid YAML ({exc})") from None
+                raise ConfigError(f"{c}: not valid YAML ({' '.join(str(exc).split())})") from None
             prof = validate(data, c.name if c.parent in profile_dirs() else str(c))
             if p.suffix not in (".yaml", ".yml") and prof.name != name_or_path:
                 raise ConfigError(f"{c}: profile name {prof.name!r} does not match its file name")

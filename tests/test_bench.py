@@ -37,11 +37,11 @@ def test_shipped_profiles_validate() -> None:
 @pytest.mark.parametrize(
     "patch, match",
     [
-        ({"backends": ["warp-drive"]}, "unknown backend"),
-        ({"precisions": ["fp8"]}, "unknown precision"),
-        ({"batches": []}, "batches"),
-        ({"device": "tpu"}, "device"),
-        ({"iters": "many"}, "wrong type"),
+        ({"backends": ["warp-drive"]}, r"backends\[0\] must be one of torch, .*not 'warp-drive'"),
+        ({"precisions": ["fp8"]}, r"precisions\[0\] must be one of fp32, fp16, bf16"),
+        ({"batches": []}, "batches must be a non-empty list"),
+        ({"device": "tpu"}, "device must be one of cuda, cpu"),
+        ({"iters": "many"}, r"iters must be an integer >= 1, not 'many' \(str\)"),
         ({"colour": "red"}, "unknown field"),
     ],
 )
@@ -86,8 +86,11 @@ def test_run_bench_cpu(tmp_path: Path) -> None:
     assert paths["csv"].read_text().startswith("model,variant,backend")
     assert "Speed-up" in paths["markdown"].read_text()
     assert paths["latency_plot"].stat().st_size > 1000 and paths["speedup_plot"].exists()
-    # the exported graphs are cached for the next run
-    assert (tmp_path / "onnx" / "test_slab_swin-folded-fp32" / "model.onnx").exists()
+    # the exported graphs are cached for the next run, keyed by the checkpoint they came from
+    from slab_deploy.bench import CACHE_RECORD, Target, checkpoint_identity
+
+    d = tmp_path / "onnx" / f"test_slab_swin-folded-fp32-ck{checkpoint_identity(Target('test_slab_swin', 'folded'))[:12]}"
+    assert (d / "model.onnx").exists() and (d / CACHE_RECORD).exists()
 
 
 def _result(key_ms: float, variant: str = "folded", model: str = "m") -> Result:
@@ -95,15 +98,17 @@ def _result(key_ms: float, variant: str = "folded", model: str = "m") -> Result:
 
 
 def test_regression_detection(tmp_path: Path) -> None:
-    from slab_deploy.bench import BenchReport
+    from slab_deploy.bench import BenchReport, load_baseline
 
     old = BenchReport({}, {}, [_result(10.0)])
     (tmp_path / "old.json").write_text(json.dumps(old.to_dict()))
-    assert compare_against(BenchReport({}, {}, [_result(10.5)]), tmp_path / "old.json", 0.10) == []
-    regs = compare_against(BenchReport({}, {}, [_result(12.0)]), tmp_path / "old.json", 0.10)
+    base = load_baseline(tmp_path / "old.json")
+    cmp = compare_against(BenchReport({}, {}, [_result(10.5)]), base, 0.10)
+    assert cmp.regressions == [] and cmp.missing == [] and cmp.compared == 1
+    regs = compare_against(BenchReport({}, {}, [_result(12.0)]), base, 0.10).regressions
     assert len(regs) == 1 and "+20%" in regs[0]
     with pytest.raises(ConfigError):
-        compare_against(old, tmp_path / "missing.json", 0.1)
+        load_baseline(tmp_path / "missing.json")
 
 
 def test_speedups_pair_only_matching_cases() -> None:
