@@ -279,7 +279,13 @@ def check(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the parity ladder; exit 0 on pass, 3 naming the first rung that broke, 1 on bad input or a broken artefact."""
-    from slab_deploy.check import check_report_dir, parse_tolerance_overrides, raise_for_verdict, run_check, write_reports
+    from slab_deploy.check import (
+        check_report_dir,
+        parse_tolerance_overrides,
+        raise_for_verdict,
+        run_check,
+        write_reports,
+    )
 
     overrides = parse_tolerance_overrides(tolerance or [])
     if report is not None:
