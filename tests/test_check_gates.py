@@ -399,3 +399,29 @@ def test_only_missing_backends_is_not_judged(exports, tmp_path: Path, capsys, mo
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     assert rep["outcome"] == "unjudged" and not rep["passed"]
     assert {r["rung"]: r["status"] for r in rep["rungs"]}["ort_cuda"] == "skipped"
+
+
+def test_ci_doc_states_the_real_exit_codes_and_options(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """docs/ci.md: its job parses, branches on the codes the errors really carry, and uses only
+    options the commands have."""
+    import re
+
+    import yaml
+
+    from slab_deploy.errors import RegressionError
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "ci.md").read_text()
+    job = yaml.safe_load(text.split("```yaml", 1)[1].split("```", 1)[0])
+    runs = [s["run"] for s in job["jobs"]["export-check-bench"]["steps"] if "run" in s]
+    for command, codes in (("check", {0, 1, 3}), ("bench", {0, 4, 5})):
+        run = next(r for r in runs if f"slab-deploy {command} " in r)
+        assert {int(c) for c in re.findall(r"^\s*(\d)\)", run, re.M)} == codes, command
+        assert "exit $code" in run
+        _, help_out, _ = run_cli([command, "--help"], capsys, monkeypatch)
+        opts = set(re.findall(r"(?<=\s)(--[a-z][a-z-]*)", run.split(f"slab-deploy {command} ", 1)[1].split("code=")[0]))
+        assert len(opts) >= 3, opts
+        for opt in opts:
+            assert opt in help_out, f"docs/ci.md uses {command} {opt}, which the command does not have"
+    rows = dict(re.findall(r"^\| (\d) \| ([^|]+) \|", text, re.M))
+    assert rows["0"].startswith("PASS") and rows["3"].startswith("parity failure") and "broken artefact" in rows["1"]
+    assert (ArtifactError.exit_code, ConfigError.exit_code, ParityError.exit_code, RegressionError.exit_code) == (1, 1, 3, 4)
