@@ -278,10 +278,18 @@ def check(
     allow_unfinished_prepbn: UnfinishedOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the parity ladder; exit 0 on pass, 3 naming the first rung that broke, 1 on bad input."""
-    from slab_deploy.check import parse_tolerance_overrides, raise_for_verdict, run_check, write_reports
+    """Run the parity ladder; exit 0 on pass, 3 naming the first rung that broke, 1 on bad input or a broken artefact."""
+    from slab_deploy.check import (
+        check_report_dir,
+        parse_tolerance_overrides,
+        raise_for_verdict,
+        run_check,
+        write_reports,
+    )
 
     overrides = parse_tolerance_overrides(tolerance or [])
+    if report is not None:
+        check_report_dir(report)  # before any work: a bad --report must cost nothing
     con = _console(stderr=True)
     with con.status("checking", spinner="dots") as status:
         rep = run_check(

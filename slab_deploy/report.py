@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.markup import escape
@@ -20,9 +21,15 @@ def fold_table(report: FoldReport) -> Any:
         into = ", ".join(n.into) if n.into else escape(n.reason)
         t.add_row(
             n.name, n.kind, str(n.channels), action, into, ",".join(n.through) or "-",
-            "-" if n.max_abs_delta is None else f"{n.max_abs_delta:.1e}",
+            _delta(n.max_abs_delta),
         )
     return t
+
+
+def _delta(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1e}" if math.isfinite(v) else f"[bold red]{v} (not finite)[/bold red]"
 
 
 def export_summary(manifest: dict[str, Any], onnx_path: Any) -> Any:
@@ -79,9 +86,15 @@ def check_table(report: Any) -> Any:
             status = f"[dim]skipped [{len(notes)}][/dim]"
         elif r.status == "pass":
             status = "[green]pass[/green]"
+        elif r.status == "error":
+            notes.append(escape(f"{r.rung} ({r.precision}) could not run: {r.reason}"))
+            status = f"[bold red]ERROR[/bold red] [{len(notes)}]" + (" (first)" if r is first else "")
         else:
             status = "[bold red]FAIL[/bold red]" + (" (first)" if r is first else "")
-        need = ", ".join(f"{k}={v:.3g}" for k, v in r.needed.items()) if r.status != "skipped" else ""
+            if m.get("nonfinite") or m.get("nonfinite_reference"):
+                notes.append(escape(f"{r.rung} ({r.precision}): {'; '.join(r.failures)}"))
+                status += f" [{len(notes)}]"
+        need = ", ".join(f"{k}={v:.3g}" for k, v in r.needed.items()) if r.status in ("pass", "fail") else ""
         t.add_row(r.rung, r.precision, status, f("max_abs", ".1e"), f("max_rel", ".1e"), f("cosine", ".6f"),
                   f("sqnr_db", ".1f"), f("top1", ".2f"), f("top5", ".2f"), need)
     if notes:

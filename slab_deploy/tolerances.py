@@ -8,6 +8,7 @@ figures, so a threshold can be moved with evidence.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -20,6 +21,12 @@ class Tolerance:
     min_cosine: float | None = None
     min_sqnr_db: float | None = None
     min_top1: float | None = None  # fraction of samples whose argmax agrees
+
+    def __post_init__(self) -> None:
+        # NaN compares false with everything and +-Inf disables a bound: neither is a tolerance.
+        for k, v in asdict(self).items():
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise ValueError(f"tolerance {k}={v!r} is not a finite number")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

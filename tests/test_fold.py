@@ -239,3 +239,81 @@ def test_folded_models_feed_linears_row_major(name: str) -> None:
     with torch.no_grad():
         m(torch.randn(2, *get_spec(name).input_size))
     assert not bad, bad
+
+
+# ------------------------------------------------------------------------------------------ NaN safety
+
+
+def test_nan_logits_refuse_the_fold_and_the_cli_writes_nothing(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """NaN compares false with every budget: a model whose logits are NaN cannot verify a fold, and
+    the report must not say `max |delta| nan` as if all were well."""
+    from helpers import run_cli
+
+    from slab_deploy.errors import FoldError
+    from slab_deploy.testing import save_authors_checkpoint
+
+    name = "test_slab_deit"
+    model = randomize_weights(build_model(name), seed=5)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    with pytest.raises(FoldError, match="NaN/Inf logits"):
+        fold_model(model)
+    ckpt = save_authors_checkpoint(tmp_path / "nan.pth", model.state_dict(), model_name=name)
+    out = tmp_path / "folded.pt"
+    code, _, err = run_cli(["fold", "-m", name, "-c", str(ckpt), "-o", str(out)], capsys, monkeypatch)
+    assert code == 1 and "NaN/Inf" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_fold_that_makes_nan_is_reverted(monkeypatch: pytest.MonkeyPatch) -> None:
+    import slab_deploy.passes.fold as fold_mod
+
+    name = "test_slab_deit"
+    model = randomize_weights(build_model(name), seed=6)
+    real = fold_mod.apply_fold
+    poisoned = []
+
+    def nan_fold(m, fold):  # type: ignore[no-untyped-def]
+        added = real(m, fold)
+        if not poisoned:
+            poisoned.append(fold.norm)
+        if fold.norm == poisoned[0]:  # this fold writes a NaN into its target, every time it is applied
+            with torch.no_grad():
+                m.get_submodule(fold.modules[0]).weight.view(-1)[0] = float("nan")
+        return added
+
+    monkeypatch.setattr(fold_mod, "apply_fold", nan_fold)
+    folded, report = fold_model(model)
+    by_name = {n.name: n for n in report.norms}
+    assert by_name[poisoned[0]].action == "kept-affine" and "moved the logits by nan" in by_name[poisoned[0]].reason
+    assert report.verified and report.max_abs_delta == report.max_abs_delta  # finite, not NaN
+    x = images(model, 2, 1)
+    with torch.no_grad():
+        ref = model(x)
+        assert float((folded(x) - ref).abs().max()) <= fold_budget(ref)
+
+
+def test_zero_scale_channels_keep_the_local_check_finite() -> None:
+    """gamma = 0 and alpha = 0 give a == 0 on a channel: exact to fold, and its per-norm delta must
+    still be a number (dividing by a there made it NaN)."""
+    name = "test_slab_deit"
+    model = randomize_weights(build_model(name), seed=8)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, RepBN):
+                m.bn.weight[:3] = 0.0
+                m.alpha.zero_()
+    folded, report = fold_model(model)
+    deltas = [n.max_abs_delta for n in report.norms if n.action == "folded"]
+    assert deltas and all(d is not None and d == d and d < float("inf") for d in deltas)
+    assert report.verified
+
+
+def test_unverified_summary_says_so() -> None:
+    """With verify=False a NaN delta is reported as NOT VERIFIED, never as a plain number."""
+    name = "test_slab_deit"
+    model = randomize_weights(build_model(name), seed=9)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("inf")
+    _, report = fold_model(model, verify=False)
+    assert not report.verified and "NOT VERIFIED" in report.summary() and report.to_dict()["verified"] is False

@@ -4,11 +4,16 @@ The result has no BatchNorm, RepBN, LinearNorm or LayerNorm left in a SLAB model
 be folded exactly stay as one explicit `ChannelAffine` (Mul + Add) with the reason in the report.
 LayerNorm baselines are left as they are: LayerNorm's statistics depend on the input, so it has no
 fixed affine to fold.
+
+The verification is NaN-safe: a model whose probe logits are already NaN/Inf cannot verify a fold
+and raises `FoldError`; a fold whose logits become NaN/Inf is reverted like any other that moves
+them beyond the budget (each test is written `not delta <= budget`, which NaN fails).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +22,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from slab_deploy.errors import FoldError
 from slab_deploy.models.layers import ChannelAffine, LinearNorm, RepBN
 from slab_deploy.passes.base import prepare, set_submodule
 from slab_deploy.passes.fold_affine import Fold, _Foldable, apply_fold, plan_folds
@@ -68,12 +74,17 @@ class FoldReport:
         return self.max_abs_delta / max(self.max_abs_logit, 1e-12)
 
     @property
+    def verified(self) -> bool:
+        """True when the folded logits are finite and within the fold tolerance of the unfolded ones."""
+        return math.isfinite(self.max_abs_delta) and self.max_rel_delta <= self.tolerance_max_rel
+
+    @property
     def changed(self) -> bool:
         return self.folded > 0 or any(n.kind in ("prepbn", "repbn") for n in self.norms)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(folded=self.folded, kept=self.kept, max_rel_delta=self.max_rel_delta)
+        d.update(folded=self.folded, kept=self.kept, max_rel_delta=self.max_rel_delta, verified=self.verified)
         return d
 
     def summary(self) -> str:
@@ -84,7 +95,12 @@ class FoldReport:
             parts.append(f"{aff} kept as explicit affine")
         if ln:
             parts.append(f"{ln} LayerNorm not foldable (input-dependent statistics)")
-        parts.append(f"max |delta logit| {self.max_abs_delta:.2e} ({self.max_rel_delta:.1e} of max |logit|)")
+        if math.isfinite(self.max_abs_delta):
+            parts.append(f"max |delta logit| {self.max_abs_delta:.2e} ({self.max_rel_delta:.1e} of max |logit|)")
+        else:
+            parts.append(f"max |delta logit| {self.max_abs_delta} (NaN/Inf in the folded logits)")
+        if not self.verified:
+            parts.append(f"NOT VERIFIED: beyond the fold tolerance {self.tolerance_max_rel:g} of max |logit|")
         return ", ".join(parts)
 
 
@@ -147,6 +163,11 @@ def fold_model(
     params_before = _count(model)
     probe = default_probe(model) if probe is None else probe
     reference = model(probe).detach()
+    if verify and not bool(torch.isfinite(reference).all()):
+        raise FoldError(
+            f"{name} gives NaN/Inf logits on the fold probe before any fold: a fold cannot be verified; "
+            "check the checkpoint's weights (inspect it with `slab-deploy inspect`)"
+        )
     UnwrapPRepBN(model, inplace=True)
     RepBNToAffine(model, inplace=True)
     folds, refusals = plan_folds(model, probe)
@@ -161,7 +182,7 @@ def fold_model(
     for fold in folds:
         biases_added += apply_fold(model, fold)
     final = model(probe).detach()
-    if verify and float((final - reference).abs().max()) > budget:
+    if verify and not float((final - reference).abs().max()) <= budget:  # `not <=`: NaN takes the slow path
         # Some path mixes channels: undo everything and re-apply one fold at a time, keeping the good ones.
         assert pristine is not None
         model = pristine
@@ -181,6 +202,9 @@ def fold_model(
         elif n not in entries and kind in ("prepbn", "repbn", "affine"):
             entries[n] = NormFold(n, kind, ch, "kept-affine", reason="not reached by the probe forward pass")
     order = list(kinds)
+    max_abs_delta = float((final - reference).abs().max())
+    if verify and not max_abs_delta <= budget:  # the one-by-one path keeps only verified folds: a bug if reached
+        raise FoldError(f"folding {name} moved the probe logits by {max_abs_delta} (> {budget:.1e}) after reverting every bad fold")
     report = FoldReport(
         model=name,
         norms=[entries[n] for n in order if n in entries],
@@ -188,7 +212,7 @@ def fold_model(
         params_after=_count(model),
         probe_shape=list(probe.shape),
         max_abs_logit=scale,
-        max_abs_delta=float((final - reference).abs().max()),
+        max_abs_delta=max_abs_delta,
         tolerance_max_rel=tol,
         seconds=time.perf_counter() - t0,
         biases_added=biases_added,
@@ -229,7 +253,10 @@ def _local_delta(model: nn.Module, fold: Fold, aff: ChannelAffine, captured: dic
         m = model.get_submodule(n)
         inp, out = captured[n]
         if fold.side == "input":
-            z = (inp - _channel_view(b, m, inp.dim())) / _channel_view(a, m, inp.dim())
+            # Channels with a == 0 carry nothing: the folded layer's column there is zero, so any
+            # finite value stands in (dividing by zero would make the check NaN).
+            av = _channel_view(a, m, inp.dim())
+            z = torch.where(av != 0, (inp - _channel_view(b, m, inp.dim())) / torch.where(av != 0, av, 1), 0)
             want = out
         else:
             z = inp
@@ -257,7 +284,7 @@ def _fold_one_by_one(
         added = apply_fold(model, fold)
         cur = model(probe).detach()
         total = float((cur - reference).abs().max())
-        if total > budget:
+        if not total <= budget:  # NaN reverts too
             _restore(model, fold, saved, added)
             entries[fold.norm] = NormFold(
                 fold.norm, kind, ch, "kept-affine",

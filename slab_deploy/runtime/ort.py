@@ -51,7 +51,10 @@ def cuda_available() -> bool:
 
 class ORTRunner:
     """ONNX Runtime on CPU or CUDA. `graph_opt="none"` interprets the graph as written (the check
-    ladder uses it to tell graph faults from optimiser faults)."""
+    ladder uses it to tell graph faults from optimiser faults).
+
+    Raises `UnsupportedBackend` only for what the host lacks (no CUDA provider, no kernel for an op),
+    and `ArtifactError` when the graph itself will not load."""
 
     def __init__(self, model_path: str | Path, provider: str = "cpu", *, threads: int | None = None,
                  graph_opt: str = "all", precision: str = "fp32") -> None:
@@ -67,7 +70,14 @@ class ORTRunner:
         try:
             self.session = session(model_path, providers, threads, graph_opt)
         except Exception as exc:
-            raise UnsupportedBackend(f"ONNX Runtime cannot load the graph: {str(exc).splitlines()[0][:200]}") from None
+            text = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+            if "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text:
+                # This runtime build lacks a kernel (e.g. an fp16 op on the CPU provider): the host, not the graph.
+                raise UnsupportedBackend(f"ONNX Runtime {ort.__version__} ({provider}) has no kernel for this graph: {text}") from None
+            # Anything else is the graph's fault (truncated, invalid, not ONNX): a broken artefact, never a skip.
+            from slab_deploy.errors import ArtifactError
+
+            raise ArtifactError(f"ONNX Runtime cannot load {model_path}: {text}") from None
         if provider == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise UnsupportedBackend("the CUDA execution provider failed to initialise (CUDA/cuDNN libraries?)")
         self.input = self.session.get_inputs()[0].name
