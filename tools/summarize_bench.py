@@ -155,7 +155,7 @@ def checks(paths: list[str], extra_policy: str | None = None) -> None:
             art = r.get("artifacts_precision") or {}
             prec, policy = art.get("mode", "?"), art.get("sla_policy", extra_policy or "?")
         for x in r["rungs"]:
-            if x["rung"] in ("ort_cpu", "ort_cuda") and x["status"] != "skipped":
+            if x["rung"] in ("ort_cpu", "ort_cuda") and x.get("metrics"):  # skipped and errored rungs have none
                 m = x["metrics"]
                 pr = prec if prec != "?" else x.get("precision", "?")
                 print(f"| {r['model']} | {pr} | {policy if pr == 'fp16' else '-'} | {x['rung']} | {x['status']} | {m['max_abs']:.2e} "
@@ -168,7 +168,7 @@ def margins(paths: list[str]) -> None:
     print("|---|---|---|---|")
     for p in sorted(paths):
         r = json.loads(Path(p).read_text())
-        m = next(x["metrics"] for x in r["rungs"] if x["status"] != "skipped" and x.get("metrics"))
+        m = next(x["metrics"] for x in r["rungs"] if x.get("metrics"))
         print(f"| {r['model']} | {r['inputs']['count']} ({r['inputs']['source']}, seed {r['inputs']['seed']}) | "
               f"{m['ref_margin_min']:.1e} | {m['max_abs_reference']:.2f} |")
 
