@@ -178,13 +178,20 @@ def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
 
 
 class _NumpyDtype:
-    """A plain numpy number type named by the pickle; only `_numpy_scalar` uses it. No state, no
-    `__dict__`, so the pickle cannot BUILD into it (numpy's own dtype state is not trusted)."""
+    """A plain numpy number type named by the pickle; only `_numpy_scalar` uses it. Its state is
+    numpy's dtype state, of which only the byte order is kept (numpy's own `__setstate__` is not
+    handed untrusted input)."""
 
-    __slots__ = ("spec",)
+    __slots__ = ("spec", "order")
 
     def __init__(self, spec: str) -> None:
         self.spec = spec
+        self.order = "<"
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) < 2 or state[1] not in ("<", ">", "|", "="):
+            raise _Bad("a numpy dtype has a state that is not numpy's")
+        self.order = "<" if state[1] in ("|", "=") else state[1]
 
 
 def _numpy_dtype(spec: Any, align: Any = False, copy: Any = False) -> _NumpyDtype:
@@ -199,7 +206,7 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> int | float | complex | bool:
 
     if not isinstance(dtype, _NumpyDtype) or not isinstance(data, bytes):
         raise _Bad("a numpy scalar is not a plain number")
-    np_dtype = np.dtype(dtype.spec).newbyteorder("<")
+    np_dtype = np.dtype(dtype.spec).newbyteorder(">" if dtype.order == ">" else "<")
     if len(data) != np_dtype.itemsize:
         raise _Bad(f"a numpy {dtype.spec} scalar has {len(data)} bytes")
     return np.frombuffer(data, dtype=np_dtype)[0].item()  # type: ignore[no-any-return]
