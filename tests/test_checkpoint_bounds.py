@@ -84,6 +84,21 @@ def test_storage_sizes_must_match_their_declaration(tmp_path: Path) -> None:
         read_checkpoint(p)
 
 
+def test_pickle_opcodes_that_ask_for_memory(tmp_path: Path) -> None:
+    # CPython's C unpickler sizes its memo by the largest index: LONG_BINPUT 2**31 alone asks for 16 GiB
+    p = write_zip(tmp_path / "memo.pth", None, {}, pkl=b"\x80\x02}r\xff\xff\xff\x7f.")
+    with pytest.raises(CheckpointError, match="memo entry 2147483647 after 2 opcodes"):
+        read_checkpoint(p)
+    # a length of 2**62 in the legacy stream: read(n) on a file would allocate n bytes first
+    legacy = tmp_path / "l.pth"
+    torch.save({"a": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    head = legacy.read_bytes()
+    three = head[: head.index(b"u.", head.index(b"type_sizes")) + 2]
+    (tmp_path / "len.pth").write_bytes(three + b"\x80\x04\x8e" + struct.pack("<Q", 1 << 62) + b"abc")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        read_checkpoint(tmp_path / "len.pth")
+
+
 # ------------------------------------------------------------------------------------------------ tensor rebuilds
 
 

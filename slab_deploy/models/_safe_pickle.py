@@ -356,6 +356,32 @@ def _read_into(f: BinaryIO, nbytes: int) -> torch.UntypedStorage | None:
     return buf.untyped_storage()
 
 
+_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def scan_pickle(f: BinaryIO, path: Path | str) -> None:
+    """Walk one pickle's opcodes (up to STOP) before it is unpickled, and refuse memo indices beyond
+    the opcodes seen so far: CPython's C unpickler sizes its memo table by the largest index, so a
+    four-byte `LONG_BINPUT 0xffffffff` alone would ask for 32 GiB. An honest pickler numbers its
+    memo entries from 0 upwards. Malformed opcodes are reported as a corrupt file."""
+    import pickletools
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. a bad escape in a protocol-0 string: not an honest pickle
+            for n, (op, arg, _pos) in enumerate(pickletools.genops(f)):
+                if op.name in _PUTS and (not isinstance(arg, int) or arg > n):
+                    raise CheckpointError(
+                        f"{path} is truncated or corrupt (its pickle stores memo entry {arg} after {n} opcodes); "
+                        "download it again and compare its sha256"
+                    )
+    except CheckpointError:
+        raise
+    except (ValueError, EOFError, OverflowError, UnicodeDecodeError, struct.error, Warning) as exc:
+        raise _corrupt(path, f"{exc.__class__.__name__}: {str(exc)[:120]}") from None
+
+
 def _corrupt(path: Path | str, why: object) -> CheckpointError:
     return CheckpointError(f"{path} is truncated or corrupt ({why}); download it again and compare its sha256")
 
@@ -450,6 +476,7 @@ def load_zip_checkpoint(path: Path) -> tuple[Any, list[str]]:
                 data = f.read(MAX_PICKLE_BYTES + 1)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
             raise _corrupt(path, exc) from None
+        scan_pickle(io.BytesIO(data), path)
         unpickler = RestrictedUnpickler(
             io.BytesIO(data), source=str(path), protocol=pickle_protocol(data[:2]), storages=load_storage
         )
@@ -461,6 +488,39 @@ def load_zip_checkpoint(path: Path) -> tuple[Any, list[str]]:
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+
+
+class _BoundedFile:
+    """A read-only file that never asks the OS for more than the bytes left: a pickle opcode may
+    declare a length of 2**63, and `read(n)` on a real file allocates n bytes before reading."""
+
+    def __init__(self, f: Any, size: int) -> None:
+        self._f = f
+        self._size = size
+
+    def _left(self) -> int:
+        return max(self._size - self._f.tell(), 0)
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = self._left()
+        return self._f.read(left if n is None or n < 0 else min(n, left))  # type: ignore[no-any-return]
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        return self._f.readinto(view[: self._left()])  # type: ignore[no-any-return]
+
+    def readline(self, limit: int = -1) -> bytes:
+        left = self._left()
+        return self._f.readline(left if limit < 0 else min(limit, left))  # type: ignore[no-any-return]
+
+    def peek(self, n: int = 1) -> bytes:
+        return self._f.peek(n)[: self._left()]  # type: ignore[no-any-return]
+
+    def tell(self) -> int:
+        return self._f.tell()  # type: ignore[no-any-return]
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)  # type: ignore[no-any-return]
 
 
 def is_legacy_head(head: bytes) -> bool:
@@ -498,10 +558,17 @@ def load_legacy_checkpoint(path: Path) -> tuple[Any, list[str]]:
         storages[key] = SafeStorage(torch.UntypedStorage(nbytes), dtype, numel)
         return storages[key]
 
-    with open(path, "rb") as f:
+    with open(path, "rb") as raw_file:
+        f: Any = _BoundedFile(raw_file, size)
+
+        def scanned() -> bytes:
+            start = f.tell()
+            scan_pickle(f, path)
+            f.seek(start)
+            return f.peek(2)[:2]
 
         def plain() -> Any:
-            head = f.peek(2)[:2]
+            head = scanned()
             return _unpickle(RestrictedUnpickler(f, source=src, protocol=pickle_protocol(head), storages=None), path)
 
         magic = plain()
@@ -518,9 +585,7 @@ def load_legacy_checkpoint(path: Path) -> tuple[Any, list[str]]:
             raise CheckpointError(
                 f"{path} was saved on a big-endian machine or without sys_info; re-save it on a little-endian one"
             )
-        unpickler = RestrictedUnpickler(
-            f, source=src, protocol=pickle_protocol(f.peek(2)[:2]), storages=load_storage
-        )
+        unpickler = RestrictedUnpickler(f, source=src, protocol=pickle_protocol(scanned()), storages=load_storage)
         obj = _unpickle(unpickler, path)
         keys = plain()
         if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages) or len(keys) != len(storages):
