@@ -166,6 +166,7 @@ def inspect(
         ("inert objects", ", ".join(info.opaque_objects) or "-"),
         ("epoch / max acc", f"{info.epoch} / {info.max_accuracy}"),
         ("folded", "yes (slab-deploy fold)" if info.folded else "no"),
+        ("key names", info.remapped or "as saved"),
         ("sha256", info.sha256),
     ]
     for k, v in rows:

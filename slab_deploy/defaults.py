@@ -1,14 +1,20 @@
 """The embedded default weights: deterministic, seeded, UNTRAINED checkpoints in the authors' format.
 
 Until trained demo weights ship, commands run without `--checkpoint` use these. They exercise the
-real loading path (authors' training-file layout, pickled config, randomised BN statistics) and
-are labelled untrained everywhere they appear: their logits mean nothing.
+real loading path (authors' training-file layout written by torch.save, a real yacs config,
+randomised BN statistics) and are labelled untrained everywhere they appear: their logits mean
+nothing. They are written once into a cache directory (`SLAB_DEPLOY_CACHE`, else
+`$XDG_CACHE_HOME/slab-deploy`, else `~/.cache/slab-deploy`); when that cannot be written, into a
+per-user directory under the system's temporary directory.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+from slab_deploy.errors import CheckpointError
 
 DEFAULT_MODEL = "slab_deit_tiny"
 DEFAULT_SEED = 20240516  # deterministic across machines and versions of slab-deploy
@@ -17,16 +23,31 @@ UNTRAINED_LABEL = "embedded default weights (seeded random, UNTRAINED: for pipel
 
 def cache_dir() -> Path:
     root = os.environ.get("SLAB_DEPLOY_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "slab-deploy"
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slab-deploy"
     )
     return Path(root)
+
+
+def _fallback_dir() -> Path:
+    uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
+    return Path(tempfile.gettempdir()) / f"slab-deploy-{uid}"
 
 
 def default_checkpoint(model_name: str) -> Path:
     """Path of the embedded default checkpoint of `model_name`, written on first use."""
     from slab_deploy.testing import random_checkpoint
 
-    path = cache_dir() / f"untrained-{model_name}-seed{DEFAULT_SEED}.pth"
-    if not path.exists():
-        random_checkpoint(model_name, path, seed=DEFAULT_SEED)
-    return path
+    name = f"untrained-{model_name}-seed{DEFAULT_SEED}.pth"
+    tried: list[str] = []
+    for root in (cache_dir(), _fallback_dir()):
+        path = root / name
+        if path.is_file():
+            return path
+        try:
+            return random_checkpoint(model_name, path, seed=DEFAULT_SEED)
+        except OSError as exc:
+            tried.append(f"{root} ({exc.strerror or exc.__class__.__name__})")
+    raise CheckpointError(
+        f"cannot write the embedded default weights of {model_name}: {'; '.join(tried)} are not writable; "
+        "set SLAB_DEPLOY_CACHE to a writable directory, or pass --checkpoint"
+    )

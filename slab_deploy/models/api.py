@@ -65,11 +65,17 @@ def create_model(
         if info.folded is not None:
             from slab_deploy.passes.fold import restore_folded_structure
 
-            restore_folded_structure(model, info.folded)
+            try:
+                restore_folded_structure(model, info.folded)
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(
+                    f"{checkpoint}: its fold metadata does not describe {name} ({exc.__class__.__name__}: "
+                    f"{str(exc)[:120]}); fold the original checkpoint again"
+                ) from None
         else:
             check_prepbn_finished(info, allow_unfinished=allow_unfinished_prepbn)
-            sd, note = remap_layout(sd, model.state_dict())
-            info.remapped = note
+            sd, note = remap_layout(sd, model.state_dict(), source=str(checkpoint))
+            info.remapped = "; ".join(n for n in (info.remapped, note) if n)
         strict_load(model, sd, source=str(checkpoint), model_name=name)
     model.checkpoint_info = info  # type: ignore[assignment]
     model.spec = spec if num_classes in (None, spec.num_classes) else model.spec  # type: ignore[assignment]

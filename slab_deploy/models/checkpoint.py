@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from collections.abc import Mapping
@@ -101,29 +102,24 @@ def _check_path(path: Path) -> None:
 
 def _read_raw(path: Path) -> tuple[Any, str, list[str]]:
     """Returns (object, file format, opaque object class names)."""
+    from slab_deploy.models import _safe_pickle as sp
+
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:4] == b"PK\x03\x04":
-        from slab_deploy.models._safe_pickle import load_zip_checkpoint
-
-        obj, opaque = load_zip_checkpoint(path)
+        obj, opaque = sp.load_zip_checkpoint(path)
         return obj, "torch-zip", opaque
     if len(head) >= 9 and head[8:9] == b"{":
         (n,) = struct.unpack("<Q", head[:8])
         if n < path.stat().st_size:
             return _read_safetensors(path), "safetensors", []
-    if head[:1] == b"\x80":
-        # Pre-1.6 torch files (not zip). torch's weights-only unpickler accepts only tensors and
-        # plain containers, so nothing foreign runs.
-        import pickle
-
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True), "torch-legacy", []
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
-            raise CheckpointError(
-                f"{path} is a legacy torch pickle that cannot be read safely ({first}); re-save it with a current torch"
-            ) from None
+    if sp.is_legacy_head(head):
+        obj, opaque = sp.load_legacy_checkpoint(path)
+        return obj, "torch-legacy", opaque
+    if sp.is_tar_head(path):
+        raise CheckpointError(
+            f"{path} is a tar checkpoint of torch < 0.4; load it with that torch and re-save it with torch.save"
+        )
     raise CheckpointError(
         f"{path} is not a PyTorch (.pth) or safetensors checkpoint (starts with {head[:8]!r}); "
         "pass a file saved by torch.save or safetensors"
@@ -140,10 +136,55 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"{path} is a corrupt safetensors file ({exc}); download it again") from None
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
+        raise CheckpointError(f"{path} is a corrupt safetensors file ({first}); download it again") from None
     if FOLD_META_KEY in meta:
-        return {FOLD_META_KEY: json.loads(meta[FOLD_META_KEY]), "model": tensors}
+        try:
+            fold_meta = json.loads(meta[FOLD_META_KEY])
+        except (ValueError, RecursionError):
+            raise CheckpointError(
+                f"{path}: its '{FOLD_META_KEY}' metadata is not JSON; it was not written by slab-deploy fold, "
+                "or was damaged: fold the original checkpoint again"
+            ) from None
+        return {FOLD_META_KEY: fold_meta, "model": tensors}
     return tensors
+
+
+_META_LISTS = ("folded", "kept_affine", "biases_added")
+
+
+def _check_fold_meta(meta: Any, path: Path) -> dict[str, Any]:
+    """The fold metadata of a folded checkpoint, checked to be what `slab-deploy fold` writes."""
+    bad = None
+    if not isinstance(meta, Mapping):
+        bad = f"is a {type(meta).__name__}, not a dict"
+    elif isinstance(meta.get("format"), bool) or not isinstance(meta.get("format"), int):
+        bad = "has no integer 'format'"
+    elif not isinstance(meta.get("model"), str):
+        bad = "names no model"
+    elif any(not isinstance(meta.get(k, []), list) or not all(isinstance(n, str) for n in meta.get(k, [])) for k in _META_LISTS):
+        bad = f"has a non-list or non-name entry in {', '.join(_META_LISTS)}"
+    elif meta.get("report") is not None and not _plain_json(meta["report"]):
+        bad = "has a 'report' that is not plain data"
+    if bad:
+        raise CheckpointError(
+            f"{path}: its '{FOLD_META_KEY}' metadata {bad}; it was not written by slab-deploy fold, or was damaged: "
+            "fold the original checkpoint again"
+        )
+    return {str(k): v for k, v in meta.items() if isinstance(k, str) and (k in _META_LISTS or _plain_json(v))}
+
+
+def _plain_json(v: Any, depth: int = 0) -> bool:
+    """JSON-like data (dicts with str keys, lists, str, numbers, bool, None), at most 8 levels deep."""
+    if depth > 8:
+        return False
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(_plain_json(x, depth + 1) for x in v)
+    if isinstance(v, Mapping):
+        return all(isinstance(k, str) and _plain_json(x, depth + 1) for k, x in v.items())
+    return False
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -175,17 +216,50 @@ def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
     return "unknown"
 
 
+def _counter(sd: Mapping[str, torch.Tensor], key: str) -> int:
+    """A PRepBN counter (`iter`, `warm`, `total_step`): one finite whole number, or a CheckpointError."""
+    t = sd[key]
+    if t.numel() != 1:
+        raise CheckpointError(
+            f"PRepBN counter {key} has shape {list(t.shape)}; a counter is one number: the file is damaged or "
+            "not a SLAB checkpoint"
+        )
+    v = t.reshape(()).item()
+    if isinstance(v, complex) or not math.isfinite(v) or v != int(v) or abs(v) > 2**62:
+        raise CheckpointError(
+            f"PRepBN counter {key} is {v}, not a whole number: the file is damaged or not a SLAB checkpoint"
+        )
+    return int(v)
+
+
 def prepbn_states(sd: Mapping[str, torch.Tensor]) -> list[PRepBNState]:
     states = []
     for k in sd:
         if k.endswith(".total_step"):
             p = k[: -len("total_step")]
             if p + "iter" in sd:
-                warm = int(sd[p + "warm"].item()) if p + "warm" in sd else 0
-                states.append(
-                    PRepBNState(p[:-1], warm=warm, iter=int(sd[p + "iter"].item()), total_step=int(sd[k].item()))
-                )
+                warm = _counter(sd, p + "warm") if p + "warm" in sd else 0
+                states.append(PRepBNState(p[:-1], warm=warm, iter=_counter(sd, p + "iter"), total_step=_counter(sd, k)))
     return states
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights with NaN or Inf, naming the tensors (first three) and how many values are bad."""
+    bad: list[str] = []
+    count = 0
+    for k, v in sd.items():
+        if v.is_floating_point() or v.is_complex():
+            n = int((~torch.isfinite(v)).sum()) if v.numel() else 0
+            if n:
+                count += 1
+                if len(bad) < 3:
+                    bad.append(f"{k} ({n} of {v.numel()} values)")
+    if bad:
+        more = f" and {count - len(bad)} more tensors" if count > len(bad) else ""
+        raise CheckpointError(
+            f"{source} has NaN or Inf weights in {', '.join(bad)}{more}; the training run diverged or the file is "
+            "damaged: use an earlier checkpoint"
+        )
 
 
 def _num_classes(sd: Mapping[str, torch.Tensor]) -> int | None:
@@ -198,11 +272,11 @@ def read_checkpoint(path: str | Path, *, ema: bool = False) -> tuple[dict[str, t
     path = Path(path)
     _check_path(path)
     obj, fmt, opaque = _read_raw(path)
-    top_keys = sorted(map(str, obj)) if isinstance(obj, Mapping) else []
+    top_keys = sorted(str(k) for k in obj if isinstance(k, (str, int))) if isinstance(obj, Mapping) else []
     entry = ""
     folded = None
     if isinstance(obj, Mapping) and FOLD_META_KEY in obj and "model" in obj:
-        folded = dict(obj[FOLD_META_KEY])
+        folded = _check_fold_meta(obj[FOLD_META_KEY], path)
         entry, sd_obj, fmt = "model", obj["model"], f"{fmt} (slab-deploy folded)"
     elif ema:
         if not isinstance(obj, Mapping) or "state_dict_ema" not in obj:
@@ -210,6 +284,7 @@ def read_checkpoint(path: str | Path, *, ema: bool = False) -> tuple[dict[str, t
                 f"{path} has no EMA weights (no 'state_dict_ema' entry; it has {top_keys[:8]}); drop --ema"
             )
         entry, sd_obj = "state_dict_ema", obj["state_dict_ema"]
+        fmt = f"{fmt} (training checkpoint)"
     elif _is_state_dict(obj):
         sd_obj = obj
     elif isinstance(obj, Mapping) and ("model" in obj or "state_dict" in obj):
@@ -230,11 +305,15 @@ def read_checkpoint(path: str | Path, *, ema: bool = False) -> tuple[dict[str, t
             "something other than a model"
         )
     sd, stripped = _strip_prefix(dict(sd_obj))
+    check_finite(sd, str(path))
+    sd, renamed = rename_foreign_keys(sd)
     extra = obj if isinstance(obj, Mapping) else {}
-    epoch = extra.get("epoch") if isinstance(extra.get("epoch"), int) else None
+    epoch = extra.get("epoch") if isinstance(extra.get("epoch"), int) and not isinstance(extra.get("epoch"), bool) else None
     acc = extra.get("max_accuracy")
-    if isinstance(acc, torch.Tensor) and acc.numel() == 1:
+    if isinstance(acc, torch.Tensor) and acc.numel() == 1 and not acc.is_complex():
         acc = acc.item()
+    if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not math.isfinite(acc):
+        acc = None
     info = CheckpointInfo(
         path=str(path),
         format=fmt,
@@ -249,9 +328,10 @@ def read_checkpoint(path: str | Path, *, ema: bool = False) -> tuple[dict[str, t
         prepbn=prepbn_states(sd),
         opaque_objects=sorted(set(opaque)),
         epoch=epoch,
-        max_accuracy=float(acc) if isinstance(acc, (int, float)) else None,
+        max_accuracy=None if acc is None else float(acc),
         folded=folded,
         stripped_prefix=stripped,
+        remapped=renamed,
     )
     return sd, info
 
@@ -288,13 +368,62 @@ def check_prepbn_finished(info: CheckpointInfo, *, allow_unfinished: bool) -> No
     )
 
 
+_DERIVED = ("relative_position_index", "attn_mask")  # buffers computed from the architecture alone
+
+
+def rename_foreign_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Rename the keys of timm's Swin layout (its hub files `model.safetensors` / `pytorch_model.bin`)
+    to the original Swin layout the zoo uses. Returns (state_dict, note); the note is empty when
+    nothing changed. timm's DeiT (ViT) keys are the zoo's already.
+
+    timm puts each patch merging at the start of the next stage (`layers.{i+1}.downsample`, none in
+    stage 0) where Microsoft's code has it at the end of stage i, and names the classifier
+    `head.fc`; the relative-position index and shift mask are not saved (they are filled from the
+    architecture when the model is loaded, see `remap_layout`)."""
+    timm_swin = (
+        "layers.1.downsample.reduction.weight" in sd
+        and "layers.0.downsample.reduction.weight" not in sd
+        and any(k.startswith("layers.0.blocks.") for k in sd)
+    )
+    timm_head = "head.fc.weight" in sd and "head.weight" not in sd
+    if not (timm_swin or timm_head):
+        return sd, ""
+    out = {}
+    for k, v in sd.items():
+        if timm_swin:
+            k = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", k)
+        if timm_head and k.startswith("head.fc."):
+            k = "head." + k[len("head.fc.") :]
+        out[k] = v
+    return out, "timm key names -> original layout" + (" (Swin patch merging moved to the stage before)" if timm_swin else "")
+
+
+def _fill_derived(out: dict[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor], source: str) -> int:
+    filled = 0
+    for k, v in model_sd.items():
+        if not k.endswith(_DERIVED):
+            continue
+        if k not in out:
+            out[k] = v.detach().clone()
+            filled += 1
+        elif tuple(out[k].shape) == tuple(v.shape) and not torch.equal(out[k].to(v.dtype), v):
+            raise CheckpointError(
+                f"{source}: buffer {k} differs from the one this architecture computes (window size, shift or input "
+                "size differ); check that the checkpoint belongs to this model"
+            )
+    return filled
+
+
 def remap_layout(
-    sd: dict[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor]
+    sd: dict[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor], *, source: str = "checkpoint"
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Convert between LinearNorm (`X.norm2.*`) and plain RepBN (`X.alpha`, `X.bn.*`) key layouts to
-    match `model_sd`. Returns (state_dict, note); the note is empty when nothing changed."""
+    match `model_sd`, and fill the buffers the architecture computes (Swin's relative-position
+    index and shift mask) when the file lacks them; ones it has must equal them. Returns
+    (state_dict, note); the note is empty when nothing changed."""
     want = set(model_sd)
     out = dict(sd)
+    filled = _fill_derived(out, model_sd, source)
     file_ln = {k[: -len("total_step")] for k in sd if k.endswith(".total_step") and k[: -len("total_step")] + "norm2.alpha" in sd}
     model_ln = {k[: -len("total_step")] for k in want if k.endswith(".total_step")}
     to_plain = [p for p in sorted(file_ln - model_ln) if p + "alpha" in want]
@@ -318,6 +447,8 @@ def remap_layout(
         out[p + "iter"] = torch.tensor(0)
         out[p + "total_step"] = model_sd[p + "total_step"].detach().clone()
     notes = []
+    if filled:
+        notes.append(f"{filled} relative-position index / shift mask buffers computed from the architecture")
     if to_plain:
         notes.append(f"LinearNorm -> RepBN layout for {len(to_plain)} norms (LayerNorm branch and schedule dropped)")
     if to_linear:
@@ -388,8 +519,8 @@ def detect_variants(sd: Mapping[str, torch.Tensor], *, include_test: bool = Fals
         ln_branches = {k[: -len("norm2.alpha")] for k in d if k.endswith(".norm2.alpha")}
         out = {}
         for k, v in d.items():
-            if k.startswith(("head.", "head_dist.")) or k.endswith((".iter", ".warm", ".total_step")):
-                continue  # the class count and the schedule do not identify a variant
+            if k.startswith(("head.", "head_dist.")) or k.endswith((".iter", ".warm", ".total_step", *_DERIVED)):
+                continue  # the class count, the schedule and computed buffers do not identify a variant
             if any(k.startswith(p + "norm1.") for p in ln_branches if k.endswith(("weight", "bias"))):
                 continue  # nor does the LayerNorm branch of a LinearNorm (absent in plain-RepBN files)
             out[norm_key(k)] = tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v)
