@@ -166,14 +166,18 @@ def swap_in(staging: Path, target: Path) -> None:
     hard crash between the renames, which `recover_swap` undoes (back to the old one)."""
     fsync_tree(staging)
     aside = target.parent / f".{target.name}.{REPLACED_TAG}-{secrets.token_hex(4)}"
-    with deferred_signals():
-        had_old = os.path.lexists(target)
-        if had_old:
-            os.rename(target, aside)
-        os.rename(staging, target)
-    _fsync_path(target.parent, directory=True)
-    if had_old:
-        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        with deferred_signals():  # a signal held here is delivered on leaving, after both renames
+            if os.path.lexists(target):
+                os.rename(target, aside)
+            os.rename(staging, target)
+        _fsync_path(target.parent, directory=True)
+    finally:
+        if os.path.lexists(aside):
+            if os.path.lexists(target):
+                shutil.rmtree(aside, ignore_errors=True)
+            else:  # the second rename failed: put the old directory back
+                os.rename(aside, target)
 
 
 def available_memory() -> int | None:

@@ -295,3 +295,41 @@ def test_a_signal_mid_export_cleans_up_and_keeps_the_earlier_export(ckpt: Path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
     with ExportTarget(out, force=True):  # and the lock was released
         pass
+
+
+def test_a_signal_during_the_swap_waits_for_both_renames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM sent between the two renames of the swap (a real signal, to this process) is held
+    until the new directory is in place and the old one removed, then delivered."""
+    from slab_deploy import utils
+
+    class Stop(BaseException):
+        pass
+
+    def stop(signum, frame):  # type: ignore[no-untyped-def]
+        raise Stop
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "manifest.json").write_text("old")
+    staging = utils.make_staging(target)
+    (staging / "manifest.json").write_text("new")
+    real_rename = os.rename
+    calls: list[str] = []
+
+    def rename(src, dst):  # type: ignore[no-untyped-def]
+        real_rename(src, dst)
+        calls.append(Path(dst).name)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # a Python handler would have run by now, were it not held
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        monkeypatch.setattr(utils.os, "rename", rename)
+        with pytest.raises(Stop):
+            utils.swap_in(staging, target)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(calls) == 2 and calls[1] == "out"
+    assert (target / "manifest.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

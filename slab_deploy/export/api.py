@@ -306,6 +306,9 @@ class ExportTarget:
             self.existed = self.target.is_dir()
             self._check_replaceable()
             self.staging = make_staging(self.target)
+        except OSError as exc:
+            self._lock.release()
+            raise ArtifactError(f"cannot prepare --output {self.out_dir}: {exc.strerror or exc}") from None
         except BaseException:
             self._lock.release()
             raise
@@ -328,8 +331,11 @@ class ExportTarget:
     def commit(self) -> None:
         """Swap the staging directory in as DIR (the previous DIR, if any, is removed)."""
         assert self.staging is not None
-        swap_in(self.staging, self.target)
-        self.staging = None
+        try:
+            swap_in(self.staging, self.target)
+        finally:
+            if not self.staging.exists():
+                self.staging = None
 
     def divert(self) -> Path:
         """Move the staging directory to the side folder DIR.failed (replacing an earlier failed
