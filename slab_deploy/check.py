@@ -46,6 +46,7 @@ from slab_deploy.errors import (
     ArtifactError,
     CheckpointError,
     ConfigError,
+    ExportParityError,
     MissingDependencyError,
     ParityError,
     SlabDeployError,
@@ -640,8 +641,8 @@ def run_check(
                 try:
                     export_model(model_name, checkpoint, d, ExportOptions(precision=prec), force=True, ema=ema,
                                  allow_unfinished_prepbn=allow_unfinished_prepbn)
-                except ParityError:
-                    pass  # the ladder below shows where
+                except ExportParityError as exc:
+                    d = exc.failed_dir  # the failed set is kept beside the output: the ladder below shows where it broke
                 found.append(read_manifest(d))
         runs = []
         for man in found:  # validate every graph before the first ONNX rung runs

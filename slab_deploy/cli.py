@@ -212,35 +212,50 @@ def fold(
 # ------------------------------------------------------------------------------------------------ export
 
 
+def _whole_number(flag: str, value: str | None) -> int | None:
+    """Parse a whole-number option here, so garbage is one line and exit 1 like every bad input."""
+    if value is None:
+        return None
+    from slab_deploy.errors import UnsupportedInputError
+
+    text = value.strip()
+    if not text.lstrip("+-").isdigit():
+        raise UnsupportedInputError(f"{flag} must be a whole number, not {value!r}")
+    return int(text)
+
+
 @app.command()
 def export(
     model: ModelOpt,
     checkpoint: CkptOpt = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory [default: ./<model>].")] = None,
-    batch: Annotated[int | None, typer.Option("--batch", help="Static batch size (default: dynamic batch).")] = None,
+    batch: Annotated[str | None, typer.Option("--batch", metavar="N", help="Static batch size (default: dynamic batch).")] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Dynamic batch dimension (the default).")] = False,
-    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (18: the torch.export exporter's native opset).")] = 18,
+    opset: Annotated[str, typer.Option("--opset", metavar="N", help="ONNX opset: 18-25 with the torch.export exporter (18 is its native one), 7-20 with TorchScript.")] = "18",
     precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16 (fp16 keeps SLA's normaliser and k^T v in fp32).")] = "fp32",
     simplifier: Annotated[str, typer.Option("--simplifier", help="onnxslim, onnxsim, none or auto (onnxslim, else onnxsim).")] = "auto",
     exporter: Annotated[str, typer.Option("--exporter", help="dynamo (torch.export), torchscript, or auto (dynamo, falling back).")] = "auto",
-    img_size: Annotated[int | None, typer.Option("--img-size", help="Input resolution (default: the model's, 224).")] = None,
+    img_size: Annotated[str | None, typer.Option("--img-size", metavar="PX", help="Input resolution (default: the model's, 224); must be the checkpoint's for models with positional encodings.")] = None,
     sla_policy: Annotated[str, typer.Option("--sla-policy", help="fp16 only: SLA in fp32 (the authors' island) or mixed (fp16 matmuls, fp32 normaliser).")] = "fp32",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the parity inputs.")] = 0,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing model.onnx.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in the output directory (it is replaced whole, and only once the new one passed).")] = False,
     ema: EmaOpt = False,
     allow_unfinished_prepbn: UnfinishedOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fold, export to ONNX, simplify and parity-check: writes DIR/model.onnx and DIR/manifest.json."""
+    """Fold, export to ONNX, simplify and parity-check: writes DIR/model.onnx and DIR/manifest.json.
+
+    DIR is written whole or not at all: a failed export leaves it as it was and puts the failed
+    artefacts in DIR.failed."""
     from slab_deploy.errors import UnsupportedInputError
     from slab_deploy.export.api import ExportOptions, export_model
 
     if batch is not None and dynamic_batch:
         raise UnsupportedInputError("--batch and --dynamic-batch exclude each other; pass one")
-    if sla_policy not in ("fp32", "mixed"):
-        raise UnsupportedInputError(f"--sla-policy must be fp32 or mixed, not {sla_policy!r}")
-    opts = ExportOptions(batch=batch, opset=opset, precision=precision, simplifier=simplifier, exporter=exporter, seed=seed,
-                         img_size=img_size, sla_policy=sla_policy)
+    opset_n = _whole_number("--opset", opset)
+    assert opset_n is not None
+    opts = ExportOptions(batch=_whole_number("--batch", batch), opset=opset_n, precision=precision, simplifier=simplifier,
+                         exporter=exporter, seed=seed, img_size=_whole_number("--img-size", img_size), sla_policy=sla_policy)
     con = _console(stderr=True)
     with con.status("exporting", spinner="dots") as status:
         result = export_model(
@@ -557,9 +572,41 @@ def profiles(as_json: JsonOpt = False) -> None:
     _console().print(t)
 
 
+class _Interrupted(BaseException):
+    """Raised in the main thread by SIGINT/SIGTERM, so `finally` blocks and context managers
+    clean up (temporary files, staging directories, locks) exactly as on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _install_signal_handlers() -> dict[int, Any]:
+    """SIGINT and SIGTERM raise `_Interrupted` once; a repeat while cleaning up is ignored.
+    Returns the previous handlers (empty off the main thread, where handlers cannot be set)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    fired: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        raise _Interrupted(signum)
+
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
 def main() -> None:
     """Console-script entry: user errors print one line and exit with their code (1, or 3 for
-    parity failures, 4 for benchmark regressions); usage errors are typer's (exit 2)."""
+    parity failures, 4 for benchmark regressions); usage errors are typer's (exit 2); SIGINT and
+    SIGTERM clean up, print one line and exit 130 and 143 (128 + the signal number)."""
+    import signal
+
+    previous = _install_signal_handlers()
     try:
         app()  # standalone mode: typer prints usage errors and help, and exits
     except SlabDeployError as exc:
@@ -567,6 +614,13 @@ def main() -> None:
 
         _console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
+    except _Interrupted as exc:
+        name = signal.Signals(exc.signum).name
+        _console(stderr=True).print(f"[bold red]interrupted[/bold red] by {name}: stopped and cleaned up", soft_wrap=True)
+        sys.exit(128 + exc.signum)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":  # pragma: no cover

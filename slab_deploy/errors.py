@@ -7,6 +7,8 @@ without a traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class SlabDeployError(Exception):
     """Base class of the errors a user can fix."""
@@ -70,3 +72,24 @@ class BenchCaseError(SlabDeployError):
     from a slow one (4) and from bad input (1)."""
 
     exit_code = 5
+
+
+class FailedExportError(SlabDeployError):
+    """Base of the export failures that keep the failed artefact set for inspection in `failed_dir`
+    (beside the untouched output directory)."""
+
+    def __init__(self, message: str, failed_dir: Path) -> None:
+        super().__init__(message)
+        self.failed_dir = failed_dir
+
+
+class ExportParityError(FailedExportError, ParityError):
+    """The exported graph does not match the checkpoint model (exit code 3)."""
+
+    exit_code = 3
+
+
+class ExportLintError(FailedExportError, ExportError):
+    """The folded graph still has norm nodes where none may be left."""
+
+    exit_code = 1

@@ -373,7 +373,8 @@ def test_error_on_checks_own_export_is_called_a_bug() -> None:
 
 
 def test_nan_reference_is_refused(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """A checkpoint whose model gives NaN logits cannot be a reference: one line, exit 1."""
+    """A checkpoint with a NaN weight cannot give a reference: the reader names the tensor before any
+    rung runs (one line, exit 1)."""
     import torch
 
     from slab_deploy.models import build_model
@@ -384,7 +385,7 @@ def test_nan_reference_is_refused(tmp_path: Path, capsys, monkeypatch) -> None: 
         model.head.bias[0] = float("nan")
     ckpt = save_authors_checkpoint(tmp_path / "nan.pth", model.state_dict(), model_name=NAME)
     args = ["check", "-m", NAME, "-c", str(ckpt), "--inputs", "2", "--backends", "torch,onnx"]
-    _refused(args, tmp_path, capsys, monkeypatch, "NaN/Inf logits")
+    _refused(args, tmp_path, capsys, monkeypatch, "NaN or Inf weights in head.bias")
 
 
 def test_only_missing_backends_is_not_judged(exports, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]

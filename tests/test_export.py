@@ -1,4 +1,7 @@
-"""Export: clean graphs, manifest, dynamic batch, parity, atomic writes, simplifier rejection, fp16."""
+"""Export: clean graphs, manifest, dynamic batch, parity, atomic writes, simplifier rejection, fp16.
+
+The transaction on the output directory, the lock, signals, the umask and option validation are
+in test_export_transaction.py."""
 
 from __future__ import annotations
 
@@ -11,16 +14,17 @@ import pytest
 import torch
 from helpers import full_models, tiny_models
 
-from slab_deploy.errors import ArtifactError, ParityError
+from slab_deploy.errors import ArtifactError, ExportParityError, ParityError
 from slab_deploy.export import onnx_passes
 from slab_deploy.export.api import ExportOptions, export_model
 from slab_deploy.models import get_spec
 from slab_deploy.runtime.ort import run_onnx
 from slab_deploy.testing import random_checkpoint
+from slab_deploy.utils import sha256_file
 
 MANIFEST_KEYS = {
     "status", "model", "checkpoint", "fold", "export", "simplify", "lint", "precision", "io", "preprocessing",
-    "parity", "versions", "norm_free", "onnx",
+    "parity", "versions", "norm_free", "onnx", "opset", "files",
 }
 
 
@@ -43,6 +47,8 @@ def _assert_clean(m: dict, name: str, out: Path) -> None:
     for rung in ("onnx", "ort_cpu"):
         assert m["parity"][rung]["passed"], m["parity"][rung]
     model = onnx.load(str(out / "model.onnx"))
+    assert m["opset"] == m["export"]["opset"] == {o.domain: o.version for o in model.opset_import}[""]
+    assert m["files"]["model.onnx"]["sha256"] == sha256_file(out / "model.onnx")
     props = onnx_passes.get_metadata(model)
     pre = json.loads(props["slab_deploy.preprocessing"])
     assert pre["mean"] == list(spec.mean) and pre["input_size"][0] == 3
@@ -108,9 +114,10 @@ def test_no_overwrite_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         export_model(name, ckpt, out, force=True)
     assert (out / "model.onnx").read_bytes() == good
     assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "c.pth", "out"]  # no staging left
 
 
-def test_parity_failure_exits_3_and_keeps_marked_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parity_failure_exits_3_and_keeps_marked_files_aside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import slab_deploy.passes as passes
 
     real = passes.fold_model
@@ -125,11 +132,15 @@ def test_parity_failure_exits_3_and_keeps_marked_files(tmp_path: Path, monkeypat
     ckpt = random_checkpoint("test_slab_swin", tmp_path / "c.pth", seed=1)
     with pytest.raises(ParityError) as ei:
         export_model("test_slab_swin", ckpt, tmp_path / "out")
+    assert isinstance(ei.value, ExportParityError)
     assert ei.value.exit_code == 3 and "rung 'onnx'" in str(ei.value)
-    assert not (tmp_path / "out" / "model.onnx").exists()
-    assert (tmp_path / "out" / "model.parity-failed.onnx").exists()
-    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    failed = tmp_path / "out.failed"
+    assert ei.value.failed_dir == failed and str(failed) in str(ei.value)
+    assert not (tmp_path / "out").exists()  # never created: a failed set does not pose as an export
+    assert sorted(p.name for p in failed.iterdir()) == ["manifest.json", "model.parity-failed.onnx", "model.unsimplified.onnx"]
+    m = json.loads((failed / "manifest.json").read_text())
     assert m["status"] == "parity-failed" and not m["parity"]["onnx"]["passed"]
+    assert m["onnx"] == "model.parity-failed.onnx"
 
 
 def test_simplifier_that_changes_results_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

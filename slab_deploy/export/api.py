@@ -1,10 +1,17 @@
-"""`export`: checkpoint -> folded model -> ONNX (fp32 or fp16) -> simplified -> parity-checked, with a manifest."""
+"""`export`: checkpoint -> folded model -> ONNX (fp32 or fp16) -> simplified -> parity-checked, with a manifest.
+
+An export is a transaction on its output directory DIR: the options are checked first (values,
+the image size against the model, a memory estimate), then DIR is locked, the whole artefact set
+is built in a hidden sibling and swapped in only when every gate passed. A failed set goes to
+DIR.failed (DIR untouched); an interrupted one leaves nothing behind.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
-import tempfile
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,15 +24,49 @@ import torch
 from torch import nn
 
 from slab_deploy import __version__
-from slab_deploy.errors import ArtifactError, ExportError, ParityError, UnsupportedInputError
-from slab_deploy.export.onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, ImageModel, onnx_from_torch
+from slab_deploy.errors import (
+    ArtifactError,
+    ExportError,
+    ExportLintError,
+    ExportParityError,
+    UnsupportedInputError,
+)
+from slab_deploy.export.onnx_export import (
+    DEFAULT_OPSET,
+    EXPORTERS,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ImageModel,
+    exporter_plan,
+    file_opset,
+    onnx_from_torch,
+)
 from slab_deploy.export.onnx_passes import get_metadata, lint, op_counts, set_metadata, simplify
 from slab_deploy.parity import compare, judge
 from slab_deploy.tolerances import tolerance_for
-from slab_deploy.utils import atomic_write
+from slab_deploy.utils import available_memory, make_staging, recover_swap, sha256_file, swap_in
 
 PRECISIONS = ("fp32", "fp16")
+SLA_POLICIES = ("fp32", "mixed")
+SIMPLIFIERS = ("auto", "onnxslim", "onnxsim", "none")
+ONNX_NAME = "model.onnx"
+MANIFEST_NAME = "manifest.json"
 UNSIMPLIFIED_NAME = "model.unsimplified.onnx"  # kept beside model.onnx so `check` can tell exporter from simplifier faults
+FAILED_ONNX_NAME = "model.parity-failed.onnx"  # the deployed graph of a failed set (in DIR.failed)
+# What an export directory may hold: anything else is the user's, and such a directory is never
+# replaced (earlier releases also left `.NAME.*.partial` files of interrupted writes).
+ARTIFACT_NAMES = frozenset({ONNX_NAME, MANIFEST_NAME, UNSIMPLIFIED_NAME, FAILED_ONNX_NAME})
+LOCK_TIMEOUT_S = 0.5
+MAX_IMG_SIZE = 16384
+# Memory of an export, from measured peak resident memory of `slab-deploy export --batch 1` and
+# `--batch 32` (2-core CPU, torch 2.13, onnxruntime 1.32): slab_swin_tiny 1.66 / 4.00 GB, slab_deit_tiny
+# 0.79 / 1.08 GB, slab_pvt_tiny 1.09 / 3.05 GB, i.e. 75, 9 and 63 MB per image, against 4.8, 0.6 and
+# 6.4 MB for the largest activation of one image (counted on the meta device): per image about 16x
+# the largest activation, plus about 0.6 GB and 8 copies of the fp32 weights (the reference, folded
+# and deployed models, the ONNX protos and their serialisations).
+MEMORY_BASE_BYTES = 600 * 2**20
+MEMORY_WEIGHT_COPIES = 8
+MEMORY_ACTIVATION_FACTOR = 16
 
 
 @dataclass
@@ -40,6 +81,127 @@ class ExportOptions:
     img_size: int | None = None
     fold: bool = True  # False exports the checkpoint model as is (for unfolded benchmarks)
     sla_policy: str = "fp32"  # fp16 only: SLA's half-precision policy (fp32 island or mixed; see SLACore)
+
+    def validate(self, model_name: str | None = None) -> Footprint | None:
+        """Refuse bad values before any work: every option's type and range, the opset against
+        the exporter, the simplifier's availability; with `model_name`, also whether the image
+        size fits the model and whether the export fits in memory (see `estimate_footprint`)."""
+        _whole("--batch", self.batch, allow_none=True)
+        _whole("--img-size", self.img_size, allow_none=True, maximum=MAX_IMG_SIZE)
+        _whole("--opset", self.opset)
+        _whole("parity_batch", self.parity_batch)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise UnsupportedInputError(f"--seed must be a whole number, not {self.seed!r}")
+        _choice("--precision", self.precision, PRECISIONS, "unsupported precision")
+        _choice("--sla-policy", self.sla_policy, SLA_POLICIES)
+        _choice("--simplifier", self.simplifier, SIMPLIFIERS)
+        _choice("--exporter", self.exporter, EXPORTERS)
+        exporter_plan(self.exporter, self.opset)
+        if self.simplifier in ("onnxsim", "onnxslim"):
+            from slab_deploy._deps import available, require
+
+            if not available(self.simplifier):
+                require(self.simplifier, f"--simplifier {self.simplifier}")  # raises with the install line
+        return estimate_footprint(model_name, self) if model_name is not None else None
+
+
+def _whole(flag: str, value: Any, *, allow_none: bool = False, maximum: int | None = None) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UnsupportedInputError(f"{flag} must be a whole number >= 1, not {value!r}")
+    if maximum is not None and value > maximum:
+        raise UnsupportedInputError(f"{flag} must be at most {maximum}, not {value}")
+
+
+def _choice(flag: str, value: Any, choices: tuple[str, ...], what: str = "") -> None:
+    if value not in choices:
+        raise UnsupportedInputError(f"{what or 'unsupported ' + flag} {value!r}; use one of {', '.join(choices)}")
+
+
+@dataclass
+class Footprint:
+    """What an export is expected to need, from the model built on the meta device (no memory)."""
+
+    model: str
+    img_size: tuple[int, int]
+    images: int  # the most images one step holds (parity batch, or the static batch)
+    weight_bytes: int
+    activation_bytes: int  # largest single activation of one image
+    needed_bytes: int
+    available_bytes: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+class _LargestTensor:
+    """Torch-function mode that records the largest tensor any torch call returns."""
+
+    def __init__(self) -> None:
+        from torch.overrides import TorchFunctionMode
+
+        largest = self
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        largest.bytes = max(largest.bytes, t.numel() * t.element_size())
+                return out
+
+        self.bytes = 0
+        self.mode = Mode()
+
+
+def _gb(n: float) -> str:
+    for unit, scale in (("TB", 2**40), ("GB", 2**30), ("MB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.0f} KB"
+
+
+def estimate_footprint(model_name: str, opts: ExportOptions) -> Footprint:
+    """Build `model_name` at the requested image size on the meta device (no memory, no weights),
+    run one image through it to find the largest activation, and refuse an export that cannot fit
+    in the memory available (see MEMORY_* above for the measured model). An image size the model
+    cannot be built at is refused here, naming the image size."""
+    from slab_deploy.models import get_spec
+    from slab_deploy.models.registry import build_model
+
+    spec = get_spec(model_name)
+    kwargs = {} if opts.img_size is None else {"img_size": opts.img_size}
+    size: tuple[int, int] = (spec.input_size[1], spec.input_size[2])
+    if opts.img_size is not None:
+        size = (opts.img_size, opts.img_size)
+    largest = _LargestTensor()
+    try:
+        with torch.device("meta"):
+            model = build_model(model_name, **kwargs)
+            got = getattr(model, "img_size", size)
+            size = (int(got[0]), int(got[1])) if isinstance(got, (tuple, list)) else (int(got), int(got))
+            with torch.no_grad(), largest.mode:
+                model(torch.empty(1, 3, *size))
+    except UnsupportedInputError as exc:
+        if opts.img_size is None:
+            raise
+        raise UnsupportedInputError(f"--img-size {opts.img_size} does not fit {model_name} ({exc})") from None
+    weights = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
+    images = opts.batch or max(opts.parity_batch, 2)
+    # the input images themselves count even where the model's largest activation is smaller
+    per_image = MEMORY_ACTIVATION_FACTOR * max(largest.bytes, 3 * size[0] * size[1] * 4)
+    needed = MEMORY_BASE_BYTES + MEMORY_WEIGHT_COPIES * weights + images * per_image
+    fp = Footprint(model_name, size, images, weights, largest.bytes, needed, available_memory())
+    if fp.available_bytes is not None and needed > fp.available_bytes:
+        culprit = "--batch" if opts.batch is not None and opts.batch > max(opts.parity_batch, 2) else "--img-size"
+        hint = f"use a smaller {culprit}" + (" or --dynamic-batch (the graph then takes any batch)" if culprit == "--batch" else "")
+        what = f"batch {images}" + (f" at {size[0]}x{size[1]} px" if opts.img_size is not None else "")
+        raise UnsupportedInputError(
+            f"exporting {model_name} at {what} needs about {_gb(needed)} of memory "
+            f"(about {_gb(per_image)} per image), and {_gb(fp.available_bytes)} is available: {hint}"
+        )
+    return fp
 
 
 @dataclass
@@ -97,6 +259,117 @@ def preprocessing(model: nn.Module) -> dict[str, Any]:
     }
 
 
+class ExportTarget:
+    """The output directory of one export, as a transaction.
+
+    Entering takes the lock `.NAME.lock` beside DIR (a lock inside DIR would be swapped away),
+    repairs what an interrupted earlier export left, checks that DIR may be written and makes an
+    empty hidden staging directory beside it. `commit()` swaps the staging directory in as DIR
+    whole; `divert()` moves it to the side folder DIR.failed instead; leaving without either
+    removes it. DIR itself is only ever replaced whole, and only when it is absent, empty, or an
+    earlier export (only `ARTIFACT_NAMES`) and `force` is given: a directory with anything else in
+    it is the user's and is refused, `--force` or not.
+    """
+
+    def __init__(self, out_dir: str | Path, *, force: bool = False, lock_timeout: float = LOCK_TIMEOUT_S) -> None:
+        self.out_dir = Path(out_dir)
+        path = Path(os.path.abspath(self.out_dir))
+        self.target = path.resolve() if path.is_symlink() else path
+        if not self.target.name:
+            raise ArtifactError(f"--output {out_dir} is a filesystem root; pass a directory below it")
+        self.force = force
+        self.lock_path = self.target.parent / f".{self.target.name}.lock"
+        self.lock_timeout = lock_timeout
+        self.staging: Path | None = None
+        self.existed = False  # whether DIR was there when the export began (after any repair)
+        self.recovered = ""
+        self._lock: Any = None
+
+    def __enter__(self) -> ExportTarget:
+        from filelock import FileLock, Timeout
+
+        if os.path.lexists(self.target) and not self.target.is_dir():
+            raise ArtifactError(f"--output {self.out_dir} is a file; pass a directory")
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = FileLock(str(self.lock_path), timeout=self.lock_timeout)
+            self._lock.acquire()
+        except Timeout:
+            raise ArtifactError(
+                f"{self.out_dir} is being written by another export (lock {self.lock_path}); "
+                "wait for it to finish or choose another --output"
+            ) from None
+        except OSError as exc:
+            raise ArtifactError(f"cannot write beside {self.out_dir}: {exc.strerror or exc}") from None
+        try:
+            self.recovered = recover_swap(self.target)
+            self.existed = self.target.is_dir()
+            self._check_replaceable()
+            self.staging = make_staging(self.target)
+        except OSError as exc:
+            self._lock.release()
+            raise ArtifactError(f"cannot prepare --output {self.out_dir}: {exc.strerror or exc}") from None
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def _check_replaceable(self) -> None:
+        if not self.target.is_dir():
+            return
+        entries = sorted(p.name for p in self.target.iterdir())
+        foreign = [n for n in entries if n not in ARTIFACT_NAMES and not (n.startswith(".") and n.endswith(".partial"))]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise ArtifactError(
+                f"--output {self.out_dir} holds files that are not export artefacts ({shown}); an export "
+                "replaces its directory whole, so it will not write there: choose another --output"
+            )
+        if entries and not self.force:
+            raise ArtifactError(f"{self.out_dir} holds an earlier export; pass --force to replace it or choose another --output")
+
+    def commit(self) -> None:
+        """Swap the staging directory in as DIR (the previous DIR, if any, is removed)."""
+        assert self.staging is not None
+        try:
+            swap_in(self.staging, self.target)
+        finally:
+            if not self.staging.exists():
+                self.staging = None
+
+    def divert(self) -> Path:
+        """Move the staging directory to the side folder DIR.failed (replacing an earlier failed
+        set there; a DIR.failed holding anything else is left alone and a dated name is used)."""
+        assert self.staging is not None
+        failed = self.target.with_name(self.target.name + ".failed")
+        if failed.is_dir() and {p.name for p in failed.iterdir()} <= ARTIFACT_NAMES:
+            shutil.rmtree(failed)
+        elif os.path.lexists(failed):
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            failed = self.target.with_name(f"{self.target.name}.failed-{stamp}")
+            n = 1
+            while os.path.lexists(failed):
+                n += 1
+                failed = self.target.with_name(f"{self.target.name}.failed-{stamp}-{n}")
+        os.rename(self.staging, failed)
+        self.staging = None
+        return self.failed_display(failed)
+
+    def failed_display(self, failed: Path) -> Path:
+        """`failed` spelt like the user's --output (relative stays relative)."""
+        if self.out_dir.is_absolute() or self.target != Path(os.path.abspath(self.out_dir)):
+            return failed
+        return Path(os.path.relpath(failed))
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.staging is not None:
+                shutil.rmtree(self.staging, ignore_errors=True)
+                self.staging = None
+        finally:
+            self._lock.release()
+
+
 def export_model(
     model_name: str,
     checkpoint: str | Path | None,
@@ -111,26 +384,35 @@ def export_model(
 ) -> ExportResult:
     """Fold, export, simplify and parity-check `model_name`; writes DIR/model.onnx and DIR/manifest.json.
 
-    Raises ParityError (exit 3) when the deployed graph does not match the checkpoint model; the
-    files are then kept for inspection as DIR/model.parity-failed.onnx and DIR/manifest.json.
+    Options are validated and the export's memory estimated before anything is read or written.
+    The artefacts are built beside DIR and replace it whole only when every gate passed
+    (`ExportTarget`); `force` allows replacing an earlier export. Raises ExportParityError (a
+    ParityError, exit 3) when the deployed graph does not match the checkpoint model and
+    ExportLintError when norm nodes are left: DIR is then untouched and the failed set is in
+    `err.failed_dir` (DIR.failed).
     """
+    opts = options or ExportOptions()
+    say = progress or (lambda _s: None)
+    out_dir = Path(output_dir) if output_dir is not None else Path(model_name)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ArtifactError(f"--output {out_dir} is a file; pass a directory")
+    opts.validate(model_name)
+    with ExportTarget(out_dir, force=force) as target:
+        return _export_into(target, model_name, checkpoint, opts, say, ema=ema,
+                            allow_unfinished_prepbn=allow_unfinished_prepbn, keep_unsimplified=keep_unsimplified)
+
+
+def _export_into(
+    target: ExportTarget, model_name: str, checkpoint: str | Path | None, opts: ExportOptions,
+    say: Callable[[str], None], *, ema: bool, allow_unfinished_prepbn: bool, keep_unsimplified: bool,
+) -> ExportResult:
+    """The export proper, writing into `target.staging`; commits or diverts `target` at the end."""
     from slab_deploy.models import checkpoint_info, model_spec
     from slab_deploy.passes import fold_model
     from slab_deploy.pipeline import load_model
 
-    opts = options or ExportOptions()
-    say = progress or (lambda _s: None)
-    if opts.precision not in PRECISIONS:
-        raise UnsupportedInputError(f"unsupported precision {opts.precision!r}; use one of {', '.join(PRECISIONS)}")
-    if opts.batch is not None and opts.batch < 1:
-        raise UnsupportedInputError(f"--batch must be >= 1, got {opts.batch}")
-    out_dir = Path(output_dir) if output_dir is not None else Path(model_name)
-    onnx_path = out_dir / "model.onnx"
-    manifest_path = out_dir / "manifest.json"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ArtifactError(f"--output {out_dir} is a file; pass a directory")
-    if onnx_path.exists() and not force:
-        raise ArtifactError(f"{onnx_path} exists; pass --force to overwrite it or choose another --output")
+    assert target.staging is not None
+    stage = target.staging
     steps: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -157,11 +439,10 @@ def export_model(
     example = torch.randn(opts.batch or 2, *pre["input_size"], generator=g)
     with torch.no_grad():
         deploy(example)  # one eager call settles shape-derived choices (e.g. SLA's product order) before tracing
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="slab-deploy-export-") as td:
-        tmp = Path(td) / "raw.onnx"
-        exp = onnx_from_torch(deploy, tmp, example, opset=opts.opset, dynamic_batch=opts.batch is None, exporter=opts.exporter)
-        raw = onnx.load(str(tmp))
+    scratch = stage / ".exporter-output.onnx"
+    exp = onnx_from_torch(deploy, scratch, example, opset=opts.opset, dynamic_batch=opts.batch is None, exporter=opts.exporter)
+    raw = exp.model if exp.model is not None else onnx.load(str(scratch))
+    scratch.unlink()
     steps["export"] = time.perf_counter() - t
     try:
         onnx.checker.check_model(raw)
@@ -190,6 +471,11 @@ def export_model(
     parity["ort_cpu"] = _ort_parity(final, x_np, reference, tolerance_for("ort_cpu", opts.precision))
     steps["parity"] = time.perf_counter() - t - sres.seconds
 
+    if file_opset(final) != exp.opset:
+        raise ExportError(
+            f"the {sres.simplifier} simplifier changed the graph's opset from {exp.opset} to {file_opset(final)}; "
+            "pass --simplifier none or another simplifier"
+        )
     lint_res = lint(final)
     meta = {
         "slab_deploy.version": __version__,
@@ -213,6 +499,7 @@ def export_model(
         "norm": spec.norm,
         "attention": list(spec.attention),
         "untrained": bool(getattr(ref, "untrained", False)),
+        "opset": file_opset(final),  # as read from the deployed graph (default domain)
         "checkpoint": {
             "path": info.path if info else None,
             "sha256": info.sha256 if info else None,
@@ -266,31 +553,39 @@ def export_model(
     }
     if not norm_ok:
         manifest["status"] = status = "lint-failed"
+    files: dict[str, dict[str, Any]] = {}
     if keep_unsimplified:
         set_metadata(raw, {**meta, "slab_deploy.stage": "unsimplified"})
-        with atomic_write(out_dir / UNSIMPLIFIED_NAME) as tmp:
-            onnx.save(raw, str(tmp))
+        onnx.save(raw, str(stage / UNSIMPLIFIED_NAME))
         manifest["unsimplified_onnx"] = UNSIMPLIFIED_NAME
-    target = onnx_path if status == "ok" else out_dir / "model.parity-failed.onnx"
-    with atomic_write(target) as tmp:
-        onnx.save(final, str(tmp))
-    manifest["onnx"] = target.name
-    with atomic_write(manifest_path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
-    result = ExportResult(target, manifest_path, manifest, status == "ok", steps)
+        files[UNSIMPLIFIED_NAME] = _file_entry(stage / UNSIMPLIFIED_NAME)
+    onnx_name = ONNX_NAME if status == "ok" else FAILED_ONNX_NAME
+    onnx.save(final, str(stage / onnx_name))
+    files[onnx_name] = _file_entry(stage / onnx_name)
+    manifest["onnx"] = onnx_name
+    manifest["files"] = files
+    (stage / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    if status == "ok":
+        assert get_metadata(final)["slab_deploy.model"] == model_name
+        target.commit()
+        return ExportResult(target.out_dir / ONNX_NAME, target.out_dir / MANIFEST_NAME, manifest, True, steps)
+    failed = target.divert()
+    kept = f"{target.out_dir} {'is unchanged' if target.existed else 'was not created'}; the failed artefacts are in {failed}"
     if status == "lint-failed":
-        raise ExportError(
-            f"the folded {model_name} graph still has norm nodes {lint_res.norm_nodes} or statistic reductions; "
-            f"kept for inspection as {target}"
+        raise ExportLintError(
+            f"the folded {model_name} graph still has norm nodes {lint_res.norm_nodes} or statistic reductions; {kept}",
+            failed,
         )
-    if not passed:
-        first = next(k for k, r in parity.items() if not r.get("passed", True))
-        raise ParityError(
-            f"exported graph does not match the checkpoint model at rung '{first}' "
-            f"({'; '.join(parity[first]['failures'])}); kept for inspection as {target} with {manifest_path}"
-        )
-    assert get_metadata(final)["slab_deploy.model"] == model_name
-    return result
+    first = next(k for k, r in parity.items() if not r.get("passed", True))
+    raise ExportParityError(
+        f"exported graph does not match the checkpoint model at rung '{first}' "
+        f"({'; '.join(parity[first]['failures'])}); {kept}",
+        failed,
+    )
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 def _unfolded(model: nn.Module) -> tuple[nn.Module, Any]:

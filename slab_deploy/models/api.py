@@ -7,7 +7,7 @@ from typing import Any, cast
 
 from torch import nn
 
-from slab_deploy.errors import CheckpointError
+from slab_deploy.errors import CheckpointError, UnsupportedInputError
 from slab_deploy.models.checkpoint import (
     CheckpointInfo,
     check_prepbn_finished,
@@ -76,7 +76,54 @@ def create_model(
             check_prepbn_finished(info, allow_unfinished=allow_unfinished_prepbn)
             sd, note = remap_layout(sd, model.state_dict(), source=str(checkpoint))
             info.remapped = "; ".join(n for n in (info.remapped, note) if n)
+        if img_size is not None:
+            _refuse_img_size_misfit(name, img_size, sd, model, kwargs)
         strict_load(model, sd, source=str(checkpoint), model_name=name)
     model.checkpoint_info = info  # type: ignore[assignment]
     model.spec = spec if num_classes in (None, spec.num_classes) else model.spec  # type: ignore[assignment]
     return model.eval()
+
+
+def _refuse_img_size_misfit(name: str, img_size: int, sd: Any, model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """Blame `--img-size`, not the checkpoint, when the two differ only in tensors sized by the
+    token count (position embeddings, SLA's positional encodings: one entry per token of the
+    size the model was trained at)."""
+    import math
+
+    import torch
+
+
+    own = model.state_dict()
+    if set(own) != set(sd):
+        return
+    mis = [k for k in own if tuple(own[k].shape) != tuple(sd[k].shape)]
+    if not mis:
+        return
+    candidates = [get_spec(name).input_size[1]]
+    for k in mis:
+        if own[k].numel():
+            candidates.append(round(img_size * math.sqrt(sd[k].numel() / own[k].numel())))
+    fits = None
+    for c in dict.fromkeys(candidates):
+        if c < 1 or c == img_size:
+            continue
+        try:
+            with torch.device("meta"):
+                shapes = {k: tuple(v.shape) for k, v in build_model(name, **{**kwargs, "img_size": c}).state_dict().items()}
+        except Exception:  # a size this model cannot be built at is simply not the answer
+            continue
+        if all(shapes.get(k) == tuple(sd[k].shape) for k in own):
+            fits = c
+            break
+    token_sized = all("pos" in k.rsplit(".", 1)[-1] or "relative_position" in k for k in mis)
+    if fits is None and not token_sized:
+        return  # not (only) a size question: strict_load says what does not fit
+    enc = [k for k in mis if "positional_encoding" in k]
+    k = (enc or mis)[0]
+    what = "its linear attention's positional encodings" if enc else "its position embeddings"
+    raise UnsupportedInputError(
+        f"--img-size {img_size} does not fit {name} ({what} have one entry per token: "
+        f"{k} is {list(sd[k].shape)} in the checkpoint, {list(own[k].shape)} at {img_size} px"
+        + (f", {len(mis)} such tensors" if len(mis) > 1 else "")
+        + (f"); this checkpoint fits --img-size {fits}" if fits is not None else "); export at the size the checkpoint was trained at")
+    )
