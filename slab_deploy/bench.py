@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from slab_deploy.choices import BACKENDS
 from slab_deploy.errors import (
     ArtifactError,
     BenchCaseError,
@@ -32,7 +33,7 @@ from slab_deploy.errors import (
     RegressionError,
     SlabDeployError,
 )
-from slab_deploy.profiles import BACKENDS, Profile
+from slab_deploy.profiles import Profile
 
 CV_WARN = 0.10  # coefficient of variation above which a case is flagged unstable
 

@@ -42,6 +42,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from slab_deploy.choices import CHECK_BACKENDS, DEPLOYED_RUNGS, EXPORT_PRECISIONS, RUNG_BACKEND, RUNGS
 from slab_deploy.errors import (
     ArtifactError,
     CheckpointError,
@@ -54,10 +55,8 @@ from slab_deploy.errors import (
 from slab_deploy.parity import compare, judge
 from slab_deploy.tolerances import Tolerance, tolerance_for
 
-RUNGS = ("fold", "onnx", "simplified", "ort_cpu", "ort_cuda", "tensorrt")
-BACKENDS = ("torch", "onnx", "ort-cpu", "ort-cuda", "tensorrt")
-DEPLOYED_RUNGS = ("simplified", "ort_cpu", "ort_cuda", "tensorrt")  # rungs that run the deployed graph
-_RUNG_BACKEND = {"fold": "torch", "onnx": "onnx", "simplified": "onnx", "ort_cpu": "ort-cpu", "ort_cuda": "ort-cuda", "tensorrt": "tensorrt"}
+BACKENDS = CHECK_BACKENDS
+_RUNG_BACKEND = RUNG_BACKEND
 _METRICS = ("max_rel", "min_cosine", "min_sqnr_db", "min_top1")
 MAX_INPUTS = 4096  # images per check (the exporter's dynamic batch goes up to 4096 too)
 MAX_MANIFEST_BYTES = 4 << 20  # manifests are tens of kB; refuse anything that would cost memory to parse
@@ -288,7 +287,7 @@ def validate_options(backends: Sequence[str], precisions: Sequence[str], inputs:
     if not precisions:
         raise ConfigError("--precision is empty; pass fp32, fp16 or fp32,fp16")
     for p in precisions:
-        if p not in ("fp32", "fp16"):
+        if p not in EXPORT_PRECISIONS:
             raise ConfigError(f"unknown precision {_short(p)}; check supports fp32 and fp16")
     if isinstance(inputs, bool) or not isinstance(inputs, int) or not 1 <= inputs <= MAX_INPUTS:
         raise ConfigError(f"--inputs must be between 1 and {MAX_INPUTS}, not {_short(inputs)}")
@@ -378,7 +377,7 @@ def read_manifest(folder: str | Path) -> ArtifactManifest:
     if not isinstance(block, dict):
         raise ArtifactError(f"{mp}: 'precision' is {_short(block)}, not an object; export again")
     mode = block.get("mode", "fp32")
-    if mode not in ("fp32", "fp16"):
+    if mode not in EXPORT_PRECISIONS:
         raise ArtifactError(f"{mp}: precision mode {_short(mode)} is not fp32 or fp16; export again")
     return ArtifactManifest(d, model, deployed, unsimplified, mode, block or None)
 

@@ -10,10 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slab_deploy.choices import BACKENDS, COMPILE_MODES, DEVICES, EXPORTERS, PRECISIONS, SLA_POLICIES
 from slab_deploy.errors import ConfigError
-
-BACKENDS = ("torch", "torch-cudagraph", "torch-compile", "ort-cpu", "ort-cuda", "ort-cuda-graph", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -40,10 +38,6 @@ class Profile:
         return asdict(self)
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-SLA_POLICIES = ("fp32", "mixed")
-EXPORTERS = ("auto", "dynamo", "torchscript")
-DEVICES = ("cuda", "cpu")
 MAX_THREADS = 1024  # a sanity bound: more threads than this is a typo, not an edge CPU
 MAX_PROFILE_BYTES = 1 << 20  # a profile is a few hundred bytes; refuse to parse a huge file
 

@@ -338,8 +338,8 @@ def trace_targets(targets: Sequence[Target], profile: Profile, output: Path, *, 
                   threads: int | None = None, iters: int = 10, export_cache: Path | None = None, progress: Any = None) -> TraceReport:
     import torch
 
+    from slab_deploy.choices import BACKENDS
     from slab_deploy.errors import ConfigError
-    from slab_deploy.profiles import BACKENDS
     from slab_deploy.runtime.base import UnsupportedBackend
 
     if backend not in BACKENDS or backend == "tensorrt":

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from slab_deploy import __version__
+from slab_deploy.choices import EXPORT_PRECISIONS, EXPORTERS, SIMPLIFIERS, SLA_POLICIES
 from slab_deploy.errors import (
     ArtifactError,
     ExportError,
@@ -33,7 +34,6 @@ from slab_deploy.errors import (
 )
 from slab_deploy.export.onnx_export import (
     DEFAULT_OPSET,
-    EXPORTERS,
     INPUT_NAME,
     OUTPUT_NAME,
     ImageModel,
@@ -46,9 +46,7 @@ from slab_deploy.parity import compare, judge
 from slab_deploy.tolerances import tolerance_for
 from slab_deploy.utils import available_memory, make_staging, recover_swap, sha256_file, swap_in
 
-PRECISIONS = ("fp32", "fp16")
-SLA_POLICIES = ("fp32", "mixed")
-SIMPLIFIERS = ("auto", "onnxslim", "onnxsim", "none")
+PRECISIONS = EXPORT_PRECISIONS
 ONNX_NAME = "model.onnx"
 MANIFEST_NAME = "manifest.json"
 UNSIMPLIFIED_NAME = "model.unsimplified.onnx"  # kept beside model.onnx so `check` can tell exporter from simplifier faults

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slab_deploy.choices import EXPORTERS
 from slab_deploy.errors import ExportError, UnsupportedInputError
 
 INPUT_NAME = "images"
@@ -31,7 +32,6 @@ OUTPUT_NAME = "logits"
 # Opset 18: the torch.export-based exporter's native opset (no version-conversion pass), with
 # ReduceSum/ReduceMean taking axes as inputs; run by ONNX Runtime >= 1.14 and TensorRT >= 10.
 DEFAULT_OPSET = 18
-EXPORTERS = ("auto", "dynamo", "torchscript")
 # The opsets each exporter really writes (inclusive ranges), measured with torch 2.13 and
 # onnxscript 0.7 by reading the default-domain opset back from the file: the torch.export-based
 # exporter writes 18-25 as asked; below 18 it runs onnx's version converter, which is model

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slab_deploy import choices
+
 NormFactory = Callable[[int], nn.Module]
 
 
@@ -134,7 +136,7 @@ def repbn_affine(norm: RepBN) -> tuple[torch.Tensor, torch.Tensor]:
 # Attention cores
 
 
-SLA_POLICIES = ("native", "fp32", "mixed")
+SLA_POLICIES = ("native", *choices.SLA_POLICIES)  # native: as the model computes in its own dtype
 
 
 class SLACore(nn.Module):

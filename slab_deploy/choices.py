@@ -1,0 +1,39 @@
+"""The vocabulary every command, profile and report validates against, defined once.
+
+Backends name what runs a model (`bench`, `trace`, the runtime layer); check backends select the
+rungs of the parity ladder by the runtime that runs them; precisions, SLA policies, exporters,
+simplifiers, compile modes and devices are the values their options take. Nothing here imports
+anything heavy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+DEVICES = ("cpu", "cuda")
+
+# What runs a model: torch eager / CUDA graph replay / torch.compile, ONNX Runtime CPU / CUDA (IO
+# binding) / CUDA with a captured CUDA graph, a TensorRT engine.
+BACKENDS = ("torch", "torch-cudagraph", "torch-compile", "ort-cpu", "ort-cuda", "ort-cuda-graph", "tensorrt")
+CUDA_ONLY_BACKENDS = ("torch-cudagraph", "torch-compile", "ort-cuda", "ort-cuda-graph", "tensorrt")
+
+# The parity ladder (`check`): each rung and the check backend that runs it. `onnx` runs the
+# graphs with ONNX Runtime's graph optimisations off, so exporter faults show apart from optimiser ones.
+RUNGS = ("fold", "onnx", "simplified", "ort_cpu", "ort_cuda", "tensorrt")
+CHECK_BACKENDS = ("torch", "onnx", "ort-cpu", "ort-cuda", "tensorrt")
+RUNG_BACKEND = {"fold": "torch", "onnx": "onnx", "simplified": "onnx", "ort_cpu": "ort-cpu", "ort_cuda": "ort-cuda",
+                "tensorrt": "tensorrt"}
+DEPLOYED_RUNGS = ("simplified", "ort_cpu", "ort_cuda", "tensorrt")  # rungs that run the deployed graph
+
+PRECISIONS = ("fp32", "fp16", "bf16")  # what a backend may run at (bf16: torch only)
+EXPORT_PRECISIONS = ("fp32", "fp16")  # what an exported artefact holds
+SLA_POLICIES = ("fp32", "mixed")  # half precision SLA: fp32 island, or fp16 matmuls with an fp32 normaliser
+EXPORTERS = ("auto", "dynamo", "torchscript")
+SIMPLIFIERS = ("auto", "onnxslim", "onnxsim", "none")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def describe(allowed: Sequence[str]) -> str:
+    """`a, b or c`, for messages."""
+    items = list(allowed)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
