@@ -25,6 +25,15 @@ DEMO = ("slab_deit_demo", "deit_demo")
 AUTHORS_KEYS = ["model", "optimizer", "lr_scheduler", "max_accuracy", "epoch", "config"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():  # type: ignore[no-untyped-def]
+    """Training loops of tiny models: one thread is faster than two on a busy 2-core host (and as the script runs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def train_demo() -> ModuleType:
     """tools/train_demo.py (outside the package import path), imported from its file."""
     if "train_demo" not in sys.modules:
@@ -133,7 +142,8 @@ def test_shipped_files_match_the_summary() -> None:
         assert hashlib.sha256(data).hexdigest() == sha, f
     images, labels = heldout()
     assert images.dtype == np.uint8 and images.shape == (s["heldout"]["count"], 32, 32, 3)
-    assert np.bincount(labels).tolist() == [36] * 10  # stratified 20% of 1,797: 35-37 a class
+    counts = np.bincount(labels, minlength=10)
+    assert counts.sum() == 360 and counts.min() >= 35 and counts.max() <= 37  # stratified 20% of 1,797
     assert (images[..., 0] == images[..., 2]).all()  # grey digits replicated to RGB
 
 
@@ -142,12 +152,13 @@ def test_shipped_checkpoint_gives_its_recorded_accuracy(name: str) -> None:
     path = DATA / f"{name}.pth"
     model = create_model(name, checkpoint=path)
     info = checkpoint_info(model)
-    assert info is not None and info.top_level_keys == AUTHORS_KEYS
+    assert info is not None and sorted(info.top_level_keys) == sorted(AUTHORS_KEYS)
     assert "yacs.config.CfgNode" in info.opaque_objects
     assert info.num_classes == 10 and model.head.out_features == 10
     if get_spec(name).norm == "prepbn":
         assert info.prepbn and info.prepbn_finished
-        assert all(s.total_step == summary()["models"][name]["prepbn_steps"] for s in info.prepbn)
+        steps = summary()["models"][name]["prepbn_steps"]
+        assert steps == get_spec(name).prepbn_steps and all(s.total_step == steps for s in info.prepbn)
         assert any(isinstance(m, RepBN) for m in model.modules())
     images, labels = heldout()
     with torch.no_grad():
