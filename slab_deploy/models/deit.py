@@ -482,7 +482,6 @@ def test_deit(**kwargs: Any) -> VisionTransformer:
 # (an 8x8 grid: one token per original pixel), width 64, four blocks, two heads, 10 classes.
 
 _DEMO_SRC = "slab-deploy demo (SLAB classification/models/slab_deit.py layout, DeiT-demo size)"
-_DEMO_ARCH: dict[str, Any] = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2, mlp_ratio=4.0)
 # Per-channel mean and std of the demo training split (uint8 32x32 images scaled to [0, 1]).
 DEMO_MEAN = (0.3054, 0.3054, 0.3054)
 DEMO_STD = (0.3237, 0.3237, 0.3237)
@@ -507,12 +506,18 @@ _DEMO_SPEC: dict[str, Any] = dict(
     **_DEMO_SPEC,
 )
 def slab_deit_demo(**kwargs: Any) -> VisionTransformer:
+    kwargs = {"img_size": 32, "num_classes": 10, **kwargs}
     return VisionTransformer(
+        patch_size=4,
+        embed_dim=64,
+        depth=4,
+        num_heads=2,
+        mlp_ratio=4.0,
         attention="sla",
         norm="prepbn",
         global_pool="avg",
         prepbn_steps=DEMO_PREPBN_STEPS,
-        **{**_DEMO_ARCH, "num_classes": 10, **kwargs},
+        **kwargs,
     )
 
 
@@ -524,10 +529,16 @@ def slab_deit_demo(**kwargs: Any) -> VisionTransformer:
     **_DEMO_SPEC,
 )
 def deit_demo(**kwargs: Any) -> VisionTransformer:
+    kwargs = {"img_size": 32, "num_classes": 10, **kwargs}
     return VisionTransformer(
+        patch_size=4,
+        embed_dim=64,
+        depth=4,
+        num_heads=2,
+        mlp_ratio=4.0,
         attention="softmax",
         norm="layernorm",
         global_pool="token",
         ln_eps=1e-6,
-        **{**_DEMO_ARCH, "num_classes": 10, **kwargs},
+        **kwargs,
     )
