@@ -474,3 +474,71 @@ def test_deit(**kwargs: Any) -> VisionTransformer:
     return VisionTransformer(
         attention="softmax", norm="layernorm", global_pool="token", **_test_kwargs(kwargs)
     )
+
+
+# Demo variants: small enough to train on a 2-core CPU in minutes, trained on scikit-learn's
+# handwritten digits (8x8 grey images, bilinearly upsampled to 32x32 and replicated to 3 channels;
+# see docs/demo-model.md). Their trained weights ship in slab_deploy/data/. 32x32 input, patch 4
+# (an 8x8 grid: one token per original pixel), width 64, four blocks, two heads, 10 classes.
+
+_DEMO_SRC = "slab-deploy demo (SLAB classification/models/slab_deit.py layout, DeiT-demo size)"
+# Per-channel mean and std of the demo training split (uint8 32x32 images scaled to [0, 1]).
+DEMO_MEAN = (0.3054, 0.3054, 0.3054)
+DEMO_STD = (0.3237, 0.3237, 0.3237)
+DEMO_PREPBN_STEPS = 660  # T: half of the 1,320 training iterations (60 epochs x 22 batches of 64)
+_DEMO_SPEC: dict[str, Any] = dict(
+    family="deit",
+    input_size=(3, 32, 32),
+    num_classes=10,
+    mean=DEMO_MEAN,
+    std=DEMO_STD,
+    interpolation="bilinear",
+    crop_pct=1.0,
+)
+
+
+@register_model(
+    norm="prepbn",
+    attention=("sla",),
+    prepbn_steps=DEMO_PREPBN_STEPS,
+    source=_DEMO_SRC,
+    compare_with=("deit_demo",),
+    **_DEMO_SPEC,
+)
+def slab_deit_demo(**kwargs: Any) -> VisionTransformer:
+    kwargs = {"img_size": 32, "num_classes": 10, **kwargs}
+    return VisionTransformer(
+        patch_size=4,
+        embed_dim=64,
+        depth=4,
+        num_heads=2,
+        mlp_ratio=4.0,
+        attention="sla",
+        norm="prepbn",
+        global_pool="avg",
+        prepbn_steps=DEMO_PREPBN_STEPS,
+        **kwargs,
+    )
+
+
+@register_model(
+    norm="layernorm",
+    attention=("softmax",),
+    baseline_of="layernorm",
+    source=_DEMO_SRC.replace("slab_deit.py", "deit.py") + ", LayerNorm and softmax attention",
+    **_DEMO_SPEC,
+)
+def deit_demo(**kwargs: Any) -> VisionTransformer:
+    kwargs = {"img_size": 32, "num_classes": 10, **kwargs}
+    return VisionTransformer(
+        patch_size=4,
+        embed_dim=64,
+        depth=4,
+        num_heads=2,
+        mlp_ratio=4.0,
+        attention="softmax",
+        norm="layernorm",
+        global_pool="token",
+        ln_eps=1e-6,
+        **kwargs,
+    )
