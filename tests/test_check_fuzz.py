@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from slab_deploy.check import MAX_INPUTS, _check_graph, read_manifest, read_replay
+from slab_deploy.check import MAX_INPUTS, check_graph, read_manifest, read_replay
 from slab_deploy.errors import ArtifactError
 from slab_deploy.export.api import export_model
 from slab_deploy.testing import random_checkpoint
@@ -108,7 +108,7 @@ def _manifest_world(export_dir: Path, manifest: bytes, check: bool = True) -> No
                     if p is None:
                         continue
                     try:
-                        _check_graph(p, man, (3, 32, 32), 1000)
+                        check_graph(p, man, (3, 32, 32), 1000)
                     except ArtifactError as exc:
                         assert len(str(exc).splitlines()) == 1
         assert _listing(root) == before, "the reader wrote or removed a file"
