@@ -1,13 +1,122 @@
-"""Rich renderings of reports (imported by the CLI only)."""
+"""Every rich table and summary the command line prints, in one place (imported by the CLI only).
+
+Each function takes a library result and returns renderables; nothing here decides, computes a
+verdict or writes a file. Importing this module stays light (rich only, no torch).
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
-from slab_deploy.passes.fold import FoldReport
+if TYPE_CHECKING:
+    from slab_deploy.models.checkpoint import CheckpointInfo
+    from slab_deploy.passes.fold import FoldReport
+    from slab_deploy.profiles import Profile
+
+
+def console(stderr: bool = False) -> Any:
+    """A rich console; off a terminal (CI logs) tables get at least 160 columns, not 80."""
+    from rich.console import Console
+
+    width = None if sys.stdout.isatty() else max(shutil.get_terminal_size((160, 24)).columns, 160)
+    return Console(stderr=stderr, highlight=False, width=width)
+
+
+def _table(title: str, columns: Sequence[str], right: Sequence[str] = (), **column: Any) -> Any:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col, justify="right" if col in right else "left", **column)
+    return t
+
+
+def _key_value(title: str, rows: Sequence[tuple[str, str]]) -> Any:
+    """A two-column table without header: bold keys, plain values."""
+    from rich.table import Table
+
+    t = Table(title=title, show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def models_table(rows: Sequence[dict[str, Any]]) -> Any:
+    """The zoo listing, from `slab_deploy.models.zoo_rows`."""
+    t = _table(f"slab-deploy model zoo ({len(rows)} models)",
+               ("name", "family", "norm", "attention", "params (M)", "GMACs", "top-1", "weights"),
+               right=("params (M)", "GMACs", "top-1"))
+    for r in rows:
+        t.add_row(r["name"], r["family"], r["norm"], "/".join(r["attention"]), _num(r["params_m"], ".1f"),
+                  _num(r["gmacs"], ".2f"), _num(r["paper_top1"], ".1f"), "released" if r["released"] else "-")
+    return t
+
+
+def inspect_table(path: str | Path, info: CheckpointInfo, variants: Sequence[str]) -> Any:
+    """What `inspect` says about a checkpoint."""
+    unfinished = [s for s in info.prepbn if not s.finished]
+    if not info.prepbn:
+        prep = "n/a (no PRepBN layers)"
+    elif not unfinished:
+        prep = f"finished ({len(info.prepbn)} layers, iter=0, warm=0)"
+    else:
+        prep = (f"UNFINISHED: {len(unfinished)}/{len(info.prepbn)} layers, least done at "
+                f"{min(s.progress for s in unfinished):.1%} (iter {max(s.iter for s in unfinished)})")
+    return _key_value(str(path), [
+        ("format", info.format),
+        ("weights from", info.entry or "(top level)"),
+        ("top-level keys", ", ".join(info.top_level_keys[:10]) if info.entry else "-"),
+        ("layout", info.layout),
+        ("variant(s)", ", ".join(variants) or "no registered variant matches"),
+        ("classes", str(info.num_classes)),
+        ("PRepBN", prep),
+        ("EMA weights", "yes (use --ema)" if info.has_ema else "no"),
+        ("tensors / params", f"{info.num_tensors} / {info.num_params:,}"),
+        ("inert objects", ", ".join(info.opaque_objects) or "-"),
+        ("epoch / max acc", f"{info.epoch} / {info.max_accuracy}"),
+        ("folded", "yes (slab-deploy fold)" if info.folded else "no"),
+        ("key names", info.remapped or "as saved"),
+        ("sha256", info.sha256),
+    ])
+
+
+def profiles_table(profiles: Sequence[Profile]) -> Any:
+    """The device profiles (benchmark targets)."""
+    t = _table("device profiles", ("name", "device", "backends", "precisions", "batches", "threads", "description"),
+               overflow="fold")
+    for p in profiles:
+        t.add_row(p.name, p.device, ",".join(p.backends), ",".join(p.precisions), ",".join(map(str, p.batches)),
+                  ",".join("default" if x is None else str(x) for x in p.threads),
+                  p.description + (" (emulated)" if p.emulated else ""))
+    return t
+
+
+# ------------------------------------------------------------------------------------------------ fold
+
+
+def fold_summary(report: FoldReport, output: str | Path) -> list[Any]:
+    """The fold table, its one-line summary and what was written."""
+    return [
+        fold_table(report),
+        f"[bold]{report.summary()}[/bold]",
+        escape(f"params {report.params_before:,} -> {report.params_after:,}; wrote {output}"),
+    ]
 
 
 def fold_table(report: FoldReport) -> Any:
@@ -33,12 +142,8 @@ def _delta(v: float | None) -> str:
 
 
 def export_summary(manifest: dict[str, Any], onnx_path: Any) -> Any:
-    from rich.table import Table
-
+    """What an export did, from its manifest."""
     m = manifest
-    t = Table(title=f"export: {m['model']} ({m['precision']['mode']})", show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
     weights = "[yellow]embedded default, UNTRAINED (seeded random)[/yellow]" if m["untrained"] else f"{m['checkpoint']['path']} (sha256 {m['checkpoint']['sha256'][:12]})"
     fold = m["fold"]
     exp = m["export"]
@@ -61,9 +166,16 @@ def export_summary(manifest: dict[str, Any], onnx_path: Any) -> Any:
             rows.append((f"parity {rung}", f"{mark} max|d| {p['max_abs']:.1e} (rel {p['max_rel']:.1e}), cos {p['cosine']:.6f}, top-1 {p['top1']:.2f}"))
     rows.append(("time", ", ".join(f"{k} {v:.1f}s" for k, v in m["steps_seconds"].items())))
     rows.append(("written", f"{onnx_path} and manifest.json"))
-    for k, v in rows:
-        t.add_row(k, v)
-    return t
+    return _key_value(f"export: {m['model']} ({m['precision']['mode']})", rows)
+
+
+def check_summary(report: Any, paths: dict[str, Path] | None = None) -> list[Any]:
+    """The parity ladder, the verdict line and, when reports were written, where (and the replay)."""
+    style = "green" if report.passed else "red"
+    out = [check_table(report), f"[bold {style}]{escape(report.verdict())}[/bold {style}]"]
+    if paths:
+        out.append(escape(f"reports: {paths['json']}, {paths['markdown']}; replay: {report.replay_command}"))
+    return out
 
 
 def check_table(report: Any) -> Any:
