@@ -247,3 +247,44 @@ def bench_tables(report: Any) -> list[Any]:
                       f"[{colour}]{x['speedup']:.2f}x[/{colour}]")
         out.append(s)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ reference
+
+
+def cli_reference(group: Any, prog: str = "slab-deploy") -> str:
+    """A Markdown reference of the command line, from its parsed form (the click group the CLI's
+    typer app builds; read by attribute, so this module imports neither): per command its help,
+    usage and one table of arguments and options with their defaults."""
+
+    def cell(text: Any) -> str:
+        return " ".join(str(text).split()).replace("|", "\\|")
+
+    def default(p: Any) -> str:
+        d = p.default
+        if getattr(p, "required", False):
+            return "required"
+        if getattr(p, "secondary_opts", None) and isinstance(d, bool):
+            return f"`{(p.opts if d else p.secondary_opts)[0]}`"
+        if d is None or callable(d) or (getattr(p, "is_flag", False) and d is False) or d == []:
+            return ""
+        return f"`{d}`"
+
+    lines = [f"# `{prog}` command line", "", cell(group.help or ""), ""]
+    for name, cmd in group.commands.items():
+        if getattr(cmd, "hidden", False):
+            continue
+        ctx = cmd.make_context(f"{prog} {name}", [], resilient_parsing=True)
+        help_text = (cmd.help or "").strip()
+        lines += [f"## `{prog} {name}`", "", help_text, "", f"    {cmd.get_usage(ctx).removeprefix('Usage: ')}", ""]
+        params = [p for p in cmd.params if not getattr(p, "hidden", False) and p.name != "help"]
+        if params:
+            lines += ["| argument / option | default | meaning |", "|---|---|---|"]
+            for p in params:
+                if p.param_type_name == "argument":
+                    spell = f"`{p.name.upper()}`"
+                else:
+                    spell = ", ".join(f"`{o}`" for o in [*p.opts, *p.secondary_opts])
+                lines.append(f"| {spell} | {default(p)} | {cell(getattr(p, 'help', '') or '')} |")
+            lines.append("")
+    return "\n".join(lines)
