@@ -479,55 +479,26 @@ def profiles(as_json: JsonOpt = False) -> None:
     _print(profiles_table(profs))
 
 
-class _Interrupted(BaseException):
-    """Raised in the main thread by SIGINT/SIGTERM, so `finally` blocks and context managers
-    clean up (temporary files, staging directories, locks) exactly as on Ctrl-C."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _install_signal_handlers() -> dict[int, Any]:
-    """SIGINT and SIGTERM raise `_Interrupted` once; a repeat while cleaning up is ignored.
-    Returns the previous handlers (empty off the main thread, where handlers cannot be set)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    fired: list[int] = []
-
-    def handler(signum: int, _frame: Any) -> None:
-        if fired:
-            return
-        fired.append(signum)
-        raise _Interrupted(signum)
-
-    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-
 def main() -> None:
     """Console-script entry: user errors print one line and exit with their code (1, or 3 for
     parity failures, 4 for benchmark regressions); usage errors are typer's (exit 2); SIGINT and
     SIGTERM clean up, print one line and exit 130 and 143 (128 + the signal number)."""
     import signal
 
-    previous = _install_signal_handlers()
-    try:
-        app()  # standalone mode: typer prints usage errors and help, and exits
-    except SlabDeployError as exc:
-        from rich.markup import escape
+    from rich.markup import escape
 
-        _console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except _Interrupted as exc:
-        name = signal.Signals(exc.signum).name
-        _console(stderr=True).print(f"[bold red]interrupted[/bold red] by {name}: stopped and cleaned up", soft_wrap=True)
-        sys.exit(128 + exc.signum)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
+    from slab_deploy.utils import Interrupted, signals_interrupt
+
+    with signals_interrupt():  # handlers stay until the exit below: a repeat signal is ignored
+        try:
+            app()  # standalone mode: typer prints usage errors and help, and exits
+        except SlabDeployError as exc:
+            _console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except Interrupted as exc:
+            name = signal.Signals(exc.signum).name
+            _console(stderr=True).print(f"[bold red]interrupted[/bold red] by {name}: stopped and cleaned up", soft_wrap=True)
+            sys.exit(128 + exc.signum)
 
 
 if __name__ == "__main__":  # pragma: no cover

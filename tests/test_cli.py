@@ -205,3 +205,18 @@ def test_cli_reference_lists_every_command_and_option() -> None:
             if p.param_type_name == "option":
                 assert all(f"`{o}`" in section for o in p.opts), (name, p.opts)
     assert "| `--model`, `-m` | required |" in md and "| `--measure`, `--no-measure` | `--measure` |" in md
+
+
+def test_signals_interrupt_raises_once_and_restores() -> None:
+    import signal
+
+    from slab_deploy.utils import Interrupted, signals_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as info, signals_interrupt():
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        finally:
+            signal.raise_signal(signal.SIGINT)  # a repeat while cleaning up is ignored
+    assert info.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
