@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from slab_deploy import __version__
+from slab_deploy.choices import CHECK_BACKENDS, EXPORT_PRECISIONS, describe
 from slab_deploy.errors import SlabDeployError
 
 app = typer.Typer(
@@ -37,13 +38,19 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 
 
 def _console(stderr: bool = False) -> Any:
-    import shutil
+    from slab_deploy.render import console
 
-    from rich.console import Console
+    return console(stderr)
 
-    # Reports are read in CI logs too: do not squeeze tables into 80 columns when not on a terminal.
-    width = None if sys.stdout.isatty() else max(shutil.get_terminal_size((160, 24)).columns, 160)
-    return Console(stderr=stderr, highlight=False, width=width)
+
+def _print(*renderables: Any, stderr: bool = False) -> None:
+    con = _console(stderr)
+    for r in renderables:
+        con.print(r)
+
+
+def _echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
 
 
 def _version(value: bool) -> None:
@@ -74,48 +81,15 @@ def models(
     as_json: JsonOpt = False,
 ) -> None:
     """List the model zoo: family, norm, attention per stage, params, GMACs, released weights."""
-    from slab_deploy.models import get_spec, list_models
-    from slab_deploy.models.stats import model_stats
+    from slab_deploy.models import zoo_rows
 
-    rows: list[dict[str, Any]] = []
-    for name in list_models(pattern, include_test=all_):
-        s = get_spec(name)
-        params, gmacs = model_stats(name) if measure else (None, None)
-        rows.append(
-            {
-                "name": name,
-                "family": s.family,
-                "norm": s.norm,
-                "attention": list(s.attention),
-                "params_m": None if params is None else round(params / 1e6, 2),
-                "gmacs": None if gmacs is None else round(gmacs, 2),
-                "paper_params_m": s.paper_params_m,
-                "paper_gmacs": s.paper_gmacs,
-                "paper_top1": s.paper_top1,
-                "released": s.released,
-                "layout": s.layout,
-            }
-        )
+    rows = zoo_rows(pattern, include_test=all_, measure=measure)
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        _echo_json(rows)
         return
-    from rich.table import Table
+    from slab_deploy.render import models_table
 
-    t = Table(title=f"slab-deploy model zoo ({len(rows)} models)")
-    for col in ("name", "family", "norm", "attention", "params (M)", "GMACs", "top-1", "weights"):
-        t.add_column(col, justify="right" if col in ("params (M)", "GMACs", "top-1") else "left")
-    for r in rows:
-        t.add_row(
-            r["name"],
-            r["family"],
-            r["norm"],
-            "/".join(r["attention"]),
-            "-" if r["params_m"] is None else f"{r['params_m']:.1f}",
-            "-" if r["gmacs"] is None else f"{r['gmacs']:.2f}",
-            "-" if r["paper_top1"] is None else f"{r['paper_top1']:.1f}",
-            "released" if r["released"] else "-",
-        )
-    _console().print(t)
+    _print(models_table(rows))
 
 
 # ------------------------------------------------------------------------------------------------ inspect
@@ -132,46 +106,12 @@ def inspect(
 
     sd, info = read_checkpoint(checkpoint, ema=ema)
     variants = detect_variants(sd)
-    d = info.to_dict()
-    d["variants"] = variants
     if as_json:
-        typer.echo(json.dumps(d, indent=2, default=str))
+        _echo_json({**info.to_dict(), "variants": variants})
         return
-    from rich.table import Table
+    from slab_deploy.render import inspect_table
 
-    t = Table(title=str(checkpoint), show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
-    unfinished = [s for s in info.prepbn if not s.finished]
-    prep = (
-        "n/a (no PRepBN layers)"
-        if not info.prepbn
-        else (
-            f"finished ({len(info.prepbn)} layers, iter=0, warm=0)"
-            if not unfinished
-            else f"UNFINISHED: {len(unfinished)}/{len(info.prepbn)} layers, least done at "
-            f"{min(s.progress for s in unfinished):.1%} (iter {max(s.iter for s in unfinished)})"
-        )
-    )
-    rows = [
-        ("format", info.format),
-        ("weights from", info.entry or "(top level)"),
-        ("top-level keys", ", ".join(info.top_level_keys[:10]) if info.entry else "-"),
-        ("layout", info.layout),
-        ("variant(s)", ", ".join(variants) or "no registered variant matches"),
-        ("classes", str(info.num_classes)),
-        ("PRepBN", prep),
-        ("EMA weights", "yes (use --ema)" if info.has_ema else "no"),
-        ("tensors / params", f"{info.num_tensors} / {info.num_params:,}"),
-        ("inert objects", ", ".join(info.opaque_objects) or "-"),
-        ("epoch / max acc", f"{info.epoch} / {info.max_accuracy}"),
-        ("folded", "yes (slab-deploy fold)" if info.folded else "no"),
-        ("key names", info.remapped or "as saved"),
-        ("sha256", info.sha256),
-    ]
-    for k, v in rows:
-        t.add_row(k, v)
-    _console().print(t)
+    _print(inspect_table(checkpoint, info, variants))
 
 
 # ------------------------------------------------------------------------------------------------ fold
@@ -199,29 +139,14 @@ def fold(
     info = getattr(m, "checkpoint_info", None)
     save_folded(folded, output, source_sha256=info.sha256 if info else None)
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        _echo_json(report.to_dict())
         return
-    from slab_deploy.report import fold_table
+    from slab_deploy.render import fold_summary
 
-    con = _console()
-    con.print(fold_table(report))
-    con.print(f"[bold]{report.summary()}[/bold]")
-    con.print(f"params {report.params_before:,} -> {report.params_after:,}; wrote {output}")
+    _print(*fold_summary(report, output))
 
 
 # ------------------------------------------------------------------------------------------------ export
-
-
-def _whole_number(flag: str, value: str | None) -> int | None:
-    """Parse a whole-number option here, so garbage is one line and exit 1 like every bad input."""
-    if value is None:
-        return None
-    from slab_deploy.errors import UnsupportedInputError
-
-    text = value.strip()
-    if not text.lstrip("+-").isdigit():
-        raise UnsupportedInputError(f"{flag} must be a whole number, not {value!r}")
-    return int(text)
 
 
 @app.command()
@@ -232,7 +157,7 @@ def export(
     batch: Annotated[str | None, typer.Option("--batch", metavar="N", help="Static batch size (default: dynamic batch).")] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Dynamic batch dimension (the default).")] = False,
     opset: Annotated[str, typer.Option("--opset", metavar="N", help="ONNX opset: 18-25 with the torch.export exporter (18 is its native one), 7-20 with TorchScript.")] = "18",
-    precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16 (fp16 keeps SLA's normaliser and k^T v in fp32).")] = "fp32",
+    precision: Annotated[str, typer.Option("--precision", help=f"{describe(EXPORT_PRECISIONS)}: one value, as an export holds one precision (`check --precision` takes a comma list and exports each); fp16 keeps SLA's normaliser and k^T v in fp32.")] = "fp32",
     simplifier: Annotated[str, typer.Option("--simplifier", help="onnxslim, onnxsim, none or auto (onnxslim, else onnxsim).")] = "auto",
     exporter: Annotated[str, typer.Option("--exporter", help="dynamo (torch.export), torchscript, or auto (dynamo, falling back).")] = "auto",
     img_size: Annotated[str | None, typer.Option("--img-size", metavar="PX", help="Input resolution (default: the model's, 224); must be the checkpoint's for models with positional encodings.")] = None,
@@ -247,27 +172,22 @@ def export(
 
     DIR is written whole or not at all: a failed export leaves it as it was and puts the failed
     artefacts in DIR.failed."""
-    from slab_deploy.errors import UnsupportedInputError
     from slab_deploy.export.api import ExportOptions, export_model
 
-    if batch is not None and dynamic_batch:
-        raise UnsupportedInputError("--batch and --dynamic-batch exclude each other; pass one")
-    opset_n = _whole_number("--opset", opset)
-    assert opset_n is not None
-    opts = ExportOptions(batch=_whole_number("--batch", batch), opset=opset_n, precision=precision, simplifier=simplifier,
-                         exporter=exporter, seed=seed, img_size=_whole_number("--img-size", img_size), sla_policy=sla_policy)
-    con = _console(stderr=True)
-    with con.status("exporting", spinner="dots") as status:
+    opts = ExportOptions.from_text(batch=batch, dynamic_batch=dynamic_batch, opset=opset, img_size=img_size,
+                                   precision=precision, simplifier=simplifier, exporter=exporter, seed=seed,
+                                   sla_policy=sla_policy)
+    with _console(stderr=True).status("exporting", spinner="dots") as status:
         result = export_model(
             model, checkpoint, output, opts, force=force, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn,
             progress=lambda s: status.update(f"{model}: {s}"),
         )
     if as_json:
-        typer.echo(json.dumps(result.manifest, indent=2))
+        _echo_json(result.manifest)
         return
-    from slab_deploy.report import export_summary
+    from slab_deploy.render import export_summary
 
-    _console().print(export_summary(result.manifest, result.onnx_path))
+    _print(export_summary(result.manifest, result.onnx_path))
 
 
 # ------------------------------------------------------------------------------------------------ check
@@ -282,14 +202,14 @@ def check(
     model: ModelOpt,
     checkpoint: CkptOpt = None,
     artifacts: Annotated[Path | None, typer.Option("--artifacts", "-a", help="Output directory of `export` (default: export now, in a temporary directory).")] = None,
-    backends: Annotated[str, typer.Option("--backends", help="Comma list of torch, onnx, ort-cpu, ort-cuda, tensorrt.")] = "torch,onnx,ort-cpu,ort-cuda,tensorrt",
-    precision: Annotated[str, typer.Option("--precision", help="Comma list of fp32, fp16 (without --artifacts).")] = "fp32",
+    backends: Annotated[str, typer.Option("--backends", help=f"Comma list of {', '.join(CHECK_BACKENDS)}.")] = ",".join(CHECK_BACKENDS),
+    precision: Annotated[str, typer.Option("--precision", help=f"Comma list of {', '.join(EXPORT_PRECISIONS)}, each exported and checked (without --artifacts, which hold one).")] = "fp32",
     inputs: Annotated[int, typer.Option("--inputs", help="Number of seeded random images (or the most images to read).")] = 8,
     images: Annotated[Path | None, typer.Option("--images", help="Folder of real images, fed through the model's preprocessing.")] = None,
     replay: Annotated[Path | None, typer.Option("--replay", help="io.npz of an earlier report: rerun its exact inputs.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")] = 0,
     tolerance: Annotated[list[str] | None, typer.Option("--tolerance", help="Override RUNG:METRIC=VALUE (repeatable), e.g. ort_cuda:min_cosine=0.995.")] = None,
-    report: Annotated[Path | None, typer.Option("--report", help="Directory for report.json, report.md and io.npz.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", "--output", "-o", help="Directory for report.json, report.md and io.npz (--output/-o, as in the other commands, are the same option).")] = None,
     ema: EmaOpt = False,
     allow_unfinished_prepbn: UnfinishedOpt = False,
     as_json: JsonOpt = False,
@@ -299,37 +219,30 @@ def check(
         check_report_dir,
         parse_tolerance_overrides,
         raise_for_verdict,
+        replay_base,
         run_check,
         write_reports,
     )
 
-    overrides = parse_tolerance_overrides(tolerance or [])
+    backend_list, precisions, tolerances = _csv(backends), _csv(precision), tolerance or []
+    overrides = parse_tolerance_overrides(tolerances)
     if report is not None:
         check_report_dir(report)  # before any work: a bad --report must cost nothing
-    con = _console(stderr=True)
-    with con.status("checking", spinner="dots") as status:
+    with _console(stderr=True).status("checking", spinner="dots") as status:
         rep = run_check(
-            model, checkpoint, artifacts=artifacts, backends=_csv(backends), precisions=_csv(precision), inputs=inputs,
+            model, checkpoint, artifacts=artifacts, backends=backend_list, precisions=precisions, inputs=inputs,
             images=images, replay=replay, seed=seed, tolerance=overrides, ema=ema,
             allow_unfinished_prepbn=allow_unfinished_prepbn, progress=lambda s: status.update(f"{model}: {s}"),
         )
-    base = f"slab-deploy check --model {model}" + (f" --checkpoint {checkpoint}" if checkpoint else "") + (
-        f" --artifacts {artifacts}" if artifacts else f" --precision {precision}"
-    ) + "".join(f" --tolerance {t}" for t in tolerance or [])
+    base = replay_base(model, checkpoint, artifacts=artifacts, backends=backend_list, precisions=precisions,
+                       tolerance=tolerances, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn)
     paths = write_reports(rep, report, base) if report is not None else {}
     if as_json:
-        typer.echo(json.dumps(rep.to_dict(), indent=2, default=str))
+        _echo_json(rep.to_dict())
     else:
-        from slab_deploy.report import check_table
+        from slab_deploy.render import check_summary
 
-        out = _console()
-        out.print(check_table(rep))
-        style = "green" if rep.passed else "red"
-        out.print(f"[bold {style}]{rep.verdict()}[/bold {style}]")
-        if paths:
-            from rich.markup import escape
-
-            out.print(escape(f"reports: {paths['json']}, {paths['markdown']}; replay: {rep.replay_command}"))
+        _print(*check_summary(rep, paths))
     raise_for_verdict(rep)
 
 
@@ -469,7 +382,7 @@ def bench(
     else:
         from rich.markup import escape
 
-        from slab_deploy.report import bench_tables
+        from slab_deploy.render import bench_tables
 
         con = _console()
         for t in bench_tables(rep):
@@ -559,45 +472,11 @@ def profiles(as_json: JsonOpt = False) -> None:
 
     profs = [load_profile(n) for n in list_profiles()]
     if as_json:
-        typer.echo(json.dumps([p.to_dict() for p in profs], indent=2))
+        _echo_json([p.to_dict() for p in profs])
         return
-    from rich.table import Table
+    from slab_deploy.render import profiles_table
 
-    t = Table(title="device profiles")
-    for col in ("name", "device", "backends", "precisions", "batches", "threads", "description"):
-        t.add_column(col, overflow="fold")
-    for p in profs:
-        t.add_row(p.name, p.device, ",".join(p.backends), ",".join(p.precisions), ",".join(map(str, p.batches)),
-                  ",".join("default" if x is None else str(x) for x in p.threads), p.description + (" (emulated)" if p.emulated else ""))
-    _console().print(t)
-
-
-class _Interrupted(BaseException):
-    """Raised in the main thread by SIGINT/SIGTERM, so `finally` blocks and context managers
-    clean up (temporary files, staging directories, locks) exactly as on Ctrl-C."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _install_signal_handlers() -> dict[int, Any]:
-    """SIGINT and SIGTERM raise `_Interrupted` once; a repeat while cleaning up is ignored.
-    Returns the previous handlers (empty off the main thread, where handlers cannot be set)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    fired: list[int] = []
-
-    def handler(signum: int, _frame: Any) -> None:
-        if fired:
-            return
-        fired.append(signum)
-        raise _Interrupted(signum)
-
-    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    _print(profiles_table(profs))
 
 
 def main() -> None:
@@ -606,21 +485,20 @@ def main() -> None:
     SIGTERM clean up, print one line and exit 130 and 143 (128 + the signal number)."""
     import signal
 
-    previous = _install_signal_handlers()
-    try:
-        app()  # standalone mode: typer prints usage errors and help, and exits
-    except SlabDeployError as exc:
-        from rich.markup import escape
+    from rich.markup import escape
 
-        _console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except _Interrupted as exc:
-        name = signal.Signals(exc.signum).name
-        _console(stderr=True).print(f"[bold red]interrupted[/bold red] by {name}: stopped and cleaned up", soft_wrap=True)
-        sys.exit(128 + exc.signum)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
+    from slab_deploy.utils import Interrupted, signals_interrupt
+
+    with signals_interrupt():  # handlers stay until the exit below: a repeat signal is ignored
+        try:
+            app()  # standalone mode: typer prints usage errors and help, and exits
+        except SlabDeployError as exc:
+            _console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except Interrupted as exc:
+            name = signal.Signals(exc.signum).name
+            _console(stderr=True).print(f"[bold red]interrupted[/bold red] by {name}: stopped and cleaned up", soft_wrap=True)
+            sys.exit(128 + exc.signum)
 
 
 if __name__ == "__main__":  # pragma: no cover

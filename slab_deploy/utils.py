@@ -206,3 +206,36 @@ def available_memory() -> int | None:
     except (OSError, ValueError):
         pass
     return avail
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread by SIGINT/SIGTERM (see `signals_interrupt`), so `finally` blocks
+    and context managers clean up (temporary files, staging directories, locks) exactly as on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM raise `Interrupted` once; a repeat while cleaning up is
+    ignored. The earlier handlers come back on leaving. A no-op off the main thread, where
+    handlers cannot be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)

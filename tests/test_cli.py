@@ -121,3 +121,102 @@ def test_unfinished_prepbn_cli(tmp_path: Path, capsys, monkeypatch) -> None:  # 
     assert code == 1 and "saved before PRepBN finished" in err
     code, _, err = run_cli(["fold", "-m", "test_slab_swin", "-c", str(ckpt), "-o", str(tmp_path / "f.pt"), "--allow-unfinished-prepbn"], capsys, monkeypatch)
     assert code == 0, err
+
+
+def test_zoo_rows_filters_and_measures() -> None:
+    from slab_deploy.models import model_stats, zoo_rows
+
+    tiny = zoo_rows("test_*", include_test=True, measure=False)
+    assert tiny and all(r["name"].startswith("test_") for r in tiny)
+    assert all(r["params_m"] is None and r["gmacs"] is None for r in tiny)
+    assert zoo_rows("test_*") == []  # test variants only on request
+    [row] = zoo_rows("test_slab_deit", include_test=True)
+    params, gmacs = model_stats("test_slab_deit")
+    assert row["params_m"] == round(params / 1e6, 2) and row["gmacs"] == round(gmacs, 2)
+    assert row["norm"] == get_spec("test_slab_deit").norm and json.loads(json.dumps(row)) == row
+
+
+def test_export_options_from_text() -> None:
+    from slab_deploy.errors import UnsupportedInputError
+    from slab_deploy.export.api import ExportOptions
+
+    o = ExportOptions.from_text(batch=" 4", opset="17", img_size=None, precision="fp16", seed=3)
+    assert (o.batch, o.opset, o.img_size, o.precision, o.seed) == (4, 17, None, "fp16", 3)
+    assert ExportOptions.from_text() == ExportOptions()
+    with pytest.raises(UnsupportedInputError, match="exclude each other"):
+        ExportOptions.from_text(batch="2", dynamic_batch=True)
+    for flag, kw in (("--opset", {"opset": "x18"}), ("--batch", {"batch": "2.5"}), ("--img-size", {"img_size": ""})):
+        with pytest.raises(UnsupportedInputError, match=f"{flag} must be a whole number"):
+            ExportOptions.from_text(**kw)  # type: ignore[arg-type]
+
+
+def test_replay_command_parses_back_to_the_same_check() -> None:
+    import shlex
+
+    from typer.main import get_command
+
+    from slab_deploy.check import replay_base
+    from slab_deploy.choices import CHECK_BACKENDS
+    from slab_deploy.cli import app
+
+    assert replay_base("m", precisions=["fp32", "fp16"]) == "slab-deploy check --model m --precision fp32,fp16"
+    base = replay_base("slab_deit_tiny", Path("my weights/c.pth"), artifacts=Path("out dir"), backends=["onnx", "ort-cpu"],
+                       tolerance=["onnx:max_abs=1e-3"], ema=True)
+    words = shlex.split(base + " --replay r/io.npz")
+    assert words[:2] == ["slab-deploy", "check"]
+    cmd = get_command(app).commands["check"]  # type: ignore[attr-defined]
+    params = cmd.make_context("check", words[2:]).params
+    assert params["checkpoint"] == Path("my weights/c.pth") and params["artifacts"] == Path("out dir")
+    assert params["backends"] == "onnx,ort-cpu" and params["ema"] and not params["allow_unfinished_prepbn"]
+    assert params["tolerance"] == ["onnx:max_abs=1e-3"] and params["replay"] == Path("r/io.npz")
+    assert "--backends" not in replay_base("m", backends=CHECK_BACKENDS)
+
+
+def test_check_output_is_report(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    afile = tmp_path / "a-file"
+    afile.write_text("mine")
+    for flag in ("--report", "--output", "-o"):
+        code, _, err = run_cli(["check", "-m", "test_slab_deit", flag, str(afile)], capsys, monkeypatch)
+        assert code == 1 and "is a file" in err and "Traceback" not in err
+    assert afile.read_text() == "mine"
+
+
+def test_profiles_command(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from slab_deploy.profiles import list_profiles
+
+    names = list_profiles()
+    code, out, _ = run_cli(["profiles", "--json"], capsys, monkeypatch)
+    assert code == 0 and [p["name"] for p in json.loads(out)] == names
+    code, out, _ = run_cli(["profiles"], capsys, monkeypatch)
+    assert code == 0 and "device profiles" in out and all(n in out for n in names)
+
+
+def test_cli_reference_lists_every_command_and_option() -> None:
+    from typer.main import get_command
+
+    from slab_deploy.cli import app
+    from slab_deploy.render import cli_reference
+
+    group = get_command(app)
+    md = cli_reference(group)
+    for name, cmd in group.commands.items():  # type: ignore[attr-defined]
+        section = md.split(f"## `slab-deploy {name}`\n", 1)[1].split("\n## ", 1)[0]
+        for p in cmd.params:
+            if p.param_type_name == "option":
+                assert all(f"`{o}`" in section for o in p.opts), (name, p.opts)
+    assert "| `--model`, `-m` | required |" in md and "| `--measure`, `--no-measure` | `--measure` |" in md
+
+
+def test_signals_interrupt_raises_once_and_restores() -> None:
+    import signal
+
+    from slab_deploy.utils import Interrupted, signals_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as info, signals_interrupt():
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        finally:
+            signal.raise_signal(signal.SIGINT)  # a repeat while cleaning up is ignored
+    assert info.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before

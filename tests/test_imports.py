@@ -31,6 +31,15 @@ def test_import_is_light() -> None:
     assert r.stdout.strip() == "[]"
 
 
+def test_render_and_cli_import_light() -> None:
+    """The CLI module and the render module load no torch: `--help` stays fast."""
+    code = "import sys, slab_deploy.render, slab_deploy.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in {!r}))".format(
+        tuple(h for h in HEAVY if h != "typer") + ("torch",))
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 def test_library_imports_no_optional_modules() -> None:
     code = (
         "import sys; import slab_deploy.models, slab_deploy.passes, slab_deploy.export.api, slab_deploy.parity; "
@@ -41,7 +50,7 @@ def test_library_imports_no_optional_modules() -> None:
     assert r.stdout.split() == ["[]", "False"]
 
 
-COMMANDS = ["", "models", "inspect", "fold", "export", "check", "bench", "profiles"]
+COMMANDS = ["", "models", "inspect", "fold", "export", "check", "bench", "trace", "profiles"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

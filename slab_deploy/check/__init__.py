@@ -52,7 +52,7 @@ from slab_deploy.check.options import (
     parse_tolerance_overrides,
     validate_options,
 )
-from slab_deploy.check.report import CheckReport, RungResult, raise_for_verdict, write_reports
+from slab_deploy.check.report import CheckReport, RungResult, raise_for_verdict, replay_base, write_reports
 
 __all__ = [
     "MAX_INPUTS",
@@ -77,5 +77,6 @@ __all__ = [
     "seeded_inputs",
     "select_inputs",
     "validate_options",
+    "replay_base",
     "write_reports",
 ]

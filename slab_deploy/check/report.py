@@ -8,6 +8,7 @@ report.md and io.npz (the inputs and every rung's outputs, for `--replay`).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from slab_deploy.check.options import check_report_dir
-from slab_deploy.choices import DEPLOYED_RUNGS
+from slab_deploy.choices import CHECK_BACKENDS, DEPLOYED_RUNGS
 from slab_deploy.errors import ArtifactError, ConfigError, ParityError
 
 
@@ -158,6 +159,29 @@ class CheckReport:
         if self.replay_command:
             lines += ["", "Replay locally:", "", f"    {self.replay_command}"]
         return "\n".join(lines) + "\n"
+
+
+def replay_base(model_name: str, checkpoint: str | Path | None = None, *, artifacts: str | Path | None = None,
+                backends: Sequence[str] = CHECK_BACKENDS, precisions: Sequence[str] = ("fp32",),
+                tolerance: Sequence[str] = (), ema: bool = False, allow_unfinished_prepbn: bool = False) -> str:
+    """The `slab-deploy check` command line that reruns a check (`write_reports` appends
+    `--replay io.npz`): the same model, weights, artefacts or precisions, backends and tolerance
+    overrides, shell-quoted. Seed, input count and images are not repeated: a replay feeds the saved inputs."""
+    from shlex import quote
+
+    words = ["slab-deploy", "check", "--model", model_name]
+    if checkpoint is not None:
+        words += ["--checkpoint", str(checkpoint)]
+    if ema:
+        words.append("--ema")
+    if allow_unfinished_prepbn:
+        words.append("--allow-unfinished-prepbn")
+    words += ["--artifacts", str(artifacts)] if artifacts is not None else ["--precision", ",".join(precisions)]
+    if tuple(backends) != tuple(CHECK_BACKENDS):
+        words += ["--backends", ",".join(backends)]
+    for t in tolerance:
+        words += ["--tolerance", t]
+    return " ".join(quote(w) for w in words)
 
 
 def write_reports(report: CheckReport, out_dir: str | Path, replay_base: str) -> dict[str, Path]:

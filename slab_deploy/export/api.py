@@ -102,6 +102,27 @@ class ExportOptions:
                 require(self.simplifier, f"--simplifier {self.simplifier}")  # raises with the install line
         return estimate_footprint(model_name, self) if model_name is not None else None
 
+    @classmethod
+    def from_text(cls, *, batch: str | None = None, dynamic_batch: bool = False, opset: str = str(DEFAULT_OPSET),
+                  img_size: str | None = None, **rest: Any) -> ExportOptions:
+        """Options as typed on a command line: whole numbers arrive as text, so garbage is one
+        line naming the option (exit 1) like every bad value; `dynamic_batch` (the default
+        anyway) excludes a static `batch`. The rest pass through; `validate` judges them all."""
+        if batch is not None and dynamic_batch:
+            raise UnsupportedInputError("--batch and --dynamic-batch exclude each other; pass one")
+        opset_n = _parse_whole("--opset", opset)
+        assert opset_n is not None
+        return cls(batch=_parse_whole("--batch", batch), opset=opset_n, img_size=_parse_whole("--img-size", img_size), **rest)
+
+
+def _parse_whole(flag: str, value: str | None) -> int | None:
+    if value is None:
+        return None
+    text = value.strip()
+    if not text.lstrip("+-").isdigit():
+        raise UnsupportedInputError(f"{flag} must be a whole number, not {value!r}")
+    return int(text)
+
 
 def _whole(flag: str, value: Any, *, allow_none: bool = False, maximum: int | None = None) -> None:
     if value is None and allow_none:

@@ -11,6 +11,7 @@ from slab_deploy.models.registry import (
     model_spec,
     register_model,
 )
+from slab_deploy.models.stats import model_stats, zoo_rows
 
 __all__ = [
     "ModelSpec",
@@ -20,5 +21,7 @@ __all__ = [
     "get_spec",
     "list_models",
     "model_spec",
+    "model_stats",
     "register_model",
+    "zoo_rows",
 ]

@@ -1,0 +1,290 @@
+"""Every rich table and summary the command line prints, in one place (imported by the CLI only).
+
+Each function takes a library result and returns renderables; nothing here decides, computes a
+verdict or writes a file. Importing this module stays light (rich only, no torch).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.markup import escape
+
+if TYPE_CHECKING:
+    from slab_deploy.models.checkpoint import CheckpointInfo
+    from slab_deploy.passes.fold import FoldReport
+    from slab_deploy.profiles import Profile
+
+
+def console(stderr: bool = False) -> Any:
+    """A rich console; off a terminal (CI logs) tables get at least 160 columns, not 80."""
+    from rich.console import Console
+
+    width = None if sys.stdout.isatty() else max(shutil.get_terminal_size((160, 24)).columns, 160)
+    return Console(stderr=stderr, highlight=False, width=width)
+
+
+def _table(title: str, columns: Sequence[str], right: Sequence[str] = (), **column: Any) -> Any:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col, justify="right" if col in right else "left", **column)
+    return t
+
+
+def _key_value(title: str, rows: Sequence[tuple[str, str]]) -> Any:
+    """A two-column table without header: bold keys, plain values."""
+    from rich.table import Table
+
+    t = Table(title=title, show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def models_table(rows: Sequence[dict[str, Any]]) -> Any:
+    """The zoo listing, from `slab_deploy.models.zoo_rows`."""
+    t = _table(f"slab-deploy model zoo ({len(rows)} models)",
+               ("name", "family", "norm", "attention", "params (M)", "GMACs", "top-1", "weights"),
+               right=("params (M)", "GMACs", "top-1"))
+    for r in rows:
+        t.add_row(r["name"], r["family"], r["norm"], "/".join(r["attention"]), _num(r["params_m"], ".1f"),
+                  _num(r["gmacs"], ".2f"), _num(r["paper_top1"], ".1f"), "released" if r["released"] else "-")
+    return t
+
+
+def inspect_table(path: str | Path, info: CheckpointInfo, variants: Sequence[str]) -> Any:
+    """What `inspect` says about a checkpoint."""
+    unfinished = [s for s in info.prepbn if not s.finished]
+    if not info.prepbn:
+        prep = "n/a (no PRepBN layers)"
+    elif not unfinished:
+        prep = f"finished ({len(info.prepbn)} layers, iter=0, warm=0)"
+    else:
+        prep = (f"UNFINISHED: {len(unfinished)}/{len(info.prepbn)} layers, least done at "
+                f"{min(s.progress for s in unfinished):.1%} (iter {max(s.iter for s in unfinished)})")
+    return _key_value(str(path), [
+        ("format", info.format),
+        ("weights from", info.entry or "(top level)"),
+        ("top-level keys", ", ".join(info.top_level_keys[:10]) if info.entry else "-"),
+        ("layout", info.layout),
+        ("variant(s)", ", ".join(variants) or "no registered variant matches"),
+        ("classes", str(info.num_classes)),
+        ("PRepBN", prep),
+        ("EMA weights", "yes (use --ema)" if info.has_ema else "no"),
+        ("tensors / params", f"{info.num_tensors} / {info.num_params:,}"),
+        ("inert objects", ", ".join(info.opaque_objects) or "-"),
+        ("epoch / max acc", f"{info.epoch} / {info.max_accuracy}"),
+        ("folded", "yes (slab-deploy fold)" if info.folded else "no"),
+        ("key names", info.remapped or "as saved"),
+        ("sha256", info.sha256),
+    ])
+
+
+def profiles_table(profiles: Sequence[Profile]) -> Any:
+    """The device profiles (benchmark targets)."""
+    t = _table("device profiles", ("name", "device", "backends", "precisions", "batches", "threads", "description"),
+               overflow="fold")
+    for p in profiles:
+        t.add_row(p.name, p.device, ",".join(p.backends), ",".join(p.precisions), ",".join(map(str, p.batches)),
+                  ",".join("default" if x is None else str(x) for x in p.threads),
+                  p.description + (" (emulated)" if p.emulated else ""))
+    return t
+
+
+# ------------------------------------------------------------------------------------------------ fold
+
+
+def fold_summary(report: FoldReport, output: str | Path) -> list[Any]:
+    """The fold table, its one-line summary and what was written."""
+    return [
+        fold_table(report),
+        f"[bold]{report.summary()}[/bold]",
+        escape(f"params {report.params_before:,} -> {report.params_after:,}; wrote {output}"),
+    ]
+
+
+def fold_table(report: FoldReport) -> Any:
+    from rich.table import Table
+
+    t = Table(title=f"fold report: {report.model}")
+    for col in ("norm", "kind", "C", "action", "into", "through", "max |delta|"):
+        t.add_column(col, justify="right" if col in ("C", "max |delta|") else "left", overflow="fold")
+    for n in report.norms:
+        action = {"folded": f"[green]folded ({n.side})[/green]", "kept-affine": "[yellow]kept affine[/yellow]", "kept-layernorm": "[dim]LayerNorm[/dim]"}[n.action]
+        into = ", ".join(n.into) if n.into else escape(n.reason)
+        t.add_row(
+            n.name, n.kind, str(n.channels), action, into, ",".join(n.through) or "-",
+            _delta(n.max_abs_delta),
+        )
+    return t
+
+
+def _delta(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1e}" if math.isfinite(v) else f"[bold red]{v} (not finite)[/bold red]"
+
+
+def export_summary(manifest: dict[str, Any], onnx_path: Any) -> Any:
+    """What an export did, from its manifest."""
+    m = manifest
+    weights = "[yellow]embedded default, UNTRAINED (seeded random)[/yellow]" if m["untrained"] else f"{m['checkpoint']['path']} (sha256 {m['checkpoint']['sha256'][:12]})"
+    fold = m["fold"]
+    exp = m["export"]
+    simp = m["simplify"]
+    rows = [
+        ("weights", weights),
+        ("fold", f"{fold['folded']}/{len(fold['norms'])} norms folded, {fold['kept']} kept; max |delta logit| {fold['max_abs_delta']:.1e}"),
+        ("exporter", f"{exp['exporter']} (opset {exp['opset']}, {'dynamic batch' if exp['dynamic_batch'] else 'batch ' + str(exp['batch'])})" + (f"; fallback: {exp['fallback_reason']}" if exp["fallback_reason"] else "")),
+        ("simplifier", f"{simp['used']}: {simp['nodes_before']} -> {simp['nodes_after']} nodes" + (f" ({simp['note']})" if simp["note"] else "")),
+        ("norm-free graph", "yes" if m["norm_free"] else f"no: {m['lint']['norm_nodes']}"),
+    ]
+    for rung in ("onnx", "ort_cpu"):
+        p = m["parity"].get(rung)
+        if not p:
+            continue
+        if p.get("skipped"):
+            rows.append((f"parity {rung}", f"[yellow]skipped[/yellow]: {p['reason']}"))
+        else:
+            mark = "[green]pass[/green]" if p["passed"] else "[red]FAIL[/red]"
+            rows.append((f"parity {rung}", f"{mark} max|d| {p['max_abs']:.1e} (rel {p['max_rel']:.1e}), cos {p['cosine']:.6f}, top-1 {p['top1']:.2f}"))
+    rows.append(("time", ", ".join(f"{k} {v:.1f}s" for k, v in m["steps_seconds"].items())))
+    rows.append(("written", f"{onnx_path} and manifest.json"))
+    return _key_value(f"export: {m['model']} ({m['precision']['mode']})", rows)
+
+
+def check_summary(report: Any, paths: dict[str, Path] | None = None) -> list[Any]:
+    """The parity ladder, the verdict line and, when reports were written, where (and the replay)."""
+    style = "green" if report.passed else "red"
+    out = [check_table(report), f"[bold {style}]{escape(report.verdict())}[/bold {style}]"]
+    if paths:
+        out.append(escape(f"reports: {paths['json']}, {paths['markdown']}; replay: {report.replay_command}"))
+    return out
+
+
+def check_table(report: Any) -> Any:
+    from rich.table import Table
+
+    t = Table(title=f"parity ladder: {report.model}" + (" [yellow](untrained weights)[/yellow]" if report.untrained else ""))
+    for col in ("rung", "prec", "status", "max abs", "max rel", "cosine", "SQNR dB", "top-1", "top-5", "needed to pass"):
+        t.add_column(col, justify="left" if col in ("rung", "prec", "status", "needed to pass") else "right", overflow="fold")
+    first = report.first_failure
+    notes: list[str] = []
+    for r in report.rungs:
+        m = r.metrics or {}
+
+        def f(k: str, fmt: str, m: dict[str, Any] = m) -> str:
+            v = m.get(k)
+            return "-" if v is None else format(v, fmt)
+
+        if r.status == "skipped":
+            notes.append(escape(f"{r.rung} ({r.precision}) skipped: {r.reason}"))
+            status = f"[dim]skipped [{len(notes)}][/dim]"
+        elif r.status == "pass":
+            status = "[green]pass[/green]"
+        elif r.status == "error":
+            notes.append(escape(f"{r.rung} ({r.precision}) could not run: {r.reason}"))
+            status = f"[bold red]ERROR[/bold red] [{len(notes)}]" + (" (first)" if r is first else "")
+        else:
+            status = "[bold red]FAIL[/bold red]" + (" (first)" if r is first else "")
+            if m.get("nonfinite") or m.get("nonfinite_reference"):
+                notes.append(escape(f"{r.rung} ({r.precision}): {'; '.join(r.failures)}"))
+                status += f" [{len(notes)}]"
+        need = ", ".join(f"{k}={v:.3g}" for k, v in r.needed.items()) if r.status in ("pass", "fail") else ""
+        t.add_row(r.rung, r.precision, status, f("max_abs", ".1e"), f("max_rel", ".1e"), f("cosine", ".6f"),
+                  f("sqnr_db", ".1f"), f("top1", ".2f"), f("top5", ".2f"), need)
+    if notes:
+        t.caption = "\n".join(f"[{i}] {n}" for i, n in enumerate(notes, 1))
+        t.caption_justify = "left"
+    return t
+
+
+def bench_tables(report: Any) -> list[Any]:
+    from rich.table import Table
+
+    t = Table(title=f"bench on {report.environment.get('gpu') or report.environment.get('cpu')}" + (" (untrained weights)" if report.untrained else ""))
+    for col in ("model", "variant", "backend", "prec", "batch", "thr", "median ms", "p90", "p99", "CV", "img/s", "note"):
+        t.add_column(col, justify="right" if col in ("batch", "thr", "median ms", "p90", "p99", "CV", "img/s") else "left", overflow="fold")
+    for r in report.results:
+        c = r.case
+        note = ("[yellow]unstable[/yellow]" if r.unstable else "") if r.status == "ok" else f"[dim]{escape(r.status + ': ' + r.reason[:90])}[/dim]"
+        fmt = lambda v, s: "-" if v is None else format(v, s)  # noqa: E731
+        t.add_row(c.model, c.variant, c.backend, c.precision, str(c.batch), str(c.threads or "-"), fmt(r.median_ms, ".3f"),
+                  fmt(r.p90_ms, ".3f"), fmt(r.p99_ms, ".3f"), fmt(r.cv, ".1%"), fmt(r.throughput, ",.0f"), note)
+    out = [t]
+    if report.speedups:
+        s = Table(title="speed-up of the folded SLAB model")
+        for col in ("SLAB", "vs", "backend", "prec", "batch", "thr", "speed-up"):
+            s.add_column(col, justify="right" if col in ("batch", "thr", "speed-up") else "left")
+        for x in report.speedups:
+            colour = "green" if x["speedup"] >= 1 else "red"
+            s.add_row(x["slab"], x["other"], x["backend"], x["precision"], str(x["batch"]), str(x["threads"] or "-"), f"[{colour}]{x['speedup']:.2f}x[/{colour}]")
+        out.append(s)
+    if report.best_speedups and len({b for x in report.best_speedups for b in x["backends"]}) > 1:
+        s = Table(title="speed-up, best backend each side (over the backends measured for both)")
+        for col in ("SLAB", "vs", "prec", "batch", "thr", "SLAB ms", "other ms", "speed-up"):
+            s.add_column(col, justify="left" if col in ("SLAB", "vs", "prec") else "right")
+        for x in report.best_speedups:
+            colour = "green" if x["speedup"] >= 1 else "red"
+            s.add_row(x["slab"], x["other"], x["precision"], str(x["batch"]), str(x["threads"] or "-"),
+                      f"{x['slab_ms']:.3f} ({x['slab_backend']})", f"{x['other_ms']:.3f} ({x['other_backend']})",
+                      f"[{colour}]{x['speedup']:.2f}x[/{colour}]")
+        out.append(s)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ reference
+
+
+def cli_reference(group: Any, prog: str = "slab-deploy") -> str:
+    """A Markdown reference of the command line, from its parsed form (the click group the CLI's
+    typer app builds; read by attribute, so this module imports neither): per command its help,
+    usage and one table of arguments and options with their defaults."""
+
+    def cell(text: Any) -> str:
+        return " ".join(str(text).split()).replace("|", "\\|")
+
+    def default(p: Any) -> str:
+        d = p.default
+        if getattr(p, "required", False):
+            return "required"
+        if getattr(p, "secondary_opts", None) and isinstance(d, bool):
+            return f"`{(p.opts if d else p.secondary_opts)[0]}`"
+        if d is None or callable(d) or (getattr(p, "is_flag", False) and d is False) or d == []:
+            return ""
+        return f"`{d}`"
+
+    lines = [f"# `{prog}` command line", "", cell(group.help or ""), ""]
+    for name, cmd in group.commands.items():
+        if getattr(cmd, "hidden", False):
+            continue
+        ctx = cmd.make_context(f"{prog} {name}", [], resilient_parsing=True)
+        help_text = (cmd.help or "").strip()
+        lines += [f"## `{prog} {name}`", "", help_text, "", f"    {cmd.get_usage(ctx).removeprefix('Usage: ')}", ""]
+        params = [p for p in cmd.params if not getattr(p, "hidden", False) and p.name != "help"]
+        if params:
+            lines += ["| argument / option | default | meaning |", "|---|---|---|"]
+            for p in params:
+                if p.param_type_name == "argument":
+                    spell = f"`{p.name.upper()}`"
+                else:
+                    spell = ", ".join(f"`{o}`" for o in [*p.opts, *p.secondary_opts])
+                lines.append(f"| {spell} | {default(p)} | {cell(getattr(p, 'help', '') or '')} |")
+            lines.append("")
+    return "\n".join(lines)
