@@ -11,11 +11,11 @@ from helpers import run_cli
 from slab_deploy.bench import (
     Case,
     Result,
-    _stats,
     compare_against,
     compare_targets,
     run_bench,
     speedups,
+    stats,
     write_outputs,
 )
 from slab_deploy.errors import ConfigError
@@ -40,7 +40,7 @@ def test_shipped_profiles_validate() -> None:
         ({"backends": ["warp-drive"]}, r"backends\[0\] must be one of torch, .*not 'warp-drive'"),
         ({"precisions": ["fp8"]}, r"precisions\[0\] must be one of fp32, fp16, bf16"),
         ({"batches": []}, "batches must be a non-empty list"),
-        ({"device": "tpu"}, "device must be one of cuda, cpu"),
+        ({"device": "tpu"}, "device must be one of cpu, cuda"),
         ({"iters": "many"}, r"iters must be an integer >= 1, not 'many' \(str\)"),
         ({"colour": "red"}, "unknown field"),
     ],
@@ -52,7 +52,7 @@ def test_bad_profiles(patch: dict, match: str) -> None:
 
 
 def test_stats() -> None:
-    s = _stats([1.0] * 90 + [2.0] * 9 + [10.0])
+    s = stats([1.0] * 90 + [2.0] * 9 + [10.0])
     assert s["median_ms"] == 1.0 and s["min_ms"] == 1.0 and s["p99_ms"] > 2.0 and s["cv"] > 0.5
 
 
