@@ -426,7 +426,7 @@ def trace(
     models_: Annotated[str | None, typer.Option("--models", help="Comma list of models (SLAB ones run folded).")] = None,
     compare: Annotated[str | None, typer.Option("--compare", help="A SLAB model: trace it folded with its LayerNorm and FLatten baselines.")] = None,
     unfolded: Annotated[bool, typer.Option("--unfolded", help="Also trace SLAB models unfolded (as trained).")] = False,
-    backends: Annotated[str | None, typer.Option("--backends", "--backend", help="One of torch, torch-cudagraph, torch-compile, ort-cpu, ort-cuda, ort-cuda-graph [default: torch with --device cuda, ort-cpu with --device cpu]; --backend is the earlier spelling.")] = None,
+    backends: Annotated[str | None, typer.Option("--backends", "--backend", help="One of torch, torch-cudagraph, torch-compile, ort-cpu, ort-cuda, ort-cuda-graph (default: torch with --device cuda, ort-cpu with --device cpu); --backend is the earlier spelling.")] = None,
     precision: Annotated[str, typer.Option("--precision", help="One of fp32, fp16, bf16 (trace profiles one backend and one precision per run).")] = "fp32",
     batch: Annotated[int, typer.Option("--batch", help="Batch size.")] = 1,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (CPU backends).")] = None,

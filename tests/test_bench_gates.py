@@ -465,3 +465,41 @@ def test_cache_is_keyed_by_checkpoint(tmp_path: Path, cached_graph: Path) -> Non
     path = onnx_for(Target("test_slab_deit", "folded", str(ckpt)), "fp32", cache, exporter="torchscript")
     assert path.parent != cache / cached_graph.name
     assert json.loads((path.parent / CACHE_RECORD).read_text())["checkpoint_sha256"] == checkpoint_identity(Target("test_slab_deit", "folded", str(ckpt)))
+
+
+# ---------------------------------------------------------------------------------------------- one runner for check and bench
+
+
+def test_bench_times_the_runner_check_calls(cached_graph: Path) -> None:
+    """The step bench times is the runner check calls: same logits, from make_runner's runner."""
+    import numpy as np
+    import torch
+
+    from slab_deploy.bench import load_target
+    from slab_deploy.models import get_spec
+    from slab_deploy.runtime import UnsupportedBackend, make_runner
+    from slab_deploy.tolerances import tolerance_for
+
+    x = np.random.default_rng(1).standard_normal((2, *get_spec("test_slab_deit").input_size), dtype=np.float32)
+    max_rel = tolerance_for("ort_cpu", "fp32").max_rel
+    assert max_rel is not None
+
+    def close(a: np.ndarray, ref: np.ndarray) -> bool:  # the table's max_rel: max|delta| / max|reference|
+        return a.shape == ref.shape and float(np.abs(a - ref).max()) <= max_rel * float(np.abs(ref).max())
+
+    ort = make_runner("ort-cpu", cached_graph / "model.onnx", "cpu", "fp32", threads=1)
+    p = ort.prepare(x)
+    assert p.timer == "perf_counter" and p.output_elems == 0 and ort.info.backend == "ort-cpu"
+    assert np.array_equal(p.step()[0], ort(x))  # the timed step and the call run the same session
+    model = load_target(Target("test_slab_deit", "folded"))  # folding needs autograd: outside inference mode
+    with torch.inference_mode():
+        eager = make_runner("torch", model, "cpu", "fp32")
+        step_out = eager.prepare(x).step().float().numpy()
+    assert np.array_equal(step_out, eager(x))
+    assert close(step_out, ort(x))
+    with pytest.raises(UnsupportedBackend, match="not a deployment target"):
+        make_runner("torch", model, "cpu", "fp16")
+    with pytest.raises(UnsupportedBackend, match="torch-cudagraph needs a CUDA device"):
+        make_runner("torch-cudagraph", model, "cpu", "fp32")
+    with pytest.raises(ValueError, match="unknown backend"):
+        make_runner("warp", None, "cpu", "fp32")
