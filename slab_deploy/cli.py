@@ -249,27 +249,18 @@ def check(
 # ------------------------------------------------------------------------------------------------ bench
 
 
-def _targets(compare: str | None, models_: str | None, unfolded: bool, checkpoint: Path | None) -> list[Any]:
-    """What `bench` and `trace` run: a SLAB model with its baselines, or a list of models (SLAB
-    ones folded, and also unfolded with --unfolded; a checkpoint only applies to a single model)."""
-    from slab_deploy.bench import Target, compare_targets
-    from slab_deploy.errors import ConfigError
-    from slab_deploy.models import get_spec
+def _bench_targets(compare: str | None, models_: str | None, unfolded: bool, checkpoint: Path | None) -> list[Any]:
+    from slab_deploy.bench import build_targets
 
-    if compare and models_:
-        raise ConfigError("--compare and --models exclude each other")
-    if compare:
-        return compare_targets(compare, unfolded=unfolded, checkpoint=str(checkpoint) if checkpoint else None)
-    if not models_:
-        raise ConfigError("pass --compare SLAB_MODEL or --models a,b,c")
-    names = _csv(models_)
-    targets = []
-    for n in names:
-        slab = get_spec(n).is_slab
-        targets.append(Target(n, "folded" if slab else "baseline", str(checkpoint) if checkpoint and len(names) == 1 else None))
-        if slab and unfolded:
-            targets.append(Target(n, "unfolded", targets[-1].checkpoint))
-    return targets
+    return build_targets(compare, _csv(models_) if models_ else None, unfolded=unfolded,
+                         checkpoint=str(checkpoint) if checkpoint else None)
+
+
+def _progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=_console(stderr=True), transient=True)
 
 
 @app.command()
@@ -312,71 +303,19 @@ def bench(
 
     With 0, 4 and 5, bench.json, bench.csv and bench.md are written in full first, the verdict in them. Exported graphs are reused from --onnx-cache only when their sha256 matches the record bench wrote beside them (else they are exported again, and a note says why).
     """
-    from dataclasses import replace
+    from slab_deploy.bench import benchmark
+    from slab_deploy.profiles import resolve_profile
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from slab_deploy.bench import (
-        check_threshold,
-        compare_against,
-        judge,
-        load_baseline,
-        run_bench,
-        write_outputs,
-    )
-    from slab_deploy.errors import ConfigError
-    from slab_deploy.profiles import Profile, load_profile
-
-    if device not in ("cuda", "cpu"):
-        raise ConfigError(f"--device must be cuda or cpu, not {device!r}")
-    targets = _targets(compare, models_, unfolded, checkpoint)
-    check_threshold(threshold)
-    baseline = load_baseline(against) if against is not None else None  # malformed: refused before the run
-    if profile:
-        prof = load_profile(profile)
-        if prof.device != device:
-            raise ConfigError(f"profile {prof.name} is for --device {prof.device}, not {device}")
-    else:
-        cuda = device == "cuda"
-        prof = Profile(
-            name=f"default-{device}", description="command-line defaults", device=device,
-            backends=("torch", "torch-cudagraph", "ort-cuda") if cuda else ("ort-cpu",),
-            precisions=("fp32", "fp16") if cuda else ("fp32",), batches=(1, 64) if cuda else (1,),
-            warmup=20 if cuda else 3, iters=100 if cuda else 10, min_seconds=0.5,
-        )
-    overrides: dict[str, Any] = {}
-    if backends:
-        overrides["backends"] = tuple(_csv(backends))
-    if precision:
-        overrides["precisions"] = tuple(_csv(precision))
-    if batch:
-        overrides["batches"] = tuple(_int_csv(batch, "--batch"))
-    if threads:
-        overrides["threads"] = tuple(_int_csv(threads, "--threads"))
-    if iters is not None:
-        overrides["iters"] = iters
-    if warmup is not None:
-        overrides["warmup"] = warmup
-    if min_seconds is not None:
-        overrides["min_seconds"] = min_seconds
-    if compile_mode is not None:
-        overrides["compile_mode"] = compile_mode
-    if sla_policy is not None:
-        overrides["sla_policy"] = sla_policy
-    if exporter is not None:
-        overrides["exporter"] = exporter
-    if overrides:
-        from slab_deploy.profiles import validate
-
-        merged = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in prof.to_dict().items() if k not in ("source", "extra")}, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in overrides.items()}}
-        if merged.get("threads") == [None]:
-            merged["threads"] = None
-        prof = replace(validate(merged, "command line"), source=prof.source)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console(stderr=True), transient=True) as progress:
-        rep = run_bench(targets, prof, output, progress=progress, export_cache=onnx_cache)
-    rep.command = "slab-deploy " + " ".join(sys.argv[1:])
-    failure = judge(rep, compare_against(rep, baseline, threshold) if baseline is not None else None)
-    paths = write_outputs(rep, output)  # complete files, verdict included, before any non-zero exit
+    targets = _bench_targets(compare, models_, unfolded, checkpoint)
+    prof = resolve_profile(device, profile, {
+        "backends": backends, "precisions": precision, "batches": batch, "threads": threads, "iters": iters,
+        "warmup": warmup, "min_seconds": min_seconds, "compile_mode": compile_mode, "sla_policy": sla_policy,
+        "exporter": exporter,
+    })
+    with _progress() as progress:
+        done = benchmark(targets, prof, output, against=against, threshold=threshold, export_cache=onnx_cache,
+                         progress=progress, command="slab-deploy " + " ".join(sys.argv[1:]))
+    rep = done.report
     if as_json:
         typer.echo(json.dumps(rep.to_dict(), indent=2, default=str))
     else:
@@ -389,25 +328,9 @@ def bench(
             con.print(t)
         for note in rep.notes:
             con.print(escape(f"note: {note}"))
-        con.print(escape("wrote " + ", ".join(str(p) for p in paths.values())))
-    if failure is not None:
-        failure.args = (f"{failure} (reports written: {paths['json']}, {paths['csv'].name}, {paths['markdown'].name})",)
-        raise failure
-
-
-def _int_csv(value: str, option: str) -> list[int]:
-    """A comma list of positive integers; anything else is one line naming the option."""
-    from slab_deploy.errors import ConfigError
-
-    out = []
-    for item in _csv(value):
-        if not (item.isascii() and item.isdigit() and len(item) <= 15) or int(item) < 1:
-            shown = item if len(item) <= 20 else item[:17] + "..."
-            raise ConfigError(f"{option} takes a comma list of positive integers (e.g. 1,8,64), not {shown!r}")
-        out.append(int(item))
-    if not out:
-        raise ConfigError(f"{option} takes a comma list of positive integers (e.g. 1,8,64), not {value!r}")
-    return out
+        con.print(escape("wrote " + ", ".join(str(p) for p in done.paths.values())))
+    if done.failure is not None:
+        raise done.failure
 
 
 @app.command()
@@ -416,8 +339,8 @@ def trace(
     models_: Annotated[str | None, typer.Option("--models", help="Comma list of models (SLAB ones run folded).")] = None,
     compare: Annotated[str | None, typer.Option("--compare", help="A SLAB model: trace it folded with its LayerNorm and FLatten baselines.")] = None,
     unfolded: Annotated[bool, typer.Option("--unfolded", help="Also trace SLAB models unfolded (as trained).")] = False,
-    backend: Annotated[str, typer.Option("--backend", help="torch, torch-cudagraph, torch-compile, ort-cpu, ort-cuda or ort-cuda-graph (default: torch with --device cuda, ort-cpu with --device cpu).")] = "",
-    precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16.")] = "fp32",
+    backends: Annotated[str | None, typer.Option("--backends", "--backend", help="One of torch, torch-cudagraph, torch-compile, ort-cpu, ort-cuda, ort-cuda-graph (default: torch with --device cuda, ort-cpu with --device cpu); --backend is the earlier spelling.")] = None,
+    precision: Annotated[str, typer.Option("--precision", help="One of fp32, fp16, bf16 (trace profiles one backend and one precision per run).")] = "fp32",
     batch: Annotated[int, typer.Option("--batch", help="Batch size.")] = 1,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (CPU backends).")] = None,
     iters: Annotated[int, typer.Option("--iters", help="Profiled iterations (figures are per iteration).")] = 10,
@@ -430,39 +353,27 @@ def trace(
     as_json: JsonOpt = False,
 ) -> None:
     """Profile where the time goes: kernel (or operator) time by category and by model component."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from slab_deploy.bench.trace import run_trace, to_markdown
+    from slab_deploy.profiles import resolve_profile
 
-    from slab_deploy.errors import ConfigError
-    from slab_deploy.profiles import validate
-    from slab_deploy.trace import to_markdown, trace_targets, write_outputs
-
-    if device not in ("cuda", "cpu"):
-        raise ConfigError(f"--device must be cuda or cpu, not {device!r}")
-    backend = backend or ("torch" if device == "cuda" else "ort-cpu")
-    targets = _targets(compare, models_, unfolded, checkpoint)
-    cuda = device == "cuda"
-    prof = validate({
-        "name": f"trace-{device}", "description": "trace settings", "device": device, "backends": [backend],
-        "precisions": [precision], "batches": [batch], "threads": threads, "warmup": 10 if cuda else 3,
-        "iters": 30 if cuda else 5, "min_seconds": 0.0, "compile_mode": compile_mode, "sla_policy": sla_policy,
-        "exporter": exporter,
-    }, "command line")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_console(stderr=True), transient=True) as progress:
-        rep = trace_targets(targets, prof, output, backend=backend, precision=precision, batch=batch, threads=threads,
-                            iters=iters, progress=progress)
-    rep.command = "slab-deploy " + " ".join(sys.argv[1:])
-    paths = write_outputs(rep, output, top)
+    prof = resolve_profile(device, None, {
+        "backends": backends, "precisions": precision, "batches": batch, "threads": threads,
+        "compile_mode": compile_mode, "sla_policy": sla_policy, "exporter": exporter,
+    }, command="trace")
+    targets = _bench_targets(compare, models_, unfolded, checkpoint)
+    with _progress() as progress:
+        done = run_trace(targets, prof, output, iters=iters, top=top, progress=progress,
+                         command="slab-deploy " + " ".join(sys.argv[1:]))
     if as_json:
-        typer.echo(json.dumps(rep.to_dict(), indent=2, default=str))
+        typer.echo(json.dumps(done.report.to_dict(), indent=2, default=str))
     else:
         from rich.markdown import Markdown
 
         con = _console()
-        con.print(Markdown(to_markdown(rep, top)))
-        con.print("wrote " + ", ".join(str(p) for p in paths.values()))
-    failed = [r for r in rep.results if r.status == "error"]
-    if failed:
-        raise ConfigError(f"{len(failed)} target(s) failed to trace: " + "; ".join(f"{r.label}: {r.reason}" for r in failed[:3]))
+        con.print(Markdown(to_markdown(done.report, top)))
+        con.print("wrote " + ", ".join(str(p) for p in done.paths.values()))
+    if done.failure is not None:
+        raise done.failure
 
 
 @app.command()

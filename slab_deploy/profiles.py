@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +201,80 @@ def list_profiles() -> list[str]:
         if d.is_dir():
             names.update(p.stem for p in d.glob("*.yaml"))
     return sorted(names)
+
+
+# ---------------------------------------------------------------------------------------------- command-line profiles
+
+
+def default_profile(device: str, command: str = "bench") -> Profile:
+    """What `bench` (or `trace`) measures on `device` when no --profile is given."""
+    if device not in DEVICES:
+        raise ConfigError(f"--device must be {' or '.join(DEVICES)}, not {device!r}")
+    cuda = device == "cuda"
+    if command == "trace":
+        return validate({
+            "name": f"trace-{device}", "description": "trace settings", "device": device,
+            "backends": ["torch" if cuda else "ort-cpu"], "precisions": ["fp32"], "batches": [1],
+            "warmup": 10 if cuda else 3, "iters": 30 if cuda else 5, "min_seconds": 0.0,
+        }, "command line")
+    return Profile(
+        name=f"default-{device}", description="command-line defaults", device=device,
+        backends=("torch", "torch-cudagraph", "ort-cuda") if cuda else ("ort-cpu",),
+        precisions=("fp32", "fp16") if cuda else ("fp32",), batches=(1, 64) if cuda else (1,),
+        warmup=20 if cuda else 3, iters=100 if cuda else 10, min_seconds=0.5,
+    )
+
+
+# Fields an option may set as a comma list, and the option that spells it in messages.
+LIST_OPTIONS = {"backends": "--backends", "precisions": "--precision", "batches": "--batch", "threads": "--threads"}
+_INT_LISTS = ("batches", "threads")
+
+
+def resolve_profile(device: str, profile: str | None = None, overrides: Mapping[str, Any] | None = None, *,
+                    command: str = "bench") -> Profile:
+    """The profile a command runs: the named (or .yaml) `profile`, which must be for `device`, or
+    the device's default (`default_profile`), with the given `overrides` (profile fields; None
+    values are ignored) merged over it and the result checked like a profile file. List fields
+    (LIST_OPTIONS) also take a comma-separated string, as typed on the command line; bad values
+    are a ConfigError naming the option or the field."""
+    if device not in DEVICES:
+        raise ConfigError(f"--device must be {' or '.join(DEVICES)}, not {device!r}")
+    if profile:
+        prof = load_profile(profile)
+        if prof.device != device:
+            raise ConfigError(f"profile {prof.name} is for --device {prof.device}, not {device}")
+    else:
+        prof = default_profile(device, command)
+    given: dict[str, Any] = {}
+    for k, v in (overrides or {}).items():
+        if v is None or v == "":  # not given (an empty option keeps the profile's value, as before)
+            continue
+        if k not in _FIELDS or k in ("name", "description", "device"):
+            raise ConfigError(f"{k} cannot be overridden; allowed: {', '.join(f for f in _FIELDS if f not in ('name', 'description', 'device'))}")
+        if isinstance(v, str) and k in LIST_OPTIONS:
+            v = _int_list(v, LIST_OPTIONS[k]) if k in _INT_LISTS else [x.strip() for x in v.split(",") if x.strip()]
+        elif isinstance(v, int) and k in LIST_OPTIONS:
+            v = [v]  # one value of a list field (a bool stays in the list, and validate refuses it)
+        given[k] = list(v) if isinstance(v, (tuple, list)) else v
+    if not given:
+        return prof
+    merged = {k: (list(v) if isinstance(v, tuple) else v) for k, v in prof.to_dict().items() if k not in ("source", "extra")}
+    merged.update(given)
+    if merged.get("threads") == [None]:
+        merged["threads"] = None
+    return replace(validate(merged, "command line"), source=prof.source)
+
+
+def _int_list(value: str, option: str) -> list[int]:
+    """A comma list of positive integers; anything else is one line naming the option."""
+    out = []
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        if not (item.isascii() and item.isdigit() and len(item) <= 15) or int(item) < 1:
+            shown = item if len(item) <= 20 else item[:17] + "..."
+            raise ConfigError(f"{option} takes a comma list of positive integers (e.g. 1,8,64), not {shown!r}")
+        out.append(int(item))
+    if not out:
+        raise ConfigError(f"{option} takes a comma list of positive integers (e.g. 1,8,64), not {value!r}")
+    return out

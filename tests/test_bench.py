@@ -11,11 +11,11 @@ from helpers import run_cli
 from slab_deploy.bench import (
     Case,
     Result,
-    _stats,
     compare_against,
     compare_targets,
     run_bench,
     speedups,
+    stats,
     write_outputs,
 )
 from slab_deploy.errors import ConfigError
@@ -40,7 +40,7 @@ def test_shipped_profiles_validate() -> None:
         ({"backends": ["warp-drive"]}, r"backends\[0\] must be one of torch, .*not 'warp-drive'"),
         ({"precisions": ["fp8"]}, r"precisions\[0\] must be one of fp32, fp16, bf16"),
         ({"batches": []}, "batches must be a non-empty list"),
-        ({"device": "tpu"}, "device must be one of cuda, cpu"),
+        ({"device": "tpu"}, "device must be one of cpu, cuda"),
         ({"iters": "many"}, r"iters must be an integer >= 1, not 'many' \(str\)"),
         ({"colour": "red"}, "unknown field"),
     ],
@@ -52,7 +52,7 @@ def test_bad_profiles(patch: dict, match: str) -> None:
 
 
 def test_stats() -> None:
-    s = _stats([1.0] * 90 + [2.0] * 9 + [10.0])
+    s = stats([1.0] * 90 + [2.0] * 9 + [10.0])
     assert s["median_ms"] == 1.0 and s["min_ms"] == 1.0 and s["p99_ms"] > 2.0 and s["cv"] > 0.5
 
 
@@ -156,3 +156,26 @@ def test_cli_bench_errors(capsys, monkeypatch) -> None:  # type: ignore[no-untyp
     assert code == 1 and "profile h200 is for --device cuda" in err
     code, _, err = run_cli(["bench", "--device", "cpu", "--compare", "test_slab_swin", "--profile", "nope"], capsys, monkeypatch)
     assert code == 1 and "unknown profile" in err
+
+
+def test_resolve_profile_defaults_and_overrides() -> None:
+    """The command-line profile: the device's default (or a named profile for that device), with
+    the options given merged over it and checked like a profile file."""
+    from slab_deploy.profiles import default_profile, resolve_profile
+
+    cpu = resolve_profile("cpu")
+    assert cpu == default_profile("cpu") and cpu.backends == ("ort-cpu",) and cpu.batches == (1,)
+    assert default_profile("cuda").backends == ("torch", "torch-cudagraph", "ort-cuda")
+    p = resolve_profile("cpu", None, {"backends": "torch,ort-cpu", "batches": "1,8", "threads": "2", "iters": 4, "warmup": None})
+    assert (p.backends, p.batches, p.threads, p.iters, p.warmup) == (("torch", "ort-cpu"), (1, 8), (2,), 4, cpu.warmup)
+    named = resolve_profile("cpu", "ci-cpu", {"iters": 7})
+    assert named.name == "ci-cpu" and named.iters == 7 and named.source == load_profile("ci-cpu").source
+    assert resolve_profile("cpu", None, {"batches": 4}, command="trace").batches == (4,)
+    with pytest.raises(ConfigError, match="profile h200 is for --device cuda, not cpu"):
+        resolve_profile("cpu", "h200")
+    with pytest.raises(ConfigError, match="--device must be cpu or cuda, not 'tpu'"):
+        resolve_profile("tpu")
+    with pytest.raises(ConfigError, match=r"--batch takes a comma list of positive integers \(e.g. 1,8,64\), not 'x'"):
+        resolve_profile("cpu", None, {"batches": "1,x"})
+    with pytest.raises(ConfigError, match="device cannot be overridden"):
+        resolve_profile("cpu", None, {"device": "cuda"})

@@ -19,13 +19,13 @@ from slab_deploy.bench import (
     Case,
     Result,
     Target,
-    _cache_problem,
-    _onnx_for,
+    cache_problem,
     checkpoint_identity,
     compare_against,
     estimate_memory,
     judge,
     load_baseline,
+    onnx_for,
 )
 from slab_deploy.errors import BenchCaseError, ConfigError, RegressionError
 from slab_deploy.profiles import load_profile
@@ -75,7 +75,7 @@ GOOD = "name: p\ndescription: d\ndevice: cpu\nbackends: [ort-cpu]\nprecisions: [
         ("compile_mode: fast", "compile_mode", "one of default, reduce-overhead"),
         ("sla_policy: half", "sla_policy", "one of fp32, mixed"),
         ("exporter: onnx", "exporter", "one of auto, dynamo, torchscript"),
-        ("device: gpu", "device", "one of cuda, cpu"),
+        ("device: gpu", "device", "one of cpu, cuda"),
         ("description: 3", "description", "a string, not 3 (int)"),
         ("backends: ort-cpu", "backends", "a non-empty list of torch"),
         ("backends: [ort-cpu, ort-cpu]", "backends", "lists 'ort-cpu' twice"),
@@ -183,10 +183,10 @@ def test_memory_estimate_scales_with_the_measured_peak() -> None:
     tensors (more than the input, less than every output of the forward added together)."""
     import torch
 
-    from slab_deploy.bench import _torch_model
+    from slab_deploy.bench import load_target
     from slab_deploy.models import get_spec
 
-    m = _torch_model(Target("test_slab_swin", "folded"))
+    m = load_target(Target("test_slab_swin", "folded"))
     size = get_spec("test_slab_swin").input_size
     est = estimate_memory(m, size, 64)
     assert est.input_per_image == math.prod(size) * 4
@@ -206,9 +206,10 @@ def test_memory_estimate_scales_with_the_measured_peak() -> None:
 
 
 def test_check_memory_refuses_what_the_host_lacks(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import slab_deploy.bench as bench
+    import slab_deploy.bench.memory as bench
+    from slab_deploy.bench import load_target
 
-    m = bench._torch_model(Target("test_slab_deit", "folded"))
+    m = load_target(Target("test_slab_deit", "folded"))
     assert bench.available_host_memory() is not None  # Linux: /proc/meminfo
     assert bench.check_memory(m, Target("test_slab_deit", "folded"), 1, "cpu", []) is not None
     monkeypatch.setattr(bench, "available_host_memory", lambda: 1024)
@@ -377,7 +378,7 @@ def test_load_baseline_fuzz_only_config_errors(tmp_path_factory: pytest.TempPath
 def cached_graph(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One graph exported through bench's cache (torchscript: the quick exporter)."""
     cache = tmp_path_factory.mktemp("cache")
-    return _onnx_for(Target("test_slab_deit", "folded"), "fp32", cache, exporter="torchscript").parent
+    return onnx_for(Target("test_slab_deit", "folded"), "fp32", cache, exporter="torchscript").parent
 
 
 def _want(d: Path) -> dict[str, object]:
@@ -392,7 +393,7 @@ def test_cache_record_describes_the_graph(cached_graph: Path) -> None:
     assert rec["onnx_sha256"] == sha256_file(cached_graph / "model.onnx") and rec["exporter"] == "torchscript"
     assert rec["checkpoint_sha256"] == checkpoint_identity(Target("test_slab_deit", "folded"))
     assert cached_graph.name.endswith(f"-ck{rec['checkpoint_sha256'][:12]}")
-    assert _cache_problem(cached_graph / "model.onnx", cached_graph / CACHE_RECORD, _want(cached_graph)) is None
+    assert cache_problem(cached_graph / "model.onnx", cached_graph / CACHE_RECORD, _want(cached_graph)) is None
 
 
 @pytest.mark.parametrize(
@@ -410,12 +411,12 @@ def test_cache_problems_are_named(tmp_path: Path, cached_graph: Path, tamper, pr
     d = tmp_path / cached_graph.name
     shutil.copytree(cached_graph, d)
     tamper(d)
-    assert problem in (_cache_problem(d / "model.onnx", d / CACHE_RECORD, _want(cached_graph)) or "")
+    assert problem in (cache_problem(d / "model.onnx", d / CACHE_RECORD, _want(cached_graph)) or "")
 
 
 def test_cache_record_for_another_request_is_stale(cached_graph: Path) -> None:
     want = {**_want(cached_graph), "exporter": "dynamo", "checkpoint_sha256": "0" * 64}
-    problem = _cache_problem(cached_graph / "model.onnx", cached_graph / CACHE_RECORD, want)
+    problem = cache_problem(cached_graph / "model.onnx", cached_graph / CACHE_RECORD, want)
     assert problem == f"{CACHE_RECORD} was written for another exporter, checkpoint_sha256"
 
 
@@ -437,7 +438,7 @@ def test_corrupt_cached_graph_is_reexported_with_a_note(tmp_path: Path, cached_g
     assert len(data["notes"]) == 1 and "re-exported" in data["notes"][0] and "does not match the sha256" in data["notes"][0]
     assert "note: re-exported" in out and "## Notes" in (tmp_path / "a" / "bench.md").read_text()
     onnx.checker.check_model(onnx.load(str(graph)))
-    assert _cache_problem(graph, graph.parent / CACHE_RECORD, _want(cached_graph)) is None
+    assert cache_problem(graph, graph.parent / CACHE_RECORD, _want(cached_graph)) is None
     mtime = graph.stat().st_mtime_ns
     code, out, err = run_cli([*args, "-o", str(tmp_path / "b")], capsys, monkeypatch)
     assert code == 0, err
@@ -461,6 +462,44 @@ def test_cache_is_keyed_by_checkpoint(tmp_path: Path, cached_graph: Path) -> Non
     ckpt = random_checkpoint("test_slab_deit", tmp_path / "mine.pth", seed=11)
     cache = tmp_path / "cache"
     shutil.copytree(cached_graph, cache / cached_graph.name)
-    path = _onnx_for(Target("test_slab_deit", "folded", str(ckpt)), "fp32", cache, exporter="torchscript")
+    path = onnx_for(Target("test_slab_deit", "folded", str(ckpt)), "fp32", cache, exporter="torchscript")
     assert path.parent != cache / cached_graph.name
     assert json.loads((path.parent / CACHE_RECORD).read_text())["checkpoint_sha256"] == checkpoint_identity(Target("test_slab_deit", "folded", str(ckpt)))
+
+
+# ---------------------------------------------------------------------------------------------- one runner for check and bench
+
+
+def test_bench_times_the_runner_check_calls(cached_graph: Path) -> None:
+    """The step bench times is the runner check calls: same logits, from make_runner's runner."""
+    import numpy as np
+    import torch
+
+    from slab_deploy.bench import load_target
+    from slab_deploy.models import get_spec
+    from slab_deploy.runtime import UnsupportedBackend, make_runner
+    from slab_deploy.tolerances import tolerance_for
+
+    x = np.random.default_rng(1).standard_normal((2, *get_spec("test_slab_deit").input_size), dtype=np.float32)
+    max_rel = tolerance_for("ort_cpu", "fp32").max_rel
+    assert max_rel is not None
+
+    def close(a: np.ndarray, ref: np.ndarray) -> bool:  # the table's max_rel: max|delta| / max|reference|
+        return a.shape == ref.shape and float(np.abs(a - ref).max()) <= max_rel * float(np.abs(ref).max())
+
+    ort = make_runner("ort-cpu", cached_graph / "model.onnx", "cpu", "fp32", threads=1)
+    p = ort.prepare(x)
+    assert p.timer == "perf_counter" and p.output_elems == 0 and ort.info.backend == "ort-cpu"
+    assert np.array_equal(p.step()[0], ort(x))  # the timed step and the call run the same session
+    model = load_target(Target("test_slab_deit", "folded"))  # folding needs autograd: outside inference mode
+    with torch.inference_mode():
+        eager = make_runner("torch", model, "cpu", "fp32")
+        step_out = eager.prepare(x).step().float().numpy()
+    assert np.array_equal(step_out, eager(x))
+    assert close(step_out, ort(x))
+    with pytest.raises(UnsupportedBackend, match="not a deployment target"):
+        make_runner("torch", model, "cpu", "fp16")
+    with pytest.raises(UnsupportedBackend, match="torch-cudagraph needs a CUDA device"):
+        make_runner("torch-cudagraph", model, "cpu", "fp32")
+    with pytest.raises(ValueError, match="unknown backend"):
+        make_runner("warp", None, "cpu", "fp32")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
-from slab_deploy.trace import ONNX_CATEGORIES, categorize, ops_from_ort_profile
+from slab_deploy.bench.categories import ONNX_CATEGORIES, categorize, ops_from_ort_profile
 
 # Kernel names as the torch profiler recorded them on an H200 (torch 2.11, CUDA 13), shortened
 # after the part that decides the category.
@@ -63,7 +63,7 @@ def test_ort_profile_skips_warmup_runs(tmp_path: Path) -> None:
 @pytest.mark.parametrize("backend", ["torch", "ort-cpu"])
 def test_trace_cpu_shows_norms_only_in_the_baseline(backend: str, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "t"
-    code, _, err = run_cli(["trace", "--device", "cpu", "--models", "test_slab_deit,test_deit", "--backend", backend,
+    code, _, err = run_cli(["trace", "--device", "cpu", "--models", "test_slab_deit,test_deit", "--backends", backend,
                             "--iters", "2", "--threads", "1", "-o", str(out), "--json"], capsys, monkeypatch)
     assert code == 0, err
     rep = json.loads((out / "trace.json").read_text())
@@ -85,21 +85,29 @@ def test_trace_cpu_shows_norms_only_in_the_baseline(backend: str, tmp_path: Path
     assert "By category" in (out / "trace.md").read_text()
 
 
-def test_trace_rejects_unknown_backend(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    code, _, err = run_cli(["trace", "--models", "test_slab_deit", "--backend", "tensorrt", "-o", str(tmp_path / "t")], capsys, monkeypatch)
+@pytest.mark.parametrize("option", ["--backends", "--backend"])  # --backend: the earlier spelling, still accepted
+def test_trace_rejects_unknown_backend(option: str, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run_cli(["trace", "--models", "test_slab_deit", option, "tensorrt", "-o", str(tmp_path / "t")], capsys, monkeypatch)
     assert code == 1 and "trace supports the backends" in err and "Traceback" not in err
     assert not (tmp_path / "t" / "trace.json").exists()
 
 
+@pytest.mark.parametrize("extra, option", [(["--backends", "torch,ort-cpu"], "--backends"), (["--precision", "fp32,fp16"], "--precision")])
+def test_trace_refuses_more_than_one_case_per_model(extra: list[str], option: str, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run_cli(["trace", "--device", "cpu", "--models", "test_slab_deit", *extra, "-o", str(tmp_path / "t")], capsys, monkeypatch)
+    assert code == 1 and f"pass one value to {option}" in err and "Traceback" not in err
+    assert not (tmp_path / "t").exists()
+
+
 def test_trace_rejects_gpu_backend_on_cpu(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    code, _, err = run_cli(["trace", "--device", "cpu", "--models", "test_slab_deit", "--backend", "ort-cuda", "-o", str(tmp_path / "t")], capsys, monkeypatch)
+    code, _, err = run_cli(["trace", "--device", "cpu", "--models", "test_slab_deit", "--backends", "ort-cuda", "-o", str(tmp_path / "t")], capsys, monkeypatch)
     assert code == 1 and "--device cuda" in err and "Traceback" not in err
 
 
 @pytest.mark.cuda
 def test_trace_cuda_kernels(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "t"
-    code, _, err = run_cli(["trace", "--device", "cuda", "--models", "test_slab_swin,test_swin", "--backend", "torch",
+    code, _, err = run_cli(["trace", "--device", "cuda", "--models", "test_slab_swin,test_swin", "--backends", "torch",
                             "--precision", "fp16", "--batch", "8", "--iters", "3", "-o", str(out)], capsys, monkeypatch)
     assert code == 0, err
     res = {r["model"]: r for r in json.loads((out / "trace.json").read_text())["results"]}
@@ -113,7 +121,7 @@ def test_trace_cuda_kernels(tmp_path: Path, capsys, monkeypatch) -> None:  # typ
 def test_trace_ort_cuda_kernels(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The torch profiler (CUPTI) also records the kernels ONNX Runtime's CUDA provider launches."""
     out = tmp_path / "t"
-    code, _, err = run_cli(["trace", "--device", "cuda", "--models", "test_slab_swin,test_swin", "--backend", "ort-cuda",
+    code, _, err = run_cli(["trace", "--device", "cuda", "--models", "test_slab_swin,test_swin", "--backends", "ort-cuda",
                             "--precision", "fp16", "--batch", "8", "--iters", "3", "-o", str(out)], capsys, monkeypatch)
     assert code == 0, err
     res = {r["model"]: r for r in json.loads((out / "trace.json").read_text())["results"]}

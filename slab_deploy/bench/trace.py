@@ -1,6 +1,7 @@
 """Where the time goes: a profiled run of one benchmark case, summarised by category.
 
-`trace_targets` runs each target the way `bench` does (same backends, same model preparation),
+`trace_targets` runs each target on the runner `bench` times (runtime.make_runner, same model
+preparation),
 measures its latency without the profiler, then runs it again under a profiler and sums time by:
 
 - category of work (matmul, conv, norm, softmax, elementwise, reduction, copy/cast/layout, ...),
@@ -28,56 +29,22 @@ from typing import Any
 
 import numpy as np
 
-from slab_deploy.bench import Case, Target, environment, time_cuda_events, time_host
+from slab_deploy.bench.cache import onnx_for
+from slab_deploy.bench.cases import Case, Target, load_target, reason
+from slab_deploy.bench.categories import (
+    ATEN_CATEGORIES,
+    CATEGORY_ORDER,
+    Row,
+    categorize,
+    kernels_from_chrome_trace,
+    ops_from_ort_profile,
+    summarize_rows,
+)
+from slab_deploy.bench.environment import environment
+from slab_deploy.bench.timing import time_prepared
+from slab_deploy.choices import BACKENDS
+from slab_deploy.errors import ConfigError
 from slab_deploy.profiles import Profile
-
-# First match wins. CUDA kernel names (cuBLAS/cuBLASLt, cuDNN, CUTLASS, ATen, ONNX Runtime).
-KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
-    ("conv", r"conv|fprop|dgrad|wgrad|depthwise|implicit_convolve|winograd|Conv"),
-    ("norm", r"layer_?norm|LayerNorm|batch_?norm|BatchNorm|cuApplyLayerNorm|SkipLayerNorm|welford|Welford"),
-    ("softmax", r"softmax|SoftMax|Softmax"),
-    ("fused attention", r"fmha|flash|[Aa]ttention|mha_|Mha"),
-    ("matmul", r"gemm|Gemm|GEMM|gemv|Gemv|nvjet|xmma|cutlass|cublas|splitK|s16816|s1688|matmul|MatMul"),
-    ("reduction", r"reduce|Reduce"),
-    ("copy/cast/layout", r"[Cc]opy|memcpy|Memcpy|memset|Memset|[Tt]ranspose|permute|CatArray|[Cc]oncat|gather|Gather|\broll_|"
-                         r"constant_pad|reflection_pad|[_:]Pad|Slice|Split|Expand|Tile|index_elementwise|index_select|Cast"),
-    ("elementwise", r"elementwise|vectorized|[Bb]inary|[Uu]nary|Cast|_[Aa]dd|Add|Mul|Div|[Rr]elu|[Gg]elu|Erf|Sqrt|Pow|Where|Clip|fused|Functor"),
-)
-# ATen operator names (self time, torch on the CPU).
-ATEN_CATEGORIES: tuple[tuple[str, str], ...] = (
-    ("conv", r"conv|mkldnn_convolution"),
-    ("norm", r"layer_norm|batch_norm"),
-    ("softmax", r"softmax"),
-    ("fused attention", r"scaled_dot_product|flash|efficient_attention"),
-    ("matmul", r"::(addmm|mm|bmm|baddbmm|matmul|linear|_addmm_activation)$"),
-    ("reduction", r"::(sum|mean|norm|linalg_vector_norm|amax|max|min)$"),
-    ("copy/cast/layout", r"copy_|contiguous|clone|_to_copy|::to$|transpose|permute|reshape|view|cat|roll|pad|index|select|slice|unflatten|flatten|expand|_unsafe_view|as_strided|empty"),
-    ("elementwise", r"::(add|add_|mul|mul_|div|div_|relu|relu_|gelu|sub|rsub|reciprocal|pow|softplus|sigmoid|clamp|where)$"),
-)
-# ONNX operator types (ONNX Runtime's node-level profile).
-ONNX_CATEGORIES: dict[str, str] = {
-    **dict.fromkeys(("MatMul", "Gemm", "FusedMatMul", "MatMulNBits", "QLinearMatMul", "MatMulInteger"), "matmul"),
-    **dict.fromkeys(("Conv", "FusedConv", "QLinearConv", "NhwcConv"), "conv"),
-    **dict.fromkeys(("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "BatchNormalization"), "norm"),
-    **dict.fromkeys(("Softmax",), "softmax"),
-    **dict.fromkeys(("Attention", "MultiHeadAttention"), "fused attention"),
-    **dict.fromkeys(("ReduceSum", "ReduceMean", "ReduceL2", "ReduceMax", "GlobalAveragePool"), "reduction"),
-    **dict.fromkeys(("Transpose", "Reshape", "Concat", "Slice", "Split", "Gather", "Pad", "Cast", "Expand", "Tile",
-                     "Squeeze", "Unsqueeze", "Flatten", "Identity", "MemcpyToHost", "MemcpyFromHost"), "copy/cast/layout"),
-}
-CATEGORY_ORDER = ("matmul", "conv", "fused attention", "softmax", "norm", "reduction", "elementwise", "copy/cast/layout", "other")
-
-
-def categorize(name: str, table: Sequence[tuple[str, str]] = KERNEL_CATEGORIES) -> str:
-    for cat, pattern in table:
-        if re.search(pattern, name):
-            return cat
-    return "other"
-
-
-def categorize_onnx(op_type: str) -> str:
-    return ONNX_CATEGORIES.get(op_type, "elementwise" if op_type else "other")
-
 
 # Model components, matched on module class names; the outermost match labels a subtree.
 COMPONENTS: tuple[tuple[str, str], ...] = (
@@ -86,14 +53,6 @@ COMPONENTS: tuple[tuple[str, str], ...] = (
     ("norm", r"Norm|RepBN|ChannelAffine"),
     ("embed/merge", r"Embed|Merg|Downsample"),
 )
-
-
-@dataclass
-class Row:
-    name: str
-    ms: float  # per iteration
-    calls: float  # per iteration
-    category: str = ""
 
 
 @dataclass
@@ -119,50 +78,6 @@ class TraceResult:
     def label(self) -> str:
         return self.model if self.variant in ("folded", "baseline") else f"{self.model} ({self.variant})"
 
-
-def _rows_to_summary(rows: list[Row], iters: int) -> tuple[dict[str, float], list[Row]]:
-    cats: dict[str, float] = {}
-    for r in rows:
-        cats[r.category] = cats.get(r.category, 0.0) + r.ms
-    ordered = {c: cats[c] for c in CATEGORY_ORDER if c in cats}
-    return ordered, sorted(rows, key=lambda r: -r.ms)
-
-
-def kernels_from_chrome_trace(path: Path, iters: int) -> list[Row]:
-    """Per-iteration time and calls of each CUDA kernel / memcpy / memset in a chrome trace."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        data = json.load(f)
-    agg: dict[str, list[float]] = {}
-    for ev in data.get("traceEvents", []):
-        if ev.get("ph") != "X" or ev.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset", "Kernel", "Memcpy", "Memset"):
-            continue
-        a = agg.setdefault(ev.get("name", "?"), [0.0, 0.0])
-        a[0] += float(ev.get("dur", 0.0)) / 1e3
-        a[1] += 1
-    return [Row(n, t / iters, c / iters, categorize(n)) for n, (t, c) in agg.items()]
-
-
-def ops_from_ort_profile(path: Path, iters: int, skip_runs: int = 0) -> list[Row]:
-    """Per-iteration time of each ONNX operator type from an ONNX Runtime profile (node events
-    inside the `model_run` windows, after the first `skip_runs` runs)."""
-    data = json.loads(Path(path).read_text())
-    events = data if isinstance(data, list) else data.get("traceEvents", [])
-    runs = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
-                  if e.get("cat") == "Session" and e.get("name") == "model_run")
-    keep = runs[skip_runs:]
-    agg: dict[str, list[float]] = {}
-    for ev in events:
-        if ev.get("cat") != "Node" or not str(ev.get("name", "")).endswith("_kernel_time"):
-            continue
-        ts = float(ev.get("ts", 0.0))
-        if runs and not any(lo <= ts <= hi for lo, hi in keep):
-            continue
-        op = str(ev.get("args", {}).get("op_name", "?"))
-        a = agg.setdefault(op, [0.0, 0.0])
-        a[0] += float(ev.get("dur", 0.0)) / 1e3
-        a[1] += 1
-    return [Row(op, t / iters, c / iters, categorize_onnx(op)) for op, (t, c) in agg.items()]
 
 
 def _component_hooks(model: Any) -> list[Any]:
@@ -252,32 +167,34 @@ def trace_case(target: Target, case: Case, profile: Profile, out_dir: Path, *, i
 
     import torch
 
-    from slab_deploy.bench import _onnx_for, _torch_model, prepare_ort, prepare_torch
     from slab_deploy.models import get_spec
+    from slab_deploy.runtime.factory import make_runner
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cuda = profile.device == "cuda"
     res = TraceResult(case.model, case.variant, case.backend, case.precision, case.batch, case.threads, source="", iters=iters)
     x_np = np.random.default_rng(0).standard_normal((case.batch, *get_spec(case.model).input_size), dtype=np.float32)
+
+    def runner(source: Any, backend: str = case.backend, profile_prefix: str | None = None) -> Any:
+        return make_runner(backend, source, profile.device, case.precision, sla_policy=profile.sla_policy,
+                           compile_mode=profile.compile_mode, threads=case.threads, profile_prefix=profile_prefix)
+
     if case.backend.startswith("torch"):
-        model = _torch_model(target)
+        model = load_target(target)
         with torch.inference_mode():
-            fn, _ = prepare_torch(copy.deepcopy(model), case, profile, x_np)
-            if cuda:
-                res.latency_ms = float(np.median(time_cuda_events(fn, profile.warmup, profile.iters, profile.min_seconds)))
-            else:
-                res.latency_ms = float(np.median(time_host(fn, profile.warmup, profile.iters, profile.min_seconds)))
+            p = runner(copy.deepcopy(model)).prepare(x_np)
+            res.latency_ms = float(np.median(time_prepared(p, profile.warmup, profile.iters, profile.min_seconds)))
             # The profiled run: eager on a fresh copy with component ranges (a CUDA graph or a
             # compiled graph replays kernels the profiler may attribute to no module).
             if case.backend == "torch":
                 m = copy.deepcopy(model)
                 hooks = _component_hooks(m)
-                fn, _ = prepare_torch(m, case, profile, x_np)
+                p = runner(m).prepare(x_np)
             else:
                 hooks = []
             for _ in range(3):
-                fn()
-            prof, gz = _profile(fn, iters, cuda, None, out_dir)
+                p.step()
+            prof, gz = _profile(p.step, iters, cuda, None, out_dir)
             for h in hooks:
                 h.remove()
         res.files["chrome_trace"] = gz.name
@@ -295,28 +212,28 @@ def trace_case(target: Target, case: Case, profile: Profile, out_dir: Path, *, i
             comps["glue"] = max(forward - sum(comps.values()), 0.0)
             res.components = {k: comps[k] for k in ("embed/merge", "norm", "attention", "mlp", "head", "glue") if k in comps}
     else:
-        onnx_path = _onnx_for(target, case.precision, export_cache or out_dir.parent / "onnx", profile.sla_policy, profile.exporter)
-        fn, sync, _sess = prepare_ort(onnx_path, case, profile, x_np)
-        res.latency_ms = float(np.median(time_host(fn, profile.warmup, profile.iters, profile.min_seconds, sync=sync)))
+        onnx_path = onnx_for(target, case.precision, export_cache or out_dir.parent / "onnx", profile.sla_policy, profile.exporter)
+        p = runner(onnx_path).prepare(x_np)
+        res.latency_ms = float(np.median(time_prepared(p, profile.warmup, profile.iters, profile.min_seconds)))
         if case.backend == "ort-cpu":
             warm = 3
-            fn, sync, sess = prepare_ort(onnx_path, case, profile, x_np, profile_prefix=str(out_dir / "ort_profile"))
+            r = runner(onnx_path, profile_prefix=str(out_dir / "ort_profile"))
+            p = r.prepare(x_np)
             for _ in range(warm + iters):
-                fn()
-            prof_path = Path(sess.end_profiling())
+                p.step()
             target_path = out_dir / "ort_profile.json"
-            prof_path.replace(target_path)
+            r.end_profiling().replace(target_path)
             rows = ops_from_ort_profile(target_path, iters, skip_runs=warm)
             res.files["ort_profile"] = target_path.name
             res.source = "ONNX operators, node time (ONNX Runtime profiler)"
         else:
             for _ in range(3):
-                fn()
-            _prof, gz = _profile(fn, iters, True, sync, out_dir)
+                p.step()
+            _prof, gz = _profile(p.step, iters, True, p.sync, out_dir)
             res.files["chrome_trace"] = gz.name
             rows = kernels_from_chrome_trace(gz, iters)
             res.source = "CUDA kernels (torch profiler, CUPTI)"
-    res.categories, res.top = _rows_to_summary(rows, iters)
+    res.categories, res.top = summarize_rows(rows)
     res.traced_total_ms = sum(res.categories.values())
     return res
 
@@ -334,22 +251,41 @@ class TraceReport:
                 "profile": self.profile, "results": [asdict(r) for r in self.results]}
 
 
-def trace_targets(targets: Sequence[Target], profile: Profile, output: Path, *, backend: str, precision: str, batch: int,
-                  threads: int | None = None, iters: int = 10, export_cache: Path | None = None, progress: Any = None) -> TraceReport:
+TRACE_BACKENDS = tuple(b for b in BACKENDS if b != "tensorrt")  # an engine has no profiler ranges to read
+
+
+def check_trace_profile(profile: Profile) -> None:
+    """trace profiles one case per target: one backend (not tensorrt), one precision, one batch
+    and one thread count; anything else is refused (ConfigError) naming the option."""
     import torch
 
-    from slab_deploy.choices import BACKENDS
-    from slab_deploy.errors import ConfigError
-    from slab_deploy.runtime.base import UnsupportedBackend
-
-    if backend not in BACKENDS or backend == "tensorrt":
-        raise ConfigError(f"trace supports the backends {', '.join(b for b in BACKENDS if b != 'tensorrt')}, not {backend!r}")
+    for what, values in (("--backends", profile.backends), ("--precision", profile.precisions),
+                         ("--batch", profile.batches), ("--threads", profile.threads)):
+        if len(values) > 1:
+            shown = ",".join("default" if v is None else str(v) for v in values)
+            raise ConfigError(f"trace profiles one case per model: pass one value to {what}, not {shown} "
+                              "(run trace once per combination)")
+    backend = profile.backends[0]
+    if backend not in TRACE_BACKENDS:
+        raise ConfigError(f"trace supports the backends {', '.join(TRACE_BACKENDS)}, not {backend!r}")
     if profile.device != "cuda" and backend not in ("torch", "ort-cpu"):
-        raise ConfigError(f"--backend {backend} runs on a GPU: pass --device cuda, or use torch or ort-cpu on the CPU")
+        raise ConfigError(f"--backends {backend} runs on a GPU: pass --device cuda, or use torch or ort-cpu on the CPU")
     if profile.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but torch sees no CUDA device; use --device cpu or a GPU host")
+
+
+def trace_targets(targets: Sequence[Target], profile: Profile, output: Path, *, iters: int = 10,
+                  export_cache: Path | None = None, progress: Any = None) -> TraceReport:
+    """Trace the one case of `profile` (see check_trace_profile) for every target; a target that
+    fails is recorded (status error) and the others still run."""
+    import torch
+
+    from slab_deploy.runtime.base import UnsupportedBackend
+
+    check_trace_profile(profile)
     if iters < 1:
         raise ConfigError("--iters must be at least 1")
+    backend, precision, batch, threads = profile.backends[0], profile.precisions[0], profile.batches[0], profile.threads[0]
     results = []
     task = progress.add_task("tracing", total=len(targets)) if progress is not None else None
     for t in targets:
@@ -362,8 +298,7 @@ def trace_targets(targets: Sequence[Target], profile: Profile, output: Path, *, 
         except UnsupportedBackend as exc:
             res = TraceResult(t.model, t.variant, backend, precision, batch, threads, "", iters, status="skipped", reason=str(exc))
         except Exception as exc:  # one target failing must not hide the others
-            res = TraceResult(t.model, t.variant, backend, precision, batch, threads, "", iters, status="error",
-                              reason=f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            res = TraceResult(t.model, t.variant, backend, precision, batch, threads, "", iters, status="error", reason=reason(exc))
         finally:
             if profile.device == "cuda":
                 torch.cuda.empty_cache()
@@ -373,6 +308,27 @@ def trace_targets(targets: Sequence[Target], profile: Profile, output: Path, *, 
             progress.advance(task)
     return TraceReport(environment(profile.device), profile.to_dict(), results,
                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+@dataclass
+class TraceOutcome:
+    """A finished trace: the report, the files written, and the error to exit with (None: exit 0)."""
+
+    report: TraceReport
+    paths: dict[str, Path]
+    failure: ConfigError | None
+
+
+def run_trace(targets: Sequence[Target], profile: Profile, output: Path, *, iters: int = 10, top: int = 12,
+              export_cache: Path | None = None, progress: Any = None, command: str = "") -> TraceOutcome:
+    """`slab-deploy trace`: trace every target, write trace.json and trace.md; a target that failed
+    to trace is the failure (ConfigError, exit 1) once the files are written."""
+    rep = trace_targets(targets, profile, output, iters=iters, export_cache=export_cache, progress=progress)
+    rep.command = command
+    paths = write_outputs(rep, output, top)
+    failed = [r for r in rep.results if r.status == "error"]
+    failure = ConfigError(f"{len(failed)} target(s) failed to trace: " + "; ".join(f"{r.label}: {r.reason}" for r in failed[:3])) if failed else None
+    return TraceOutcome(rep, paths, failure)
 
 
 def to_markdown(report: TraceReport, top: int = 12) -> str:
