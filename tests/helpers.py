@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from slab_deploy.models import get_spec, list_models
 from slab_deploy.models.layers import LinearNorm, RepBN
+from slab_deploy.passes.fold import FoldReport
 from slab_deploy.tolerances import tolerance_for
 
 
@@ -57,3 +60,48 @@ def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:  # ty
         code = int(exc.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# ---------------------------------------------------------------------------------- the zoo, cached
+# Building, randomising and folding a tiny variant once per run serves every contract of
+# tests/test_zoo.py and the family files. The cached objects are shared: never mutate them
+# (build your own with `build_model` + `randomize_weights` for a test that edits weights).
+
+
+@functools.cache
+def tiny_model(name: str) -> torch.nn.Module:
+    """`name` built at its spec's size, with seeded random weights and BN statistics, in eval mode."""
+    from slab_deploy.models import build_model
+    from slab_deploy.testing import randomize_weights
+
+    return randomize_weights(build_model(name), seed=0)
+
+
+@functools.cache
+def tiny_batch(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, logits): a seeded batch of 3 at the spec's input size and `tiny_model(name)`'s output."""
+    model = tiny_model(name)
+    x = images(model, 3, 1)
+    with torch.no_grad():
+        return x, model(x)
+
+
+@functools.cache
+def tiny_fold(name: str) -> tuple[torch.nn.Module, FoldReport]:
+    """`fold_model` of `tiny_model(name)` (a copy: the cached model keeps its norms)."""
+    from slab_deploy.passes.fold import fold_model
+
+    return fold_model(tiny_model(name))
+
+
+def fingerprint(model: torch.nn.Module) -> list[str]:
+    """`<key> <AxBxC|scalar>` per state_dict entry, in order: the format of tests/data/keys/*.txt."""
+    return [f"{k} {'x'.join(str(d) for d in v.shape) or 'scalar'}" for k, v in model.state_dict().items()]
+
+
+def read_keys(name: str) -> dict[str, str]:
+    """tests/data/keys/<name>.txt as {key: shape}, in file order."""
+    from pathlib import Path
+
+    lines = (Path(__file__).parent / "data" / "keys" / f"{name}.txt").read_text().splitlines()
+    return dict(line.rsplit(" ", 1) for line in lines if line)

@@ -1,8 +1,8 @@
-"""CSwin family: builds, forwards, key layouts of the authors' checkpoints, stripe attention numerics."""
+"""CSwin family: stripe geometry, input checks, LePE and SLA stripe attention numerics. The contracts
+every model meets (build, forward, key layouts of the authors' checkpoints, paper figures, fold)
+are in tests/test_zoo.py."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,15 +19,8 @@ from slab_deploy.models.cswin import (
 from slab_deploy.models.registry import build_model, get_spec, list_models
 from slab_deploy.testing import randomize_weights
 
-KEYS = Path(__file__).parent / "data" / "keys"
 FULL = ["slab_cswin_tiny", "slab_cswin_small", "cswin_tiny", "flatten_cswin_tiny"]
 TINY = ["test_slab_cswin", "test_cswin", "test_flatten_cswin"]
-
-
-def _fingerprint(model: torch.nn.Module) -> list[str]:
-    return [
-        f"{k} {'x'.join(map(str, v.shape)) if v.dim() else 'scalar'}" for k, v in model.state_dict().items()
-    ]
 
 
 def test_registered_variants() -> None:
@@ -36,26 +29,7 @@ def test_registered_variants() -> None:
     for name in FULL + TINY:
         spec = get_spec(name)
         assert spec.family == "cswin" and len(spec.attention) == 4
-        assert all(other in list_models(include_test=True) for other in spec.compare_with)
         assert spec.prepbn_steps == (120000 if spec.norm == "prepbn" else None)
-    # the test variants cover every norm kind and attention kind of the family
-    assert {get_spec(n).norm for n in TINY} == {get_spec(n).norm for n in FULL}
-    assert {a for n in TINY for a in get_spec(n).attention} == {
-        a for n in FULL for a in get_spec(n).attention
-    }
-
-
-@pytest.mark.parametrize("name", FULL)
-def test_state_dict_matches_authors_layout(name: str) -> None:
-    """Keys and shapes (in order) equal those of the upstream model, so checkpoints load strictly."""
-    expected = (KEYS / f"{name}.txt").read_text().splitlines()
-    with torch.device("meta"):
-        model = build_model(name)
-    got = _fingerprint(model)
-    missing = sorted(set(expected) - set(got))
-    extra = sorted(set(got) - set(expected))
-    assert not missing and not extra, f"missing {missing[:5]}, unexpected {extra[:5]}"
-    assert got == expected
 
 
 def test_slab_tiny_stripe_geometry() -> None:
@@ -76,39 +50,7 @@ def test_slab_tiny_stripe_geometry() -> None:
     assert isinstance(attn, LePEAttention) and (attn.h_sp, attn.w_sp, attn.num_heads) == (7, 7, 16)
 
 
-@pytest.mark.parametrize("name", TINY)
-def test_tiny_forward(name: str) -> None:
-    model = randomize_weights(build_model(name), 0)
-    x = torch.randn(2, *get_spec(name).input_size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        y = model(x)
-        y0 = model(x[:1])
-    assert y.shape == (2, 1000)
-    assert torch.isfinite(y).all()
-    # samples do not mix across the batch (reshapes keep the batch axis apart)
-    torch.testing.assert_close(y0, y[:1], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", TINY)
-def test_tiny_num_classes(name: str) -> None:
-    model = build_model(name, num_classes=7)
-    with torch.no_grad():
-        assert model(torch.randn(1, *get_spec(name).input_size)).shape == (1, 7)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", FULL)
-def test_full_forward(name: str) -> None:
-    model = randomize_weights(build_model(name), 0)
-    with torch.no_grad():
-        y = model(torch.randn(1, 3, 224, 224))
-    assert y.shape == (1, 1000) and torch.isfinite(y).all()
-
-
 def test_input_checks() -> None:
-    model = build_model("test_cswin")
-    with pytest.raises(UnsupportedInputError, match="built for"):
-        model(torch.randn(1, 3, 96, 96))
     with pytest.raises(UnsupportedInputError, match="stripes"):
         CSWinTransformer(img_size=64, embed_dim=16, depths=(1, 1, 1, 1), split_size=(3, 2, 2, 2))
     with pytest.raises(ValueError, match="whole"):
