@@ -516,7 +516,7 @@ def _model_key(t: Target) -> tuple[str, str, str | None]:
 
 def _torch_model(t: Target) -> Any:
     from slab_deploy.passes import fold_model
-    from slab_deploy.pipeline import load_model
+    from slab_deploy.weights import load_model
 
     m = load_model(t.model, t.checkpoint)
     if t.variant == "folded":
@@ -708,8 +708,8 @@ _SHA_MEMO: dict[tuple[str, int, int], str] = {}
 def checkpoint_identity(t: Target) -> str:
     """sha256 of the file the target's weights come from (the embedded default when it names none);
     memoised by path, size and modification time."""
-    from slab_deploy.defaults import default_checkpoint
     from slab_deploy.models.checkpoint import sha256_file
+    from slab_deploy.weights import default_checkpoint
 
     path = Path(t.checkpoint) if t.checkpoint else default_checkpoint(t.model)
     try:

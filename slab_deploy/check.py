@@ -536,7 +536,7 @@ def run_check(
     )
     from slab_deploy.models import checkpoint_info
     from slab_deploy.passes import fold_model
-    from slab_deploy.pipeline import load_model
+    from slab_deploy.weights import load_model
 
     say = progress or (lambda _s: None)
     validate_options(backends, precisions, inputs, images=images, replay=replay)

@@ -24,7 +24,7 @@ from slab_deploy.export import onnx_export
 from slab_deploy.export.api import ExportOptions, ExportTarget, export_model
 from slab_deploy.export.onnx_export import ImageModel, file_opset, onnx_from_torch
 from slab_deploy.models import create_model
-from slab_deploy.testing import random_checkpoint
+from slab_deploy.weights import random_checkpoint
 from slab_deploy.utils import sha256_file
 
 NAME = "test_slab_deit"

@@ -15,7 +15,7 @@ from slab_deploy.models import build_model, get_spec, list_models
 from slab_deploy.models.deit import SimplifiedLinearAttention, VisionTransformer
 from slab_deploy.models.layers import LinearNorm
 from slab_deploy.passes.fold import fold_model
-from slab_deploy.testing import randomize_weights
+from slab_deploy.weights import randomize_weights
 
 KEYS = Path(__file__).parent / "data" / "keys"
 FULL = [

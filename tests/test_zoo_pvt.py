@@ -21,7 +21,7 @@ from slab_deploy.models.pvt import (
     SpatialReductionAttention,
 )
 from slab_deploy.passes.fold import fold_model
-from slab_deploy.testing import randomize_weights
+from slab_deploy.weights import randomize_weights
 
 KEYS = Path(__file__).parent / "data" / "keys"
 FULL = [

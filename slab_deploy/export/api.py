@@ -407,7 +407,7 @@ def _export_into(
     """The export proper, writing into `target.staging`; commits or diverts `target` at the end."""
     from slab_deploy.models import checkpoint_info, model_spec
     from slab_deploy.passes import fold_model
-    from slab_deploy.pipeline import load_model
+    from slab_deploy.weights import load_model
 
     assert target.staging is not None
     stage = target.staging
@@ -590,9 +590,9 @@ def _unfolded(model: nn.Module) -> tuple[nn.Module, Any]:
     """The checkpoint model as is, with an empty fold report (norms listed as not folded)."""
     import copy
 
-    from slab_deploy.passes.fold import FoldReport, NormFold, _norm_kinds
+    from slab_deploy.passes.fold import FoldReport, NormFold, norm_kinds
 
-    kinds = _norm_kinds(model)
+    kinds = norm_kinds(model)
     n = sum(p.numel() for p in model.parameters())
     rep = FoldReport(
         getattr(model.spec, "name", "?"),
