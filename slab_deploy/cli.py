@@ -130,7 +130,7 @@ def fold(
     """Fold every PRepBN/RepBN into its neighbouring Linear/Conv and write a folded checkpoint."""
     from slab_deploy.errors import ArtifactError
     from slab_deploy.passes import fold_model, save_folded
-    from slab_deploy.pipeline import load_model
+    from slab_deploy.weights import load_model
 
     if output.exists() and not force:
         raise ArtifactError(f"{output} exists; pass --force to overwrite it or choose another --output")

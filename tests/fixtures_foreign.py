@@ -77,7 +77,7 @@ def _produce(out: Path, swin_src: Path) -> None:
     from timm.models._hub import save_for_hf
 
     sys.path.insert(0, str(HERE.parent))
-    from slab_deploy.testing import randomize_weights
+    from slab_deploy.weights import randomize_weights
 
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(7)

@@ -72,7 +72,7 @@ def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:  # ty
 def tiny_model(name: str) -> torch.nn.Module:
     """`name` built at its spec's size, with seeded random weights and BN statistics, in eval mode."""
     from slab_deploy.models import build_model
-    from slab_deploy.testing import randomize_weights
+    from slab_deploy.weights import randomize_weights
 
     return randomize_weights(build_model(name), seed=0)
 

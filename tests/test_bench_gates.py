@@ -221,7 +221,7 @@ def test_check_memory_refuses_what_the_host_lacks(monkeypatch) -> None:  # type:
 
 
 def test_refused_checkpoints_exit_1_before_anything_runs(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from slab_deploy.testing import random_checkpoint
+    from slab_deploy.weights import random_checkpoint
 
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"garbage\n")
@@ -457,7 +457,7 @@ def test_earlier_bench_results_load_as_baselines() -> None:
 
 def test_cache_is_keyed_by_checkpoint(tmp_path: Path, cached_graph: Path) -> None:
     """Another checkpoint of the same model is not served the graph of the first."""
-    from slab_deploy.testing import random_checkpoint
+    from slab_deploy.weights import random_checkpoint
 
     ckpt = random_checkpoint("test_slab_deit", tmp_path / "mine.pth", seed=11)
     cache = tmp_path / "cache"

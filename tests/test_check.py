@@ -14,7 +14,7 @@ from helpers import run_cli, tiny_slab_models
 from slab_deploy.check import parse_tolerance_overrides, run_check
 from slab_deploy.errors import ConfigError
 from slab_deploy.export.api import ExportOptions, export_model
-from slab_deploy.testing import random_checkpoint
+from slab_deploy.weights import random_checkpoint
 
 NAME = "test_slab_swin"
 
@@ -97,7 +97,7 @@ def _large_k_checkpoint(path: Path) -> Path:
     (numerator and normaliser scale alike), but q . sum(k) and k^T v then exceed fp16's range."""
     from slab_deploy.models import build_model
     from slab_deploy.models.layers import SLACore
-    from slab_deploy.testing import randomize_weights, save_authors_checkpoint
+    from slab_deploy.weights import randomize_weights, save_authors_checkpoint
 
     model = randomize_weights(build_model(NAME), seed=2)
     with torch.no_grad():

@@ -27,7 +27,7 @@ from hypothesis.extra import numpy as hnp
 from slab_deploy.check import MAX_INPUTS, check_graph, read_manifest, read_replay
 from slab_deploy.errors import ArtifactError
 from slab_deploy.export.api import export_model
-from slab_deploy.testing import random_checkpoint
+from slab_deploy.weights import random_checkpoint
 
 NAME = "test_slab_deit"
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)

@@ -15,7 +15,7 @@ from helpers import run_cli
 from slab_deploy.check import CheckReport, RungResult, raise_for_verdict, read_replay
 from slab_deploy.errors import ArtifactError, ConfigError, ParityError
 from slab_deploy.export.api import export_model
-from slab_deploy.testing import random_checkpoint
+from slab_deploy.weights import random_checkpoint
 
 NAME = "test_slab_deit"  # the fastest tiny SLAB variant
 OTHER = "test_slab_pvt"  # another model, of another input size
@@ -378,7 +378,7 @@ def test_nan_reference_is_refused(tmp_path: Path, capsys, monkeypatch) -> None: 
     import torch
 
     from slab_deploy.models import build_model
-    from slab_deploy.testing import randomize_weights, save_authors_checkpoint
+    from slab_deploy.weights import randomize_weights, save_authors_checkpoint
 
     model = randomize_weights(build_model(NAME), seed=3)
     with torch.no_grad():

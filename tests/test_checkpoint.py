@@ -14,7 +14,7 @@ import torch
 from slab_deploy.errors import CheckpointError, UnfinishedPRepBNError
 from slab_deploy.models import build_model, create_model
 from slab_deploy.models.checkpoint import detect_variants, read_checkpoint
-from slab_deploy.testing import random_checkpoint, randomize_weights, save_authors_checkpoint
+from slab_deploy.weights import random_checkpoint, randomize_weights, save_authors_checkpoint
 
 SLAB = "test_slab_swin"  # LinearNorm layout
 PLAIN = "test_swin_prepbn"  # plain RepBN layout

@@ -23,7 +23,7 @@ from slab_deploy.errors import CheckpointError
 from slab_deploy.models import build_model, create_model
 from slab_deploy.models._safe_pickle import MAX_PICKLE_BYTES
 from slab_deploy.models.checkpoint import read_checkpoint
-from slab_deploy.testing import random_checkpoint, randomize_weights
+from slab_deploy.weights import random_checkpoint, randomize_weights
 
 SLAB = "test_slab_swin"
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,7 +251,7 @@ def test_fold_metadata_naming_modules_the_model_lacks(tmp_path: Path, weights) -
 
 
 def test_unwritable_cache_falls_back_then_names_the_variable(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
-    from slab_deploy import defaults
+    from slab_deploy.weights import default as defaults
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

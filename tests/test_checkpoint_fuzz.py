@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from slab_deploy.errors import CheckpointError
 from slab_deploy.models.checkpoint import read_checkpoint
-from slab_deploy.testing import authors_config
+from slab_deploy.weights import authors_config
 
 FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -19,7 +19,7 @@ from yacs.config import CfgNode
 from slab_deploy.models import build_model, create_model
 from slab_deploy.models._safe_pickle import _ALLOWED, OpaqueObject, RestrictedUnpickler, pickle_protocol
 from slab_deploy.models.checkpoint import read_checkpoint
-from slab_deploy.testing import (
+from slab_deploy.weights import (
     authors_config,
     ema_state_dict,
     random_checkpoint,
@@ -120,7 +120,7 @@ def test_inspect_reads_a_real_yacs_file(tmp_path: Path, capsys, monkeypatch) -> 
 
 
 def test_default_weights_are_written_by_the_real_producers(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from slab_deploy.defaults import default_checkpoint
+    from slab_deploy.weights import default_checkpoint
 
     monkeypatch.setenv("SLAB_DEPLOY_CACHE", str(tmp_path / "cache"))
     path = default_checkpoint("test_slab_deit")

@@ -12,7 +12,7 @@ import pytest
 from helpers import run_cli
 
 from slab_deploy.models import get_spec, list_models
-from slab_deploy.testing import random_checkpoint
+from slab_deploy.weights import random_checkpoint
 
 REQUIRED = {
     "slab_deit_tiny", "slab_deit_small", "slab_pvt_tiny", "slab_swin_tiny", "slab_swin_small", "slab_cswin_tiny",

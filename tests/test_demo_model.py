@@ -17,7 +17,7 @@ import torch
 
 from slab_deploy.models import build_model, checkpoint_info, create_model, get_spec
 from slab_deploy.models.layers import LinearNorm, RepBN
-from slab_deploy.testing import randomize_weights
+from slab_deploy.weights import randomize_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "slab_deploy" / "data"

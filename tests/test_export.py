@@ -19,8 +19,8 @@ from slab_deploy.export import onnx_passes
 from slab_deploy.export.api import ExportOptions, export_model
 from slab_deploy.models import get_spec
 from slab_deploy.runtime.ort import run_onnx
-from slab_deploy.testing import random_checkpoint
 from slab_deploy.utils import sha256_file
+from slab_deploy.weights import random_checkpoint
 
 MANIFEST_KEYS = {
     "status", "model", "checkpoint", "fold", "export", "simplify", "lint", "precision", "io", "preprocessing",

@@ -24,8 +24,8 @@ from slab_deploy.export import onnx_export
 from slab_deploy.export.api import ExportOptions, ExportTarget, export_model
 from slab_deploy.export.onnx_export import ImageModel, file_opset, onnx_from_torch
 from slab_deploy.models import create_model
-from slab_deploy.testing import random_checkpoint
 from slab_deploy.utils import sha256_file
+from slab_deploy.weights import random_checkpoint
 
 NAME = "test_slab_deit"
 # The TorchScript exporter without a simplifier: the fastest real export of a tiny model, for tests
@@ -197,9 +197,9 @@ def test_an_exporter_that_writes_another_opset_is_caught(monkeypatch: pytest.Mon
     ],
 )
 def test_bad_options_are_refused_before_any_work(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opts: dict, match: str) -> None:
-    import slab_deploy.export.api as api
+    import slab_deploy.export.options as options
 
-    monkeypatch.setattr(api, "available_memory", lambda: 8 * 2**30)  # the host's memory, fixed: cases must not depend on the machine
+    monkeypatch.setattr(options, "available_memory", lambda: 8 * 2**30)  # the host's memory, fixed: cases must not depend on the machine
     t0 = time.perf_counter()
     with pytest.raises(UnsupportedInputError, match=match):
         export_model(NAME, ckpt, tmp_path / "out", ExportOptions(**opts))

@@ -12,7 +12,7 @@ from torch import nn
 from slab_deploy.models import build_model, create_model, get_spec
 from slab_deploy.models.layers import ChannelAffine, RepBN, prepbn
 from slab_deploy.passes import fold_affine, fold_model, save_folded
-from slab_deploy.testing import randomize_weights
+from slab_deploy.weights import randomize_weights
 
 
 def _check_fold(name: str, seeds: tuple[int, ...] = (0, 1), batches: tuple[int, ...] = (1, 3)) -> None:
@@ -198,7 +198,7 @@ def _padding_size(name: str) -> int | None:
 
 
 def test_folded_checkpoint_roundtrip(tmp_path: Path) -> None:
-    from slab_deploy.testing import random_checkpoint
+    from slab_deploy.weights import random_checkpoint
 
     name = next(n for n in tiny_slab_models() if get_spec(n).family == "swin")
     ckpt = random_checkpoint(name, tmp_path / "src.pth", seed=9)
@@ -250,7 +250,7 @@ def test_nan_logits_refuse_the_fold_and_the_cli_writes_nothing(tmp_path: Path, c
     from helpers import run_cli
 
     from slab_deploy.errors import FoldError
-    from slab_deploy.testing import save_authors_checkpoint
+    from slab_deploy.weights import save_authors_checkpoint
 
     name = "test_slab_deit"
     model = randomize_weights(build_model(name), seed=5)

@@ -25,8 +25,8 @@ from slab_deploy.errors import UnsupportedInputError
 from slab_deploy.models import build_model, get_spec, list_models
 from slab_deploy.models.layers import ChannelAffine, LinearNorm, RepBN
 from slab_deploy.models.stats import model_stats
-from slab_deploy.testing import randomize_weights
 from slab_deploy.tolerances import tolerance_for
+from slab_deploy.weights import randomize_weights
 
 KEYS = Path(__file__).parent / "data" / "keys"
 FULL = list_models()

@@ -17,7 +17,7 @@ from slab_deploy.models.cswin import (
     SimplifiedLinearAttention,
 )
 from slab_deploy.models.registry import build_model, get_spec, list_models
-from slab_deploy.testing import randomize_weights
+from slab_deploy.weights import randomize_weights
 
 FULL = ["slab_cswin_tiny", "slab_cswin_small", "cswin_tiny", "flatten_cswin_tiny"]
 TINY = ["test_slab_cswin", "test_cswin", "test_flatten_cswin"]

@@ -13,7 +13,7 @@ from helpers import read_keys, tiny_fold, tiny_model
 from slab_deploy.errors import UnsupportedInputError
 from slab_deploy.models import build_model, get_spec, list_models
 from slab_deploy.models.deit import SimplifiedLinearAttention, VisionTransformer
-from slab_deploy.testing import randomize_weights
+from slab_deploy.weights import randomize_weights
 
 FULL = [
     "deit_demo",

@@ -20,7 +20,7 @@ from slab_deploy.models.pvt import (
     SimplifiedLinearAttention,
     SpatialReductionAttention,
 )
-from slab_deploy.testing import randomize_weights
+from slab_deploy.weights import randomize_weights
 
 FULL = [
     "flatten_pvt_tiny",

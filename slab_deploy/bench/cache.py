@@ -20,8 +20,8 @@ _SHA_MEMO: dict[tuple[str, int, int], str] = {}
 def checkpoint_identity(t: Target) -> str:
     """sha256 of the file the target's weights come from (the embedded default when it names none);
     memoised by path, size and modification time."""
-    from slab_deploy.defaults import default_checkpoint
     from slab_deploy.models.checkpoint import sha256_file
+    from slab_deploy.weights import default_checkpoint
 
     path = Path(t.checkpoint) if t.checkpoint else default_checkpoint(t.model)
     try:

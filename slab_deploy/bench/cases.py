@@ -81,7 +81,7 @@ def load_target(t: Target) -> Any:
     """The torch model of a target: loaded from its checkpoint (or the embedded default), folded
     for the folded variant."""
     from slab_deploy.passes import fold_model
-    from slab_deploy.pipeline import load_model
+    from slab_deploy.weights import load_model
 
     m = load_model(t.model, t.checkpoint)
     if t.variant == "folded":

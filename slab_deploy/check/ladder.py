@@ -274,7 +274,7 @@ def run_check(
     runs; a verdict (pass, fail, error, unjudged) does not raise: see `raise_for_verdict`."""
     from slab_deploy.export.api import preprocessing, tool_versions
     from slab_deploy.models import checkpoint_info
-    from slab_deploy.pipeline import load_model
+    from slab_deploy.weights import load_model
 
     say = progress or _quiet
     validate_options(backends, precisions, inputs, images=images, replay=replay)

@@ -15,6 +15,7 @@ from slab_deploy.models.checkpoint import (
     remap_layout,
     strict_load,
 )
+from slab_deploy.models.folded import restore_folded_structure
 from slab_deploy.models.registry import build_model, get_spec
 
 
@@ -63,8 +64,6 @@ def create_model(
     model = build_model(name, **kwargs)
     if sd is not None and info is not None:
         if info.folded is not None:
-            from slab_deploy.passes.fold import restore_folded_structure
-
             try:
                 restore_folded_structure(model, info.folded)
             except (AttributeError, KeyError, TypeError, ValueError) as exc:

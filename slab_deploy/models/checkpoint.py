@@ -11,7 +11,6 @@ the other one; a PRepBN schedule that had not finished is refused unless overrid
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import struct
@@ -24,8 +23,7 @@ import torch
 from torch import nn
 
 from slab_deploy.errors import CheckpointError, UnfinishedPRepBNError
-
-FOLD_META_KEY = "slab_deploy"
+from slab_deploy.models.folded import FOLD_META_KEY, check_fold_meta, fold_meta_from_json
 
 
 @dataclass
@@ -139,52 +137,8 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
         raise CheckpointError(f"{path} is a corrupt safetensors file ({first}); download it again") from None
     if FOLD_META_KEY in meta:
-        try:
-            fold_meta = json.loads(meta[FOLD_META_KEY])
-        except (ValueError, RecursionError):
-            raise CheckpointError(
-                f"{path}: its '{FOLD_META_KEY}' metadata is not JSON; it was not written by slab-deploy fold, "
-                "or was damaged: fold the original checkpoint again"
-            ) from None
-        return {FOLD_META_KEY: fold_meta, "model": tensors}
+        return {FOLD_META_KEY: fold_meta_from_json(meta[FOLD_META_KEY], path), "model": tensors}
     return tensors
-
-
-_META_LISTS = ("folded", "kept_affine", "biases_added")
-
-
-def _check_fold_meta(meta: Any, path: Path) -> dict[str, Any]:
-    """The fold metadata of a folded checkpoint, checked to be what `slab-deploy fold` writes."""
-    bad = None
-    if not isinstance(meta, Mapping):
-        bad = f"is a {type(meta).__name__}, not a dict"
-    elif isinstance(meta.get("format"), bool) or not isinstance(meta.get("format"), int):
-        bad = "has no integer 'format'"
-    elif not isinstance(meta.get("model"), str):
-        bad = "names no model"
-    elif any(not isinstance(meta.get(k, []), list) or not all(isinstance(n, str) for n in meta.get(k, [])) for k in _META_LISTS):
-        bad = f"has a non-list or non-name entry in {', '.join(_META_LISTS)}"
-    elif meta.get("report") is not None and not _plain_json(meta["report"]):
-        bad = "has a 'report' that is not plain data"
-    if bad:
-        raise CheckpointError(
-            f"{path}: its '{FOLD_META_KEY}' metadata {bad}; it was not written by slab-deploy fold, or was damaged: "
-            "fold the original checkpoint again"
-        )
-    return {str(k): v for k, v in meta.items() if isinstance(k, str) and (k in _META_LISTS or _plain_json(v))}
-
-
-def _plain_json(v: Any, depth: int = 0) -> bool:
-    """JSON-like data (dicts with str keys, lists, str, numbers, bool, None), at most 8 levels deep."""
-    if depth > 8:
-        return False
-    if v is None or isinstance(v, (str, int, float, bool)):
-        return True
-    if isinstance(v, (list, tuple)):
-        return all(_plain_json(x, depth + 1) for x in v)
-    if isinstance(v, Mapping):
-        return all(isinstance(k, str) and _plain_json(x, depth + 1) for k, x in v.items())
-    return False
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -276,7 +230,7 @@ def read_checkpoint(path: str | Path, *, ema: bool = False) -> tuple[dict[str, t
     entry = ""
     folded = None
     if isinstance(obj, Mapping) and FOLD_META_KEY in obj and "model" in obj:
-        folded = _check_fold_meta(obj[FOLD_META_KEY], path)
+        folded = check_fold_meta(obj[FOLD_META_KEY], path)
         entry, sd_obj, fmt = "model", obj["model"], f"{fmt} (slab-deploy folded)"
     elif ema:
         if not isinstance(obj, Mapping) or "state_dict_ema" not in obj:

@@ -8,21 +8,21 @@ fixed affine to fold.
 The verification is NaN-safe: a model whose probe logits are already NaN/Inf cannot verify a fold
 and raises `FoldError`; a fold whose logits become NaN/Inf is reverted like any other that moves
 them beyond the budget (each test is written `not delta <= budget`, which NaN fails).
+
+The report (`FoldReport`) and the folded-checkpoint format that stores it live in `models.folded`.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
 from slab_deploy.errors import FoldError
+from slab_deploy.models.folded import FoldReport, NormFold
 from slab_deploy.models.layers import ChannelAffine, LinearNorm, RepBN
 from slab_deploy.passes.base import prepare, set_submodule
 from slab_deploy.passes.fold_affine import Fold, _Foldable, apply_fold, plan_folds
@@ -30,81 +30,11 @@ from slab_deploy.passes.repbn_to_affine import RepBNToAffine
 from slab_deploy.passes.unwrap_prepbn import UnwrapPRepBN
 from slab_deploy.tolerances import tolerance_for
 
-FOLD_FORMAT = 1
+__all__ = ["FoldReport", "NormFold", "default_probe", "fold_model", "norm_kinds"]
 
 
-@dataclass
-class NormFold:
-    """What happened to one norm layer."""
-
-    name: str
-    kind: str  # "prepbn" | "repbn" | "affine" | "layernorm"
-    channels: int
-    action: str  # "folded" | "kept-affine" | "kept-layernorm"
-    side: str = ""  # "input" (into the consumer) | "output" (into the producer)
-    into: list[str] = field(default_factory=list)
-    through: list[str] = field(default_factory=list)  # commuting ops between norm and target
-    reason: str = ""
-    max_abs_delta: float | None = None  # change of the probe logits this fold introduced
-
-
-@dataclass
-class FoldReport:
-    model: str
-    norms: list[NormFold]
-    params_before: int
-    params_after: int
-    probe_shape: list[int]
-    max_abs_logit: float
-    max_abs_delta: float  # folded vs unfolded logits on the probe batch
-    tolerance_max_rel: float
-    seconds: float
-    biases_added: list[str] = field(default_factory=list)
-
-    @property
-    def folded(self) -> int:
-        return sum(n.action == "folded" for n in self.norms)
-
-    @property
-    def kept(self) -> int:
-        return sum(n.action != "folded" for n in self.norms)
-
-    @property
-    def max_rel_delta(self) -> float:
-        return self.max_abs_delta / max(self.max_abs_logit, 1e-12)
-
-    @property
-    def verified(self) -> bool:
-        """True when the folded logits are finite and within the fold tolerance of the unfolded ones."""
-        return math.isfinite(self.max_abs_delta) and self.max_rel_delta <= self.tolerance_max_rel
-
-    @property
-    def changed(self) -> bool:
-        return self.folded > 0 or any(n.kind in ("prepbn", "repbn") for n in self.norms)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.update(folded=self.folded, kept=self.kept, max_rel_delta=self.max_rel_delta, verified=self.verified)
-        return d
-
-    def summary(self) -> str:
-        ln = sum(n.action == "kept-layernorm" for n in self.norms)
-        aff = sum(n.action == "kept-affine" for n in self.norms)
-        parts = [f"{self.folded}/{len(self.norms)} norms folded"]
-        if aff:
-            parts.append(f"{aff} kept as explicit affine")
-        if ln:
-            parts.append(f"{ln} LayerNorm not foldable (input-dependent statistics)")
-        if math.isfinite(self.max_abs_delta):
-            parts.append(f"max |delta logit| {self.max_abs_delta:.2e} ({self.max_rel_delta:.1e} of max |logit|)")
-        else:
-            parts.append(f"max |delta logit| {self.max_abs_delta} (NaN/Inf in the folded logits)")
-        if not self.verified:
-            parts.append(f"NOT VERIFIED: beyond the fold tolerance {self.tolerance_max_rel:g} of max |logit|")
-        return ", ".join(parts)
-
-
-def _norm_kinds(model: nn.Module) -> dict[str, tuple[str, int]]:
+def norm_kinds(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """Every norm of `model` by name: (kind, channels), kind one of prepbn, repbn, affine, layernorm, batchnorm."""
     kinds: dict[str, tuple[str, int]] = {}
     skip: tuple[str, ...] = ()
     for name, m in model.named_modules():
@@ -159,7 +89,7 @@ def fold_model(
     t0 = time.perf_counter()
     model = prepare(model, inplace)
     name = getattr(getattr(model, "spec", None), "name", type(model).__name__)
-    kinds = _norm_kinds(model)
+    kinds = norm_kinds(model)
     params_before = _count(model)
     probe = default_probe(model) if probe is None else probe
     reference = model(probe).detach()
@@ -320,65 +250,3 @@ def _restore(model: nn.Module, fold: Fold, saved: dict[str, Any], added: list[st
         elif b is not None:  # the layer had this bias before the fold, so it still has one
             cast(torch.Tensor, m.bias).data.copy_(b)
     set_submodule(model, fold.norm, saved["__norm__"][0])
-
-
-# ------------------------------------------------------------------------------------------------
-# Folded checkpoints
-
-
-def fold_metadata(report: FoldReport, *, source_sha256: str | None = None) -> dict[str, Any]:
-    return {
-        "format": FOLD_FORMAT,
-        "model": report.model,
-        "folded": [n.name for n in report.norms if n.action == "folded"],
-        "kept_affine": [n.name for n in report.norms if n.action == "kept-affine"],
-        "biases_added": list(report.biases_added),
-        "source_sha256": source_sha256,
-        "report": report.to_dict(),
-    }
-
-
-def save_folded(model: nn.Module, path: str | Path, *, source_sha256: str | None = None) -> Path:
-    """Write a folded checkpoint that `create_model(name, checkpoint=path)` loads back folded.
-
-    Written to a temporary file and renamed, so an interrupted write never leaves a partial file.
-    """
-    from slab_deploy.models.checkpoint import FOLD_META_KEY
-    from slab_deploy.utils import atomic_write
-
-    report: FoldReport | None = getattr(model, "fold_report", None)
-    if report is None:
-        raise ValueError("save_folded needs a model returned by fold_model")
-    payload = {FOLD_META_KEY: fold_metadata(report, source_sha256=source_sha256), "model": model.state_dict()}
-    path = Path(path)
-    with atomic_write(path) as tmp:
-        torch.save(payload, tmp)
-    return path
-
-
-@torch.no_grad()
-def restore_folded_structure(model: nn.Module, meta: dict[str, Any]) -> None:
-    """Turn a freshly built (unfolded) model into the folded architecture described by `meta`,
-    so a folded state_dict loads into it strictly."""
-    if int(meta.get("format", 0)) != FOLD_FORMAT:
-        from slab_deploy.errors import CheckpointError
-
-        raise CheckpointError(
-            f"folded checkpoint format {meta.get('format')} is not supported by this slab-deploy (expects {FOLD_FORMAT}); "
-            "fold the original checkpoint again"
-        )
-    UnwrapPRepBN(model, inplace=True)
-    RepBNToAffine(model, inplace=True)
-    for n in meta.get("folded", []):
-        set_submodule(model, n, nn.Identity())
-    for n in meta.get("biases_added", []):
-        m = model.get_submodule(n)
-        if m.bias is None:
-            out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-            m.bias = nn.Parameter(torch.zeros(out, dtype=m.weight.dtype, device=m.weight.device))
-    rep = meta.get("report")
-    if rep:
-        model.fold_report = FoldReport(  # type: ignore[assignment]
-            **{k: v for k, v in rep.items() if k in FoldReport.__dataclass_fields__ and k != "norms"},
-            norms=[NormFold(**n) for n in rep.get("norms", [])],
-        )

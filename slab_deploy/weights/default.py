@@ -1,4 +1,5 @@
-"""The embedded default weights: deterministic, seeded, UNTRAINED checkpoints in the authors' format.
+"""The embedded default weights: deterministic, seeded, UNTRAINED checkpoints in the authors' format,
+and `load_model`, which every command uses to get a model with its checkpoint or with these.
 
 Until trained demo weights ship, commands run without `--checkpoint` use these. They exercise the
 real loading path (authors' training-file layout written by torch.save, a real yacs config,
@@ -14,7 +15,11 @@ import os
 import tempfile
 from pathlib import Path
 
+from torch import nn
+
 from slab_deploy.errors import CheckpointError
+from slab_deploy.models import create_model, get_spec
+from slab_deploy.weights.random import random_checkpoint
 
 DEFAULT_MODEL = "slab_deit_tiny"
 DEFAULT_SEED = 20240516  # deterministic across machines and versions of slab-deploy
@@ -35,8 +40,6 @@ def _fallback_dir() -> Path:
 
 def default_checkpoint(model_name: str) -> Path:
     """Path of the embedded default checkpoint of `model_name`, written on first use."""
-    from slab_deploy.testing import random_checkpoint
-
     name = f"untrained-{model_name}-seed{DEFAULT_SEED}.pth"
     tried: list[str] = []
     for root in (cache_dir(), _fallback_dir()):
@@ -51,3 +54,24 @@ def default_checkpoint(model_name: str) -> Path:
         f"cannot write the embedded default weights of {model_name}: {'; '.join(tried)} are not writable; "
         "set SLAB_DEPLOY_CACHE to a writable directory, or pass --checkpoint"
     )
+
+
+def load_model(
+    name: str,
+    checkpoint: str | Path | None = None,
+    *,
+    ema: bool = False,
+    allow_unfinished_prepbn: bool = False,
+    img_size: int | None = None,
+) -> nn.Module:
+    """`create_model` with the checkpoint, or with the embedded untrained default weights when
+    `checkpoint` is None (the model then carries `.untrained = True`)."""
+    get_spec(name)  # unknown names fail before anything is written
+    untrained = checkpoint is None
+    if checkpoint is None:
+        checkpoint = default_checkpoint(name)
+    model = create_model(
+        name, checkpoint, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn, img_size=img_size
+    )
+    model.untrained = untrained  # type: ignore[assignment]
+    return model

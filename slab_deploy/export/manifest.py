@@ -1,0 +1,185 @@
+"""The export's record: the ONNX metadata, `manifest.json` (everything needed to reproduce and deploy
+the graph: checkpoint, fold, exporter, simplifier, lint, precision, I/O, preprocessing, parity,
+timings, tool versions, file hashes) and the writing of the artefact set into the staging directory."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from slab_deploy import __version__
+from slab_deploy.export.onnx_export import INPUT_NAME, OUTPUT_NAME, ExportInfo, file_opset
+from slab_deploy.export.onnx_passes import LintResult, SimplifyResult, op_counts, set_metadata
+from slab_deploy.export.options import ExportOptions
+from slab_deploy.export.target import FAILED_ONNX_NAME, MANIFEST_NAME, ONNX_NAME, UNSIMPLIFIED_NAME
+from slab_deploy.models.checkpoint import CheckpointInfo
+from slab_deploy.models.folded import FoldReport
+from slab_deploy.models.registry import ModelSpec
+from slab_deploy.utils import sha256_file
+
+
+def tool_versions() -> dict[str, str | None]:
+    from slab_deploy._deps import module_version, version_of
+
+    return {
+        "slab-deploy": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": module_version("onnxruntime"),
+        "onnxscript": version_of("onnxscript"),
+        "onnxsim": version_of("onnxsim"),
+        "onnxslim": version_of("onnxslim"),
+    }
+
+
+def preprocessing(model: nn.Module) -> dict[str, Any]:
+    from slab_deploy.models import model_spec
+
+    spec = model_spec(model)
+    size = getattr(model, "img_size", spec.input_size[1])
+    size = list(size) if isinstance(size, (tuple, list)) else [size, size]
+    return {
+        "input_size": [3, *size],
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "interpolation": spec.interpolation,
+        "crop_pct": spec.crop_pct,
+        "resize_shorter_to": int(round(size[0] / spec.crop_pct)),
+        "layout": "NCHW, RGB, float32 in [0,1] then (x - mean) / std",
+    }
+
+
+def onnx_metadata(model_name: str, opts: ExportOptions, pre: dict[str, Any], info: CheckpointInfo | None, untrained: bool) -> dict[str, str]:
+    """The `slab_deploy.*` metadata both ONNX files carry (the preprocessing among them)."""
+    return {
+        "slab_deploy.version": __version__,
+        "slab_deploy.model": model_name,
+        "slab_deploy.precision": opts.precision,
+        "slab_deploy.preprocessing": json.dumps(pre),
+        "slab_deploy.checkpoint_sha256": info.sha256 if info else "",
+        "slab_deploy.untrained": str(untrained).lower(),
+    }
+
+
+def build_manifest(
+    *,
+    status: str,
+    model_name: str,
+    spec: ModelSpec,
+    untrained: bool,
+    info: CheckpointInfo | None,
+    ema: bool,
+    report: FoldReport,
+    exp: ExportInfo,
+    sres: SimplifyResult,
+    final: onnx.ModelProto,
+    lint_res: LintResult,
+    opts: ExportOptions,
+    pre: dict[str, Any],
+    parity: dict[str, Any],
+    parity_batch: int,
+    steps: dict[str, float],
+) -> dict[str, Any]:
+    """The manifest of one export, without its file entries (`write_artifacts` adds them)."""
+    fp16 = opts.precision == "fp16"
+    batch_dim: int | str = "batch" if opts.batch is None else opts.batch
+    return {
+        "status": status,
+        "model": model_name,
+        "family": spec.family,
+        "norm": spec.norm,
+        "attention": list(spec.attention),
+        "untrained": untrained,
+        "opset": file_opset(final),  # as read from the deployed graph (default domain)
+        "checkpoint": {
+            "path": info.path if info else None,
+            "sha256": info.sha256 if info else None,
+            "format": info.format if info else None,
+            "entry": info.entry if info else None,
+            "ema": ema,
+            "layout": info.layout if info else None,
+            "remapped": info.remapped if info else "",
+        },
+        "fold": report.to_dict(),
+        "export": {
+            "exporter": exp.exporter,
+            "fallback_reason": exp.fallback_reason,
+            "opset": exp.opset,
+            "dynamic_batch": exp.dynamic_batch,
+            "batch": opts.batch,
+            "seconds": round(exp.seconds, 3),
+        },
+        "simplify": {
+            "requested": opts.simplifier,
+            "used": sres.simplifier,
+            "accepted": sres.accepted,
+            "note": sres.note,
+            "seconds": round(sres.seconds, 3),
+            "nodes_before": sres.nodes_before,
+            "nodes_after": sres.nodes_after,
+            "max_abs_delta_vs_unsimplified": sres.max_abs_delta,
+            "ops_before": sres.ops_before,
+            "ops_after": op_counts(final),
+        },
+        "lint": lint_res.to_dict(),
+        "precision": {
+            "mode": opts.precision,
+            "io": "float32 images in, float32 logits out",
+            "sla_policy": opts.sla_policy if fp16 else "native",
+            "fp32_islands": (
+                "SLA normaliser, reciprocal and k^T v product (policy fp32); FLatten focused kernel" if opts.sla_policy == "fp32"
+                else "SLA token mean of k, normaliser and reciprocal, final scaling (policy mixed; matmuls fp16 with fp32 accumulation); FLatten focused kernel"
+            ) if fp16 else "",
+        },
+        "io": {
+            "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": [batch_dim, *pre["input_size"]]}],
+            "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": [batch_dim, spec.num_classes if info is None or info.num_classes is None else info.num_classes]}],
+        },
+        "preprocessing": pre,
+        "parity": {"seed": opts.seed, "batch": parity_batch, "reference": "checkpoint model (unfolded), torch fp32 eval", **parity},
+        "norm_free": lint_res.norm_free,
+        "steps_seconds": {k: round(v, 3) for k, v in steps.items()},
+        "versions": tool_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_artifacts(
+    stage: Path, manifest: dict[str, Any], raw: onnx.ModelProto, final: onnx.ModelProto, meta: dict[str, str], *, keep_unsimplified: bool
+) -> None:
+    """Write the artefact set into `stage`: the unsimplified graph (if kept), the deployed graph
+    (model.onnx, or model.parity-failed.onnx when the status is not ok) and the manifest with the
+    sha256 and size of each file."""
+    files: dict[str, dict[str, Any]] = {}
+    if keep_unsimplified:
+        set_metadata(raw, {**meta, "slab_deploy.stage": "unsimplified"})
+        onnx.save(raw, str(stage / UNSIMPLIFIED_NAME))
+        manifest["unsimplified_onnx"] = UNSIMPLIFIED_NAME
+        files[UNSIMPLIFIED_NAME] = _file_entry(stage / UNSIMPLIFIED_NAME)
+    onnx_name = ONNX_NAME if manifest["status"] == "ok" else FAILED_ONNX_NAME
+    onnx.save(final, str(stage / onnx_name))
+    files[onnx_name] = _file_entry(stage / onnx_name)
+    manifest["onnx"] = onnx_name
+    manifest["files"] = files
+    (stage / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,0 +1,158 @@
+"""The steps of an export, in order: load -> fold -> reference -> precision -> onnx -> check_model ->
+parity (unsimplified) -> simplify -> parity (deployed) -> opset check. `export.api.export_model`
+runs them; the lint, the manifest and the commit follow there."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from slab_deploy.errors import ExportError, UnsupportedInputError
+from slab_deploy.export.onnx_export import ExportInfo, ImageModel, file_opset, onnx_from_torch
+from slab_deploy.export.onnx_passes import SimplifyResult, simplify
+from slab_deploy.export.options import PRECISIONS, ExportOptions
+from slab_deploy.models.folded import FoldReport
+from slab_deploy.parity import compare, judge
+from slab_deploy.tolerances import tolerance_for
+
+
+def load(
+    model_name: str, checkpoint: str | Path | None, opts: ExportOptions, *, ema: bool, allow_unfinished_prepbn: bool
+) -> nn.Module:
+    """The checkpoint model (or the embedded untrained default), at the requested image size."""
+    from slab_deploy.weights import load_model
+
+    return load_model(model_name, checkpoint, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn, img_size=opts.img_size)
+
+
+def fold(ref: nn.Module, opts: ExportOptions) -> tuple[nn.Module, FoldReport]:
+    """The folded model and its report; with `opts.fold` off, a copy of `ref` and a report of kept norms."""
+    from slab_deploy.passes import fold_model
+
+    return fold_model(ref, verify=opts.fold) if opts.fold else _unfolded(ref)
+
+
+def _unfolded(model: nn.Module) -> tuple[nn.Module, FoldReport]:
+    """The checkpoint model as is, with an empty fold report (norms listed as not folded)."""
+    from slab_deploy.passes.fold import NormFold, norm_kinds
+
+    kinds = norm_kinds(model)
+    n = sum(p.numel() for p in model.parameters())
+    rep = FoldReport(
+        getattr(model.spec, "name", "?"),
+        [NormFold(k, kind, c, "kept-layernorm" if kind == "layernorm" else "kept-affine", reason="fold disabled (--no-fold)") for k, (kind, c) in kinds.items()],
+        n, n, [], 0.0, 0.0, 0.0, 0.0,
+    )
+    return copy.deepcopy(model), rep
+
+
+@dataclass
+class Reference:
+    """The parity images (seeded), the checkpoint model's logits on them, and the generator the
+    export's example batch is drawn from next."""
+
+    inputs: torch.Tensor
+    logits: np.ndarray
+    generator: torch.Generator
+
+    @property
+    def images(self) -> np.ndarray:
+        return self.inputs.numpy()
+
+
+def reference(ref: nn.Module, opts: ExportOptions, input_size: list[int]) -> Reference:
+    """Seeded random images (the static batch, or `parity_batch`) and the reference model's fp32 logits."""
+    g = torch.Generator().manual_seed(opts.seed)
+    inputs = torch.randn(opts.batch or opts.parity_batch, *input_size, generator=g)
+    with torch.no_grad():
+        logits = ref(inputs).float().numpy()
+    return Reference(inputs, logits, g)
+
+
+def prepare_precision(model: nn.Module, precision: str, sla_policy: str = "fp32") -> nn.Module:
+    """Wrap for deployment. fp16: half weights and activations, fp32 images in and logits out, and
+    SLA's normaliser (and, with policy fp32, its k^T v product) in fp32: see `SLACore`."""
+    from slab_deploy.models.layers import set_sla_policy
+
+    if precision == "fp32":
+        return ImageModel(model, torch.float32)
+    if precision == "fp16":
+        model = model.half()
+        set_sla_policy(model, sla_policy)
+        return ImageModel(model, torch.float16)
+    raise UnsupportedInputError(f"unsupported precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+
+
+def export_onnx(
+    deploy: nn.Module, ref: Reference, opts: ExportOptions, input_size: list[int], stage: Path
+) -> tuple[onnx.ModelProto, ExportInfo]:
+    """Trace `deploy` to ONNX (through a scratch file in `stage`, removed again); returns the graph and how it was made."""
+    example = torch.randn(opts.batch or 2, *input_size, generator=ref.generator)
+    with torch.no_grad():
+        deploy(example)  # one eager call settles shape-derived choices (e.g. SLA's product order) before tracing
+    scratch = stage / ".exporter-output.onnx"
+    exp = onnx_from_torch(deploy, scratch, example, opset=opts.opset, dynamic_batch=opts.batch is None, exporter=opts.exporter)
+    raw = exp.model if exp.model is not None else onnx.load(str(scratch))
+    scratch.unlink()
+    return raw, exp
+
+
+def check_model(raw: onnx.ModelProto) -> None:
+    """The ONNX checker on the exported graph: an invalid graph is an ExportError."""
+    try:
+        onnx.checker.check_model(raw)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the exported graph is not valid ONNX: {str(exc).splitlines()[0]}") from None
+
+
+def parity(model: onnx.ModelProto, ref: Reference, rung: str, precision: str) -> dict[str, Any]:
+    """One parity rung: `model` on ONNX Runtime CPU against the reference logits, judged by the
+    tolerance of (`rung`, `precision`). A graph this host's ORT has no kernel for is a skip; one
+    ORT cannot run otherwise is an ExportError."""
+    from slab_deploy.runtime.ort import run_onnx
+
+    tol = tolerance_for(rung, precision)
+    try:
+        got = run_onnx(model, ref.images)
+    except Exception as exc:
+        text = str(exc)
+        if "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text:
+            return {"skipped": True, "passed": True, "reason": f"ONNX Runtime CPU cannot run this graph: {text.splitlines()[0][:200]}"}
+        raise ExportError(f"ONNX Runtime could not run the exported graph: {text.splitlines()[0][:300]}") from None
+    m = compare(ref.logits, got)
+    v = judge(m, tol)
+    out = {"passed": v.passed, "failures": v.failures, "tolerance": tol.to_dict(), **m.to_dict()}
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
+        out["note"] = (
+            "ONNX Runtime's CPU provider runs most fp16 nodes through fp32 kernels (it inserts casts), so this "
+            "rung checks the fp16 weights, not fp16 arithmetic: verify on a GPU with "
+            "`slab-deploy check --backends ort-cuda`"
+        )
+    return out
+
+
+def simplify_checked(raw: onnx.ModelProto, ref: Reference, opts: ExportOptions, raw_rung: dict[str, Any]) -> SimplifyResult:
+    """The requested simplifier with its own parity re-check; none for an fp16 graph this host's
+    ORT could not run at the unsimplified rung (nothing could re-check the simplifier)."""
+    simp_tol = tolerance_for("simplified", opts.precision)
+    if opts.precision == "fp16" and raw_rung.get("skipped"):
+        sres = simplify(raw, "none", ref.images, tolerance=simp_tol)
+        sres.note = "skipped: ONNX Runtime on this host cannot run the fp16 graph to re-check a simplifier"
+        return sres
+    return simplify(raw, opts.simplifier, ref.images, tolerance=simp_tol)
+
+
+def check_opset(final: onnx.ModelProto, exp: ExportInfo, sres: SimplifyResult) -> None:
+    """The deployed graph keeps the opset it was exported at."""
+    if file_opset(final) != exp.opset:
+        raise ExportError(
+            f"the {sres.simplifier} simplifier changed the graph's opset from {exp.opset} to {file_opset(final)}; "
+            "pass --simplifier none or another simplifier"
+        )
