@@ -181,31 +181,36 @@ def swap_in(staging: Path, target: Path) -> None:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory this process can still get: MemAvailable, capped by a cgroup v2 limit;
-    None when the system does not say."""
-    avail: int | None = None
+    """Bytes of host memory this process can still get: the least of MemAvailable, the cgroup's
+    limit (v2 or v1) less its usage, and psutil's figure (when installed); None when none of them
+    can be read (swap is not counted)."""
+    found: list[int] = []
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    if avail is None:
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
         try:
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            avail = None
+            lim, use = Path(limit).read_text().strip(), Path(usage).read_text().strip()
+            if lim.isdigit() and use.isdigit() and int(lim) < 1 << 60:
+                found.append(max(int(lim) - int(use), 0))
+        except OSError:
+            pass
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
-            room = max(int(limit) - used, 0)
-            avail = room if avail is None else min(avail, room)
-    except (OSError, ValueError):
+        import psutil  # type: ignore[import-untyped]  # optional: used when present
+
+        found.append(int(psutil.virtual_memory().available))
+    except ImportError:
         pass
-    return avail
+    if not found:
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    return min(found) if found else None
 
 
 class Interrupted(BaseException):

@@ -210,9 +210,9 @@ def test_check_memory_refuses_what_the_host_lacks(monkeypatch) -> None:  # type:
     from slab_deploy.bench import load_target
 
     m = load_target(Target("test_slab_deit", "folded"))
-    assert bench.available_host_memory() is not None  # Linux: /proc/meminfo
+    assert bench.available_memory() is not None  # Linux: /proc/meminfo
     assert bench.check_memory(m, Target("test_slab_deit", "folded"), 1, "cpu", []) is not None
-    monkeypatch.setattr(bench, "available_host_memory", lambda: 1024)
+    monkeypatch.setattr(bench, "available_memory", lambda: 1024)
     with pytest.raises(ConfigError, match=r"batch 1 of test_slab_deit \[folded\] needs an estimated .* but 1.0 KiB is available"):
         bench.check_memory(m, Target("test_slab_deit", "folded"), 1, "cpu", [])
 
@@ -387,7 +387,7 @@ def _want(d: Path) -> dict[str, object]:
 
 
 def test_cache_record_describes_the_graph(cached_graph: Path) -> None:
-    from slab_deploy.models.checkpoint import sha256_file
+    from slab_deploy.utils import sha256_file
 
     rec = json.loads((cached_graph / CACHE_RECORD).read_text())
     assert rec["onnx_sha256"] == sha256_file(cached_graph / "model.onnx") and rec["exporter"] == "torchscript"

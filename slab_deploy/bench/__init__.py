@@ -24,7 +24,7 @@ from slab_deploy.bench.gate import (
     judge,
     load_baseline,
 )
-from slab_deploy.bench.memory import MemoryEstimate, available_host_memory, check_memory, estimate_memory
+from slab_deploy.bench.memory import MemoryEstimate, check_memory, estimate_memory
 from slab_deploy.bench.outputs import to_markdown, write_outputs
 from slab_deploy.bench.results import BenchReport, Result
 from slab_deploy.bench.run import BenchOutcome, benchmark, measure, preflight, run_bench
@@ -33,7 +33,7 @@ from slab_deploy.bench.timing import stats, time_cuda_events, time_host, time_pr
 
 __all__ = [
     "CACHE_RECORD", "Baseline", "BenchOutcome", "BenchReport", "Case", "Comparison", "MemoryEstimate", "Result", "Target",
-    "available_host_memory", "benchmark", "best_speedups", "build_targets", "cache_problem", "check_memory",
+    "benchmark", "best_speedups", "build_targets", "cache_problem", "check_memory",
     "check_threshold", "checkpoint_identity", "compare_against", "compare_targets", "environment", "estimate_memory",
     "judge", "load_baseline", "load_target", "measure", "onnx_for", "preflight", "run_bench", "speedups", "stats",
     "time_cuda_events", "time_host", "time_prepared", "to_markdown", "write_outputs",

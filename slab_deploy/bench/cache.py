@@ -20,7 +20,7 @@ _SHA_MEMO: dict[tuple[str, int, int], str] = {}
 def checkpoint_identity(t: Target) -> str:
     """sha256 of the file the target's weights come from (the embedded default when it names none);
     memoised by path, size and modification time."""
-    from slab_deploy.models.checkpoint import sha256_file
+    from slab_deploy.utils import sha256_file
     from slab_deploy.weights import default_checkpoint
 
     path = Path(t.checkpoint) if t.checkpoint else default_checkpoint(t.model)
@@ -68,7 +68,7 @@ def onnx_for(t: Target, precision: str, cache: Path, sla_policy: str = "fp32", e
 
 def cache_problem(path: Path, record: Path, want: dict[str, Any]) -> str | None:
     """None when `path` may be reused; "" when there is nothing cached; else what is wrong."""
-    from slab_deploy.models.checkpoint import sha256_file
+    from slab_deploy.utils import sha256_file
 
     if not path.exists() and not record.exists():
         return ""
@@ -94,8 +94,7 @@ def cache_problem(path: Path, record: Path, want: dict[str, Any]) -> str | None:
 
 def _write_cache_record(path: Path, record: Path, want: dict[str, Any]) -> None:
     from slab_deploy import __version__
-    from slab_deploy.models.checkpoint import sha256_file
-    from slab_deploy.utils import atomic_write
+    from slab_deploy.utils import atomic_write, sha256_file
 
     manifest: dict[str, Any] = {}
     try:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from slab_deploy.bench.cases import Target, reason
 from slab_deploy.errors import ConfigError
+from slab_deploy.utils import available_memory
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def check_memory(model: Any, t: Target, batch: int, device: str, notes: list[str
         notes.append(f"memory estimate of {t.model} [{t.variant}] unavailable ({reason(exc)})")
         return None
     cuda = device == "cuda"
-    checks = [("the host", est.host_bytes(cuda), available_host_memory())]
+    checks = [("the host", est.host_bytes(cuda), available_memory())]
     if cuda:
         import torch
 
@@ -121,40 +121,6 @@ def check_memory(model: Any, t: Target, batch: int, device: str, notes: list[str
                 f"({est.describe(cuda)}) but {_size(have)} is available; pass a smaller --batch"
             )
     return est
-
-
-def available_host_memory() -> int | None:
-    """Bytes the host can still give this process: the least of MemAvailable, the cgroup's limit
-    less its usage, and psutil's figure (when installed); None when none of them can be read."""
-    import os
-
-    found: list[int] = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            lim, use = Path(limit).read_text().strip(), Path(usage).read_text().strip()
-            if lim.isdigit() and use.isdigit() and int(lim) < 1 << 60:
-                found.append(max(int(lim) - int(use), 0))
-        except OSError:
-            pass
-    try:
-        import psutil  # type: ignore[import-untyped]  # optional: used when present
-
-        found.append(int(psutil.virtual_memory().available))
-    except ImportError:
-        pass
-    if not found and hasattr(os, "sysconf"):
-        try:
-            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError):
-            pass
-    return min(found) if found else None
 
 
 def _size(n: float) -> str:

@@ -10,7 +10,6 @@ the other one; a PRepBN schedule that had not finished is refused unless overrid
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import struct
@@ -24,6 +23,7 @@ from torch import nn
 
 from slab_deploy.errors import CheckpointError, UnfinishedPRepBNError
 from slab_deploy.models.folded import FOLD_META_KEY, check_fold_meta, fold_meta_from_json
+from slab_deploy.utils import sha256_file
 
 
 @dataclass
@@ -77,14 +77,6 @@ class CheckpointInfo:
         d = asdict(self)
         d["prepbn_finished"] = self.prepbn_finished
         return d
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_path(path: Path) -> None:
