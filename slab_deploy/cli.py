@@ -398,11 +398,14 @@ def main() -> None:
 
     from rich.markup import escape
 
-    from slab_deploy.utils import Interrupted, signals_interrupt
+    from slab_deploy.utils import Interrupted, raise_if_interrupted, signals_interrupt
 
     with signals_interrupt():  # handlers stay until the exit below: a repeat signal is ignored
         try:
-            app()  # standalone mode: typer prints usage errors and help, and exits
+            try:
+                app()  # standalone mode: typer prints usage errors and help, and exits
+            finally:
+                raise_if_interrupted()  # a signal whose exception a finaliser swallowed still ends as one
         except SlabDeployError as exc:
             _console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
             sys.exit(exc.exit_code)

@@ -56,6 +56,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, file_mode())
+        raise_if_interrupted()
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -222,20 +223,33 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+_PENDING: list[int] = []  # the signal `signals_interrupt` caught, whether or not its exception got through
+
+
+def raise_if_interrupted() -> None:
+    """Raise `Interrupted` for a signal caught by `signals_interrupt` whose exception never
+    reached the code: Python drops an exception raised while a finaliser runs (a signal that
+    lands in `ZipFile.__del__`, say). Called before every step that cannot be undone (renaming an
+    artefact into place), so such a signal still stops the work there."""
+    if _PENDING:
+        raise Interrupted(_PENDING[0])
+
+
 @contextlib.contextmanager
 def signals_interrupt() -> Iterator[None]:
     """Within the block SIGINT and SIGTERM raise `Interrupted` once; a repeat while cleaning up is
-    ignored. The earlier handlers come back on leaving. A no-op off the main thread, where
+    ignored. The signal is also kept for `raise_if_interrupted`, in case its exception was
+    swallowed. The earlier handlers come back on leaving. A no-op off the main thread, where
     handlers cannot be set."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    fired: list[int] = []
+    _PENDING.clear()
 
     def handler(signum: int, _frame: object) -> None:
-        if fired:
+        if _PENDING:
             return
-        fired.append(signum)
+        _PENDING.append(signum)
         raise Interrupted(signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -244,3 +258,4 @@ def signals_interrupt() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
+        _PENDING.clear()

@@ -333,3 +333,29 @@ def test_a_signal_during_the_swap_waits_for_both_renames(tmp_path: Path, monkeyp
     assert len(calls) == 2 and calls[1] == "out"
     assert (target / "manifest.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_signal_a_finaliser_swallows_still_stops_before_anything_is_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python drops an exception raised while a finaliser runs (a SIGTERM that lands in
+    `ZipFile.__del__` did exactly that mid-export): the signal is kept, and the next step that
+    cannot be undone (here an atomic write's rename) raises it instead of going ahead."""
+    from slab_deploy.utils import Interrupted, atomic_write, signals_interrupt
+
+    swallowed: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: swallowed.append(u.exc_value))
+
+    class Finaliser:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):  # the Python-level handler runs here, inside the finaliser
+                pass
+
+    target = tmp_path / "kept.txt"
+    target.write_text("earlier")
+    with pytest.raises(Interrupted) as ei, signals_interrupt():
+        Finaliser()  # made and dropped at once: its __del__ gets the signal
+        assert swallowed and isinstance(swallowed[0], Interrupted)  # the handler's exception went nowhere
+        with atomic_write(target) as tmp:
+            tmp.write_text("new")
+    assert ei.value.signum == signal.SIGTERM
+    assert target.read_text() == "earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["kept.txt"]

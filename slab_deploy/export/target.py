@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from slab_deploy.errors import ArtifactError
-from slab_deploy.utils import make_staging, recover_swap, swap_in
+from slab_deploy.utils import make_staging, raise_if_interrupted, recover_swap, swap_in
 
 ONNX_NAME = "model.onnx"
 MANIFEST_NAME = "manifest.json"
@@ -93,6 +93,7 @@ class ExportTarget:
     def commit(self) -> None:
         """Swap the staging directory in as DIR (the previous DIR, if any, is removed)."""
         assert self.staging is not None
+        raise_if_interrupted()  # a signal whose exception was swallowed still stops the swap
         try:
             swap_in(self.staging, self.target)
         finally:
