@@ -105,3 +105,19 @@ def read_keys(name: str) -> dict[str, str]:
 
     lines = (Path(__file__).parent / "data" / "keys" / f"{name}.txt").read_text().splitlines()
     return dict(line.rsplit(" ", 1) for line in lines if line)
+
+
+def break_the_fold(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Make every `slab_deploy.passes.fold_model` call return a folded model with a fault (head
+    bias + 0.5), as a wrong fold formula would: the parity gates downstream must catch it."""
+    import slab_deploy.passes as passes
+
+    real = passes.fold_model
+
+    def wrong_fold(model, **kw):  # type: ignore[no-untyped-def]
+        folded, rep = real(model, **kw)
+        with torch.no_grad():
+            folded.head.bias.add_(0.5)
+        return folded, rep
+
+    monkeypatch.setattr(passes, "fold_model", wrong_fold)

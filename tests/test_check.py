@@ -205,17 +205,9 @@ def test_top1_flips_at_near_ties_are_named() -> None:
 def test_own_export_that_fails_parity_is_laddered_not_lost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without --artifacts, check exports itself; when that export fails parity (its set is kept in
     DIR.failed), the ladder still runs on the failed set and names where it broke (exit 3)."""
-    import slab_deploy.passes as passes
+    from helpers import break_the_fold
 
-    real = passes.fold_model
-
-    def wrong_fold(model, **kw):  # type: ignore[no-untyped-def]
-        folded, rep = real(model, **kw)
-        with torch.no_grad():
-            folded.head.bias.add_(0.5)  # a fault in the deployed model
-        return folded, rep
-
-    monkeypatch.setattr(passes, "fold_model", wrong_fold)
+    break_the_fold(monkeypatch)  # a fault in the deployed model
     ckpt = random_checkpoint("test_slab_swin", tmp_path / "c.pth", seed=1)
     rep = run_check("test_slab_swin", ckpt, backends=("torch", "onnx", "ort-cpu"), inputs=2)
     status = {r.rung: r.status for r in rep.rungs}

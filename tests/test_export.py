@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from helpers import full_models, tiny_models
 
 from slab_deploy.errors import ArtifactError, ExportParityError, ParityError
@@ -118,17 +117,9 @@ def test_no_overwrite_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_parity_failure_exits_3_and_keeps_marked_files_aside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import slab_deploy.passes as passes
+    from helpers import break_the_fold
 
-    real = passes.fold_model
-
-    def wrong_fold(model, **kw):  # type: ignore[no-untyped-def]
-        folded, rep = real(model, **kw)
-        with torch.no_grad():
-            folded.head.bias.add_(0.5)  # a fault in the deployed model
-        return folded, rep
-
-    monkeypatch.setattr(passes, "fold_model", wrong_fold)
+    break_the_fold(monkeypatch)  # a fault in the deployed model
     ckpt = random_checkpoint("test_slab_swin", tmp_path / "c.pth", seed=1)
     with pytest.raises(ParityError) as ei:
         export_model("test_slab_swin", ckpt, tmp_path / "out")
