@@ -10,7 +10,7 @@ DEMO_MODEL ?= slab_deit_tiny
 DEMO_OUT   ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo test test-zoo test-fast lint install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,10 @@ demo: $(VENV)/.installed
 	@echo "artefacts: $(DEMO_OUT)/$(DEMO_MODEL)/model.onnx, manifest.json, check/ and $(DEMO_OUT)/bench/"
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not zoo_large" $(PYTEST_ARGS)
+
+test-zoo: $(VENV)/.installed
+	$(PY) -m pytest -q -m zoo_large $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -9,9 +9,11 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 _UMASK_LOCK = threading.Lock()
@@ -252,10 +254,20 @@ def signals_interrupt() -> Iterator[None]:
         _PENDING.append(signum)
         raise Interrupted(signum)
 
+    previous_hook = sys.unraisablehook
+
+    def unraisable(info: Any) -> None:
+        # Our own signal, dropped by a finaliser: it is kept in _PENDING and raised at the
+        # next rename or at exit, so Python's "Exception ignored in ..." traceback is noise.
+        if not isinstance(info.exc_value, Interrupted):
+            previous_hook(info)
+
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    sys.unraisablehook = unraisable
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
+        sys.unraisablehook = previous_hook
         _PENDING.clear()
