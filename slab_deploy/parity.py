@@ -34,6 +34,11 @@ class Metrics:
     nonfinite: int = 0  # NaN/Inf values in the candidate
     nonfinite_reference: int = 0  # NaN/Inf values in the reference
     first_nonfinite: list[int] | None = None  # index of the first NaN/Inf (candidate, else reference)
+    # Against labels, when the inputs have them (else None): top-1 accuracy of the candidate and of
+    # the reference on the same images, and the drop (reference - candidate; negative: a gain).
+    accuracy: float | None = None
+    reference_accuracy: float | None = None
+    accuracy_drop: float | None = None
 
     @property
     def finite(self) -> bool:
@@ -49,11 +54,31 @@ def _first_bad(a: np.ndarray) -> list[int] | None:
     return [int(i) for i in bad[0]] if bad.size else None
 
 
-def compare(reference: np.ndarray, candidate: np.ndarray) -> Metrics:
-    """Metrics of `candidate` against `reference` (same shape, first axis = samples).
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of (N, C) logits against (N,) integer labels; NaN/Inf rows count as wrong."""
+    logits = np.asarray(logits)
+    ok = np.isfinite(logits).all(axis=1) & (logits.argmax(axis=1) == labels)
+    return float(ok.mean())
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None = None) -> Metrics:
+    """Metrics of `candidate` against `reference` (same shape, first axis = samples), and against
+    `labels` (N,) when given: top-1 accuracy of both and the drop.
 
     When either side holds a NaN or Inf, the error metrics are +Inf (cosine NaN, SQNR -Inf, top-1
     and top-5 0) and `nonfinite`/`nonfinite_reference`/`first_nonfinite` say where: `judge` fails it."""
+    m = _compare(reference, candidate)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (np.asarray(reference).shape[0],):
+            raise ValueError(f"labels of shape {labels.shape} for {np.asarray(reference).shape[0]} samples")
+        m.accuracy = accuracy(candidate, labels)
+        m.reference_accuracy = accuracy(reference, labels)
+        m.accuracy_drop = m.reference_accuracy - m.accuracy
+    return m
+
+
+def _compare(reference: np.ndarray, candidate: np.ndarray) -> Metrics:
     ref = np.asarray(reference, dtype=np.float64)
     cand = np.asarray(candidate, dtype=np.float64)
     if ref.shape != cand.shape:
@@ -132,8 +157,10 @@ def judge(m: Metrics, tol: Tolerance) -> Verdict:
     if not m.finite:
         return Verdict(False, [nonfinite_message(m)], {})
     bounds = (tol.max_rel, tol.min_cosine, tol.min_sqnr_db, tol.min_top1)
-    if all(b is None for b in bounds):
+    if all(b is None for b in bounds):  # accuracy alone is not enough: it is judged only with labels
         return Verdict(False, ["the tolerance enables no criterion: nothing was judged"], {})
+    if tol.max_accuracy_drop is not None and not math.isfinite(tol.max_accuracy_drop):
+        return Verdict(False, [f"the tolerance {tol.to_dict()} has a bound that is not a finite number"], {})
     if any(b is not None and not math.isfinite(b) for b in bounds):
         return Verdict(False, [f"the tolerance {tol.to_dict()} has a bound that is not a finite number"], {})
     failures = []
@@ -161,4 +188,9 @@ def judge(m: Metrics, tol: Tolerance) -> Verdict:
                 msg += (f" ({m.top1_flips} of {m.samples} flipped, all near-ties: reference top-1 margin <= "
                         f"{m.flip_margin_max:.1e}, max |delta| {m.max_abs:.1e})")
             failures.append(msg)
+    if tol.max_accuracy_drop is not None and m.accuracy_drop is not None:
+        needed["max_accuracy_drop"] = m.accuracy_drop
+        if not m.accuracy_drop <= tol.max_accuracy_drop:
+            failures.append(f"top-1 accuracy {100 * (m.accuracy or 0):.2f}% is {100 * m.accuracy_drop:.2f} points below "
+                            f"the reference's {100 * (m.reference_accuracy or 0):.2f}% (at most {100 * tol.max_accuracy_drop:g})")
     return Verdict(not failures, failures, needed)

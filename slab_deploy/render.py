@@ -144,7 +144,12 @@ def _delta(v: float | None) -> str:
 def export_summary(manifest: dict[str, Any], onnx_path: Any) -> Any:
     """What an export did, from its manifest."""
     m = manifest
-    weights = "[yellow]embedded default, UNTRAINED (seeded random)[/yellow]" if m["untrained"] else f"{m['checkpoint']['path']} (sha256 {m['checkpoint']['sha256'][:12]})"
+    kind = m.get("weights", {}).get("kind", "untrained" if m["untrained"] else "checkpoint")
+    if kind == "checkpoint":
+        weights = f"{m['checkpoint']['path']} (sha256 {m['checkpoint']['sha256'][:12]})"
+    else:
+        weights = escape(m["weights"]["label"])
+        weights = f"[yellow]{weights}[/yellow]" if kind == "untrained" else weights
     fold = m["fold"]
     exp = m["export"]
     simp = m["simplify"]
@@ -181,8 +186,14 @@ def check_summary(report: Any, paths: dict[str, Path] | None = None) -> list[Any
 def check_table(report: Any) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"parity ladder: {report.model}" + (" [yellow](untrained weights)[/yellow]" if report.untrained else ""))
-    for col in ("rung", "prec", "status", "max abs", "max rel", "cosine", "SQNR dB", "top-1", "top-5", "needed to pass"):
+    title = f"parity ladder: {report.model}" + (" [yellow](untrained weights)[/yellow]" if report.untrained else "")
+    if report.weights == "demo":
+        title += " (demo weights)"
+    labelled = report.reference_accuracy is not None
+    cols = ["rung", "prec", "status", "max abs", "max rel", "cosine", "SQNR dB", "top-1", "top-5"]
+    cols += ["accuracy"] if labelled else []
+    t = Table(title=title)
+    for col in [*cols, "needed to pass"]:
         t.add_column(col, justify="left" if col in ("rung", "prec", "status", "needed to pass") else "right", overflow="fold")
     first = report.first_failure
     notes: list[str] = []
@@ -207,8 +218,15 @@ def check_table(report: Any) -> Any:
                 notes.append(escape(f"{r.rung} ({r.precision}): {'; '.join(r.failures)}"))
                 status += f" [{len(notes)}]"
         need = ", ".join(f"{k}={v:.3g}" for k, v in r.needed.items()) if r.status in ("pass", "fail") else ""
-        t.add_row(r.rung, r.precision, status, f("max_abs", ".1e"), f("max_rel", ".1e"), f("cosine", ".6f"),
-                  f("sqnr_db", ".1f"), f("top1", ".2f"), f("top5", ".2f"), need)
+        row = [r.rung, r.precision, status, f("max_abs", ".1e"), f("max_rel", ".1e"), f("cosine", ".6f"),
+               f("sqnr_db", ".1f"), f("top1", ".2f"), f("top5", ".2f")]
+        if labelled:
+            row.append("-" if m.get("accuracy") is None else f"{100 * m['accuracy']:.2f}%")
+        t.add_row(*row, need)
+    if labelled:
+        n = report.inputs.get("count")
+        notes.append(escape(f"top-1/top-5: agreement with the reference; accuracy: against the labels of {n} images "
+                            f"({report.inputs.get('source')}); the reference scores {100 * report.reference_accuracy:.2f}%"))
     if notes:
         t.caption = "\n".join(f"[{i}] {n}" for i, n in enumerate(notes, 1))
         t.caption_justify = "left"

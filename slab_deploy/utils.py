@@ -13,8 +13,8 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 _UMASK_LOCK = threading.Lock()
 

@@ -54,7 +54,7 @@ def to_markdown(report: BenchReport) -> str:
         f"- device: {env.get('gpu') or env.get('cpu')} ({env.get('device')}); driver {env.get('driver', '-')}, CUDA {env.get('cuda', '-')}",
         f"- versions: torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')} ({', '.join(env.get('onnxruntime_providers') or [])}), TensorRT {env.get('tensorrt') or '-'}, slab-deploy {env.get('slab-deploy')}",
         f"- profile: {report.profile.get('name')} (warm-up {report.profile.get('warmup')}, >= {report.profile.get('iters')} timed runs, >= {report.profile.get('min_seconds')} s)",
-        f"- weights: {'embedded default (untrained; latency does not depend on weights)' if report.untrained else 'from checkpoint'}",
+        f"- weights: {weights_line(report.weights)} (latency does not depend on the weights' values)",
         "- latency: compute only, inputs already on the device; host<->device copies of one batch in their own columns",
     ]
     if report.verdict:
@@ -145,3 +145,11 @@ def plot(report: BenchReport, out: Path) -> dict[str, Path]:
         plt.close(fig)
     return paths
 
+
+def weights_line(weights: dict[str, str]) -> str:
+    """Which weights each model of a bench ran with, in one line."""
+    from slab_deploy.weights.default import weights_label
+
+    if not weights:
+        return "-"
+    return "; ".join(f"{m}: {weights_label(m, w)}" for m, w in weights.items())

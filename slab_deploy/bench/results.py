@@ -51,6 +51,7 @@ class BenchReport:
     speedups: list[dict[str, Any]] = field(default_factory=list)
     best_speedups: list[dict[str, Any]] = field(default_factory=list)
     untrained: bool = True
+    weights: dict[str, str] = field(default_factory=dict)  # model -> checkpoint | demo | untrained
     notes: list[str] = field(default_factory=list)
     verdict: dict[str, Any] = field(default_factory=dict)  # set by `judge`
 
@@ -61,6 +62,7 @@ class BenchReport:
             "environment": self.environment,
             "profile": self.profile,
             "untrained_weights": self.untrained,
+            "weights": self.weights,
             "results": [r.flat() for r in self.results],
             "speedups": self.speedups,
             "best_speedups": self.best_speedups,

@@ -23,6 +23,7 @@ from slab_deploy.bench.timing import copy_times, stats, time_prepared
 from slab_deploy.choices import BACKENDS
 from slab_deploy.errors import ConfigError, ExportError, SlabDeployError
 from slab_deploy.profiles import Profile
+from slab_deploy.weights.default import default_weights
 
 
 @dataclass
@@ -145,7 +146,8 @@ def run_bench(
         if progress is not None:
             progress.advance(task)
     report = BenchReport(env, profile.to_dict(), results, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    report.untrained = all(t.checkpoint is None for t in targets)
+    report.weights = {t.model: "checkpoint" if t.checkpoint else default_weights(t.model) for t in targets}
+    report.untrained = all(w == "untrained" for w in report.weights.values())
     report.speedups = speedups(results)
     report.best_speedups = best_speedups(results)
     report.notes = notes

@@ -2,7 +2,7 @@
 
   options.py    what is refused before any work (backends, precisions, inputs, --report, --tolerance)
   artifacts.py  readers of what is on disk: an export's manifest and graphs, a replay's io.npz
-  inputs.py     the images every rung sees (replay, a folder of images, seeded random)
+  inputs.py     the images every rung sees and their labels (replay, a folder, the demo set, seeded)
   ladder.py     the rungs, each run through a runtime/ runner, and `run_check`, which climbs them
   report.py     the verdict (`CheckReport`), report.json / report.md / io.npz, `raise_for_verdict`
 
@@ -42,8 +42,9 @@ from slab_deploy.check.artifacts import (
     check_graph,
     read_manifest,
     read_replay,
+    read_replay_labels,
 )
-from slab_deploy.check.inputs import load_images, seeded_inputs, select_inputs
+from slab_deploy.check.inputs import Inputs, seeded_inputs, select_inputs
 from slab_deploy.check.ladder import Graph, Ladder, Ran, batched, run_check
 from slab_deploy.check.options import (
     MAX_INPUTS,
@@ -62,17 +63,18 @@ __all__ = [
     "ArtifactManifest",
     "CheckReport",
     "Graph",
+    "Inputs",
     "Ladder",
     "Ran",
     "RungResult",
     "batched",
     "check_graph",
     "check_report_dir",
-    "load_images",
     "parse_tolerance_overrides",
     "raise_for_verdict",
     "read_manifest",
     "read_replay",
+    "read_replay_labels",
     "run_check",
     "seeded_inputs",
     "select_inputs",

@@ -159,8 +159,9 @@ def _zip_directory_ok(path: Path, what: str) -> None:
         raise ArtifactError(f"{what} has {'a zip64' if zip64 else f'{n_total} entries in a'} directory: not an io.npz that `check --report` writes")
 
 
-def _read_npy(fh: BinaryIO, limit: int, what: str) -> np.ndarray:
-    """One .npy member, header first: no pickle, and no allocation beyond what the file holds."""
+def _read_npy(fh: BinaryIO, limit: int, what: str, *, labels: bool = False) -> np.ndarray:
+    """One .npy member, header first: no pickle, and no allocation beyond what the file holds:
+    the (N, 3, H, W) floating-point inputs, or with `labels` the (N,) integer labels."""
     fmt = np.lib.format
     version = fmt.read_magic(fh)
     if version == (1, 0):
@@ -169,16 +170,18 @@ def _read_npy(fh: BinaryIO, limit: int, what: str) -> np.ndarray:
         shape, fortran, dtype = fmt.read_array_header_2_0(fh)
     else:
         raise ArtifactError(f"{what}: inputs are stored in .npy format {version}, which check does not write")
-    if dtype.hasobject or dtype.kind != "f" or dtype.fields is not None or dtype.subdtype is not None:
-        raise ArtifactError(f"{what}: inputs are {dtype}, not floating-point images (object arrays are never unpickled)")
-    if len(shape) != 4 or any(n < 0 for n in shape):
-        raise ArtifactError(f"{what}: inputs have shape {short_repr(shape)}, not (N, 3, H, W)")
+    member, kinds, ndim, kind, want = (("labels", "iu", 1, "integer labels", "(N,)") if labels
+                                       else ("inputs", "f", 4, "floating-point images", "(N, 3, H, W)"))
+    if dtype.hasobject or dtype.kind not in kinds or dtype.fields is not None or dtype.subdtype is not None:
+        raise ArtifactError(f"{what}: {member} are {dtype}, not {kind} (object arrays are never unpickled)")
+    if len(shape) != ndim or any(n < 0 for n in shape):
+        raise ArtifactError(f"{what}: {member} have shape {short_repr(shape)}, not {want}")
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > limit:
-        raise ArtifactError(f"{what}: inputs of shape {shape} need {nbytes} bytes, more than the file holds ({limit})")
+        raise ArtifactError(f"{what}: {member} of shape {shape} need {nbytes} bytes, more than the file holds ({limit})")
     data = fh.read(nbytes)
     if len(data) != nbytes:
-        raise ArtifactError(f"{what}: inputs are truncated ({len(data)} of {nbytes} bytes)")
+        raise ArtifactError(f"{what}: {member} are truncated ({len(data)} of {nbytes} bytes)")
     arr = np.frombuffer(data, dtype=dtype)
     return arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
 
@@ -217,3 +220,27 @@ def read_replay(path: str | Path) -> np.ndarray:
     if bad:
         raise ArtifactError(f"{what}: its inputs hold {bad} NaN/Inf values (as float32); nothing can be judged on them")
     return np.ascontiguousarray(x)
+
+
+def read_replay_labels(path: str | Path, count: int) -> np.ndarray | None:
+    """The labels an io.npz keeps beside its inputs (a check on labelled images), as (N,) int64,
+    or None when it has none. Read after `read_replay` accepted the file, under the same bounds."""
+    p = Path(path)
+    what = f"--replay {p}"
+    try:
+        with zipfile.ZipFile(p) as z:
+            try:
+                info = z.getinfo("labels.npy")
+            except KeyError:
+                return None
+            if info.file_size > MAX_REPLAY_BYTES:
+                raise ArtifactError(f"{what}: its labels take {info.file_size} bytes, more than the {MAX_REPLAY_BYTES} check reads")
+            with z.open(info) as fh:
+                y = _read_npy(fh, info.file_size, what, labels=True)  # type: ignore[arg-type]
+    except ArtifactError:
+        raise
+    except Exception as exc:
+        raise ArtifactError(f"{what} has unreadable labels ({first_line(exc, 160)}); pass the io.npz that `check --report` wrote") from None
+    if y.shape != (count,) or (y < 0).any():
+        raise ArtifactError(f"{what}: {y.shape[0]} labels for {count} inputs, or negative labels; pass the io.npz that `check --report` wrote")
+    return y.astype(np.int64)

@@ -1,33 +1,57 @@
-"""The images every rung sees: a replay's saved inputs, a folder of real images through the model's
-preprocessing, or seeded random normal images."""
+"""The images every rung sees, and their labels when there are any: a replay's saved inputs, a
+folder of real images through the model's preprocessing (labelled when laid out one folder per
+class), the held-out digits of a demo model, or seeded random normal images."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from slab_deploy.datasets import demo_heldout, image_folder, is_demo_model
 from slab_deploy.errors import ConfigError
 
+SEEDED_INPUTS = 8  # images of a check on seeded random inputs unless --inputs says otherwise
+FOLDER_INPUTS = 1000  # at most this many images of an --images folder unless --inputs says otherwise
 
-def select_inputs(model_name: str, preprocessing: dict[str, Any], *, count: int, seed: int,
+
+class Inputs(NamedTuple):
+    """(N, 3, H, W) float32 inputs, (N,) int64 labels or None, and the report's `inputs` block."""
+
+    x: np.ndarray
+    labels: np.ndarray | None
+    source: dict[str, Any]
+
+
+def select_inputs(model_name: str, preprocessing: dict[str, Any], *, count: int | None, seed: int,
                   images: str | Path | None = None, replay: str | Path | None = None,
-                  replayed: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """The (N, 3, H, W) float32 inputs of a check and the report's `inputs` block. `replayed` is
-    what `read_replay(replay)` returned (read before the checkpoint, so a bad file costs nothing)."""
+                  replayed: np.ndarray | None = None, replay_labels: np.ndarray | None = None,
+                  num_classes: int | None = None) -> Inputs:
+    """The inputs of a check. `replayed` is what `read_replay(replay)` returned (read before the
+    checkpoint, so a bad file costs nothing). Without `images` or a replay, a demo model is checked
+    on its shipped held-out digits (labelled), any other model on `count` seeded random images.
+    `count` None: the whole demo set, up to FOLDER_INPUTS images of a folder (spread over its
+    classes), or SEEDED_INPUTS seeded images."""
+    labels: np.ndarray | None
     if replayed is not None:
-        x = replayed
+        x, labels = replayed, replay_labels
         src: dict[str, Any] = {"source": f"replay of {replay}", "count": int(x.shape[0]), "seed": None}
-    elif images is not None:
-        x, names = load_images(images, preprocessing, limit=count)
-        src = {"source": f"images from {images}", "count": len(names), "files": names, "seed": None}
+    elif images is not None or is_demo_model(model_name):
+        data = (image_folder(images, preprocessing, limit=count or FOLDER_INPUTS, num_classes=num_classes)
+                if images is not None else demo_heldout(model_name, preprocessing).head(count))
+        x, labels = data.x, data.labels
+        src = {"source": data.source, "count": len(data), "files": data.names, "seed": None}
     else:
-        x = seeded_inputs(count, preprocessing["input_size"], seed)
-        src = {"source": "seeded random normal images", "count": count, "seed": seed}
+        n = count or SEEDED_INPUTS
+        x, labels = seeded_inputs(n, preprocessing["input_size"], seed), None
+        src = {"source": "seeded random normal images", "count": n, "seed": seed}
+    src["labelled"] = labels is not None
     if tuple(x.shape[1:]) != tuple(preprocessing["input_size"]):
         raise ConfigError(f"inputs have shape {tuple(x.shape[1:])}, {model_name} expects {tuple(preprocessing['input_size'])}")
-    return x, src
+    if labels is not None and num_classes is not None and int(labels.max()) >= num_classes:
+        raise ConfigError(f"the labels go up to {int(labels.max())}, {model_name} has {num_classes} classes")
+    return Inputs(x, labels, src)
 
 
 def seeded_inputs(count: int, input_size: Any, seed: int) -> np.ndarray:
@@ -37,37 +61,3 @@ def seeded_inputs(count: int, input_size: Any, seed: int) -> np.ndarray:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(count, *input_size, generator=g).numpy()
 
-
-def load_images(folder: str | Path, preprocessing: dict[str, Any], limit: int | None = None) -> tuple[np.ndarray, list[str]]:
-    """Images of `folder` through the model's own preprocessing: resize the shorter side, centre
-    crop, scale to [0, 1], normalise with mean/std. Returns (N, 3, H, W) float32 and the file names."""
-    from slab_deploy._deps import require
-
-    Image = require("PIL.Image", "--images")
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ConfigError(f"--images {folder} is not a directory of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp"))
-    if not files:
-        raise ConfigError(f"--images {folder} holds no .jpg/.jpeg/.png/.bmp/.webp files")
-    files = files[:limit] if limit else files
-    _, h, w = preprocessing["input_size"]
-    short = preprocessing["resize_shorter_to"]
-    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}.get(preprocessing["interpolation"], Image.BICUBIC)
-    mean = np.array(preprocessing["mean"], dtype=np.float32).reshape(3, 1, 1)
-    std = np.array(preprocessing["std"], dtype=np.float32).reshape(3, 1, 1)
-    batch = []
-    for p in files:
-        try:
-            img = Image.open(p).convert("RGB")
-        except Exception as exc:
-            raise ConfigError(f"cannot read image {p}: {exc}") from None
-        iw, ih = img.size
-        scale = short / min(iw, ih)
-        img = img.resize((max(w, round(iw * scale)), max(h, round(ih * scale))), resample)
-        iw, ih = img.size
-        left, top = (iw - w) // 2, (ih - h) // 2
-        img = img.crop((left, top, left + w, top + h))
-        arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        batch.append((arr - mean) / std)
-    return np.stack(batch).astype(np.float32), [p.name for p in files]

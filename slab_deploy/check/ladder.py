@@ -20,7 +20,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from slab_deploy.check.artifacts import ArtifactManifest, check_graph, read_manifest, read_replay
+from slab_deploy.check.artifacts import (
+    ArtifactManifest,
+    check_graph,
+    read_manifest,
+    read_replay,
+    read_replay_labels,
+)
 from slab_deploy.check.inputs import select_inputs
 from slab_deploy.check.options import first_line, validate_options
 from slab_deploy.check.report import CheckReport, RungResult
@@ -59,8 +65,9 @@ class Ladder:
     """The rungs run so far, against one reference on one set of inputs."""
 
     def __init__(self, x: np.ndarray, reference: np.ndarray, backends: Sequence[str],
-                 tolerance: dict[str, dict[str, float]] | None) -> None:
+                 tolerance: dict[str, dict[str, float]] | None, labels: np.ndarray | None = None) -> None:
         self.x = x
+        self.labels = labels  # (N,) when the inputs are labelled: every rung's accuracy is judged too
         self.reference = reference
         self.backends = backends
         self.tolerance = tolerance
@@ -102,7 +109,7 @@ class Ladder:
                                          seconds=time.perf_counter() - t0))
             return
         tol = tolerance_for(rung, precision, self.tolerance)
-        m = compare(self.reference, out)
+        m = compare(self.reference, out, self.labels)
         v = judge(m, tol)
         self.outputs[f"{rung}.{precision}"] = out
         self.rungs.append(
@@ -261,7 +268,7 @@ def run_check(
     artifacts: str | Path | None = None,
     backends: Sequence[str] = CHECK_BACKENDS,
     precisions: Sequence[str] = ("fp32",),
-    inputs: int = 8,
+    inputs: int | None = None,
     images: str | Path | None = None,
     replay: str | Path | None = None,
     seed: int = 0,
@@ -273,20 +280,24 @@ def run_check(
     """Run the ladder and return the report. Bad input raises a SlabDeployError before any rung
     runs; a verdict (pass, fail, error, unjudged) does not raise: see `raise_for_verdict`."""
     from slab_deploy.export.api import preprocessing, tool_versions
-    from slab_deploy.models import checkpoint_info
+    from slab_deploy.models import checkpoint_info, model_spec
+    from slab_deploy.parity import accuracy
     from slab_deploy.weights import load_model
 
     say = progress or _quiet
     validate_options(backends, precisions, inputs, images=images, replay=replay)
     manifest = given_manifest(artifacts, model_name)
     replayed = read_replay(replay) if replay is not None else None
+    replay_labels = read_replay_labels(replay, len(replayed)) if replay is not None and replayed is not None else None
     say("loading checkpoint")
     ref = load_model(model_name, checkpoint, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn)
     info = checkpoint_info(ref)
     pre = preprocessing(ref)
-    x, src = select_inputs(model_name, pre, count=inputs, seed=seed, images=images, replay=replay, replayed=replayed)
+    x, labels, src = select_inputs(model_name, pre, count=inputs, seed=seed, images=images, replay=replay,
+                                   replayed=replayed, replay_labels=replay_labels,
+                                   num_classes=model_spec(ref).num_classes)
     say("reference forward")
-    ladder = Ladder(x, reference_outputs(ref, x), backends, tolerance)
+    ladder = Ladder(x, reference_outputs(ref, x), backends, tolerance, labels)
     say("folding")
     ladder.record("fold", "fp32", partial(fold_rung, ref))
     with artifact_sets(manifest, model_name, checkpoint, precisions, ema=ema,
@@ -301,11 +312,14 @@ def run_check(
         checkpoint=str(checkpoint) if checkpoint else None,
         checkpoint_sha256=info.sha256 if info else None,
         untrained=bool(getattr(ref, "untrained", False)),
+        weights=str(getattr(ref, "weights", "checkpoint")),
+        reference_accuracy=None if labels is None else accuracy(ladder.reference, labels),
         inputs=src,
         rungs=ladder.rungs,
         versions=tool_versions(),
         artifacts_precision=manifest.precision_block if manifest is not None else None,
         exported_here=manifest is None,
         io_inputs=x,
+        io_labels=labels,
         io_outputs=ladder.outputs,
     )

@@ -15,7 +15,7 @@ from slab_deploy.choices import CHECK_BACKENDS, DEPLOYED_RUNGS, EXPORT_PRECISION
 from slab_deploy.errors import ConfigError
 
 MAX_INPUTS = 4096  # images per check (the exporter's dynamic batch goes up to 4096 too)
-METRICS = ("max_rel", "min_cosine", "min_sqnr_db", "min_top1")  # what `--tolerance` may override
+METRICS = ("max_rel", "min_cosine", "min_sqnr_db", "min_top1", "max_accuracy_drop")  # what `--tolerance` may override
 
 
 def short_repr(value: Any, n: int = 80) -> str:
@@ -30,7 +30,7 @@ def first_line(exc: BaseException, n: int = 300) -> str:
     return f"{type(exc).__name__}: {text[:n]}" if text else type(exc).__name__
 
 
-def validate_options(backends: Sequence[str], precisions: Sequence[str], inputs: int, *,
+def validate_options(backends: Sequence[str], precisions: Sequence[str], inputs: int | None, *,
                      images: str | Path | None = None, replay: str | Path | None = None) -> None:
     """Refuse options that cannot give a verdict (ConfigError, exit 1)."""
     if not backends:
@@ -48,7 +48,7 @@ def validate_options(backends: Sequence[str], precisions: Sequence[str], inputs:
     for p in precisions:
         if p not in EXPORT_PRECISIONS:
             raise ConfigError(f"unknown precision {short_repr(p)}; check supports fp32 and fp16")
-    if isinstance(inputs, bool) or not isinstance(inputs, int) or not 1 <= inputs <= MAX_INPUTS:
+    if inputs is not None and (isinstance(inputs, bool) or not isinstance(inputs, int) or not 1 <= inputs <= MAX_INPUTS):
         raise ConfigError(f"--inputs must be between 1 and {MAX_INPUTS}, not {short_repr(inputs)}")
     if images is not None and replay is not None:
         raise ConfigError("--images and --replay exclude each other: a replay reruns the inputs it saved")

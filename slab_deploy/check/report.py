@@ -48,12 +48,21 @@ class CheckReport:
     inputs: dict[str, Any]
     rungs: list[RungResult]
     versions: dict[str, Any]
+    weights: str = "checkpoint"  # checkpoint | demo | untrained (slab_deploy.weights.default)
+    reference_accuracy: float | None = None  # the checkpoint model's top-1 against the labels, if any
     replay_command: str = ""
     artifacts_precision: dict[str, Any] | None = None  # the export manifest's precision block (--artifacts)
     exported_here: bool = False  # the graphs are check's own export (no --artifacts)
     # What io.npz holds: the inputs every rung saw, and the reference's and each rung's outputs.
     io_inputs: np.ndarray | None = field(default=None, repr=False, compare=False)
     io_outputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    io_labels: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def weights_label(self) -> str:
+        from slab_deploy.weights.default import weights_label
+
+        return weights_label(self.model, self.weights)
 
     @property
     def first_failure(self) -> RungResult | None:
@@ -115,7 +124,9 @@ class CheckReport:
             "checkpoint": self.checkpoint,
             "checkpoint_sha256": self.checkpoint_sha256,
             "untrained": self.untrained,
+            "weights": {"kind": self.weights, "label": self.weights_label},
             "inputs": self.inputs,
+            "reference_accuracy": self.reference_accuracy,
             "passed": self.passed,
             "outcome": self.outcome,
             "exit_code": self.exit_code,
@@ -128,17 +139,24 @@ class CheckReport:
         }
 
     def to_markdown(self) -> str:
+        def acc(m: dict[str, Any]) -> str:
+            v = m.get("accuracy")
+            return "-" if v is None else f"{100 * v:.2f}%"
+
         lines = [
             f"# slab-deploy check: {self.model}",
             "",
             f"**{self.verdict()}**",
             "",
-            f"- checkpoint: `{self.checkpoint or 'embedded default (UNTRAINED)'}` (sha256 `{(self.checkpoint_sha256 or '')[:16]}`)",
+            f"- checkpoint: `{self.checkpoint or 'embedded default'}` (sha256 `{(self.checkpoint_sha256 or '')[:16]}`)",
+            f"- weights: {self.weights_label}",
             f"- inputs: {self.inputs.get('source')} ({self.inputs.get('count')} images, seed {self.inputs.get('seed')})",
-            "- reference: checkpoint model in eval mode, torch fp32 on the CPU",
+            "- reference: checkpoint model in eval mode, torch fp32 on the CPU"
+            + ("" if self.reference_accuracy is None else f"; top-1 accuracy against the labels {100 * self.reference_accuracy:.2f}%"),
+            "- top-1 / top-5: agreement with the reference's top-1; accuracy: against the labels",
             "",
-            "| rung | precision | status | max abs | max rel | mean abs | cosine | SQNR dB | top-1 | top-5 | tolerance | needed to pass |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| rung | precision | status | max abs | max rel | mean abs | cosine | SQNR dB | top-1 | top-5 | accuracy | tolerance | needed to pass |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rungs:
             m = r.metrics or {}
@@ -154,7 +172,7 @@ class CheckReport:
                 status += f": {'; '.join(r.failures)}"
             lines.append(
                 f"| {r.rung} | {r.precision} | {status.replace('|', '/')} | {f('max_abs', '.2e')} | {f('max_rel', '.2e')} | {f('mean_abs', '.2e')} "
-                f"| {f('cosine', '.6f')} | {f('sqnr_db', '.1f')} | {f('top1', '.3f')} | {f('top5', '.3f')} | {tol} | {need} |"
+                f"| {f('cosine', '.6f')} | {f('sqnr_db', '.1f')} | {f('top1', '.3f')} | {f('top5', '.3f')} | {acc(m)} | {tol} | {need} |"
             )
         if self.replay_command:
             lines += ["", "Replay locally:", "", f"    {self.replay_command}"]
@@ -198,6 +216,8 @@ def write_reports(report: CheckReport, out_dir: str | Path, replay_base: str) ->
         with open(tmp, "wb") as f:
             arrays = {k.replace(".", "_"): v for k, v in report.io_outputs.items()}
             # numpy's stubs type every ** keyword as its `allow_pickle: bool`; these are arrays
+            if report.io_labels is not None:
+                arrays["labels"] = report.io_labels
             np.savez_compressed(f, inputs=report.io_inputs, **arrays)  # type: ignore[arg-type]
     paths = {"json": out / "report.json", "markdown": out / "report.md", "npz": npz}
     with atomic_write(paths["json"]) as tmp:

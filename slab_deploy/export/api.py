@@ -156,8 +156,8 @@ def _export_into(
     check_opset(final, exp, sres)
 
     lint_res = lint(final)
-    untrained = bool(getattr(ref, "untrained", False))
-    meta = onnx_metadata(model_name, opts, pre, info, untrained)
+    weights = str(getattr(ref, "weights", "checkpoint"))
+    meta = onnx_metadata(model_name, opts, pre, info, weights)
     set_metadata(final, meta)
     final.doc_string = f"{model_name} exported by slab-deploy {__version__} ({opts.precision}, folded)"
     spec = model_spec(ref)
@@ -165,7 +165,7 @@ def _export_into(
     norm_ok = lint_res.norm_free or not spec.is_slab or report.kept > 0 or not opts.fold
     status = "lint-failed" if not norm_ok else "ok" if passed else "parity-failed"
     manifest = build_manifest(
-        status=status, model_name=model_name, spec=spec, untrained=untrained, info=info, ema=ema, report=report,
+        status=status, model_name=model_name, spec=spec, weights=weights, info=info, ema=ema, report=report,
         exp=exp, sres=sres, final=final, lint_res=lint_res, opts=opts, pre=pre, parity=rungs,
         parity_batch=opts.batch or opts.parity_batch, steps=steps,
     )

@@ -24,6 +24,7 @@ from slab_deploy.models.checkpoint import CheckpointInfo
 from slab_deploy.models.folded import FoldReport
 from slab_deploy.models.registry import ModelSpec
 from slab_deploy.utils import sha256_file
+from slab_deploy.weights.default import weights_label
 
 
 def tool_versions() -> dict[str, str | None]:
@@ -58,7 +59,8 @@ def preprocessing(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def onnx_metadata(model_name: str, opts: ExportOptions, pre: dict[str, Any], info: CheckpointInfo | None, untrained: bool) -> dict[str, str]:
+def onnx_metadata(model_name: str, opts: ExportOptions, pre: dict[str, Any], info: CheckpointInfo | None,
+                  weights: str) -> dict[str, str]:
     """The `slab_deploy.*` metadata both ONNX files carry (the preprocessing among them)."""
     return {
         "slab_deploy.version": __version__,
@@ -66,7 +68,8 @@ def onnx_metadata(model_name: str, opts: ExportOptions, pre: dict[str, Any], inf
         "slab_deploy.precision": opts.precision,
         "slab_deploy.preprocessing": json.dumps(pre),
         "slab_deploy.checkpoint_sha256": info.sha256 if info else "",
-        "slab_deploy.untrained": str(untrained).lower(),
+        "slab_deploy.untrained": str(weights == "untrained").lower(),
+        "slab_deploy.weights": weights,
     }
 
 
@@ -75,7 +78,7 @@ def build_manifest(
     status: str,
     model_name: str,
     spec: ModelSpec,
-    untrained: bool,
+    weights: str,
     info: CheckpointInfo | None,
     ema: bool,
     report: FoldReport,
@@ -98,7 +101,8 @@ def build_manifest(
         "family": spec.family,
         "norm": spec.norm,
         "attention": list(spec.attention),
-        "untrained": untrained,
+        "untrained": weights == "untrained",
+        "weights": {"kind": weights, "label": weights_label(model_name, weights)},
         "opset": file_opset(final),  # as read from the deployed graph (default domain)
         "checkpoint": {
             "path": info.path if info else None,
