@@ -6,7 +6,7 @@ PYTHON  ?= python3
 TORCH   ?= torch==2.13.0
 PY      := $(VENV)/bin/python
 CLI     := $(VENV)/bin/slab-deploy
-DEMO_MODEL ?= slab_deit_tiny
+DEMO_MODEL ?= slab_deit_demo
 DEMO_OUT   ?= demo-out
 PYTEST_ARGS ?=
 
@@ -21,11 +21,14 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(CLI) models 'slab_*'
-	$(CLI) export --model $(DEMO_MODEL) --output $(DEMO_OUT)/$(DEMO_MODEL) --force
-	$(CLI) check --model $(DEMO_MODEL) --artifacts $(DEMO_OUT)/$(DEMO_MODEL) --report $(DEMO_OUT)/$(DEMO_MODEL)/check
+	$(CLI) models '*demo*'
+	$(CLI) export --model $(DEMO_MODEL) --output $(DEMO_OUT)/$(DEMO_MODEL)-fp32 --force
+	$(CLI) export --model $(DEMO_MODEL) --precision fp16 --output $(DEMO_OUT)/$(DEMO_MODEL)-fp16 --force
+	$(CLI) check --model $(DEMO_MODEL) --artifacts $(DEMO_OUT)/$(DEMO_MODEL)-fp32 --report $(DEMO_OUT)/check-fp32
+	$(CLI) check --model $(DEMO_MODEL) --artifacts $(DEMO_OUT)/$(DEMO_MODEL)-fp16 --report $(DEMO_OUT)/check-fp16
 	$(CLI) bench --device cpu --compare $(DEMO_MODEL) --profile ci-cpu --output $(DEMO_OUT)/bench
-	@echo "artefacts: $(DEMO_OUT)/$(DEMO_MODEL)/model.onnx, manifest.json, check/ and $(DEMO_OUT)/bench/"
+	@echo "artefacts in $(DEMO_OUT)/: $(DEMO_MODEL)-fp32/ and $(DEMO_MODEL)-fp16/ (model.onnx, manifest.json),"
+	@echo "  check-fp32/ and check-fp16/ (report.json, report.md, io.npz), bench/ (bench.json, .csv, .md)"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not zoo_large" $(PYTEST_ARGS)

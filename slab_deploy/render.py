@@ -236,7 +236,9 @@ def check_table(report: Any) -> Any:
 def bench_tables(report: Any) -> list[Any]:
     from rich.table import Table
 
-    t = Table(title=f"bench on {report.environment.get('gpu') or report.environment.get('cpu')}" + (" (untrained weights)" if report.untrained else ""))
+    kinds = set(getattr(report, "weights", {}).values())
+    tag = " (untrained weights)" if report.untrained else " (demo weights)" if kinds == {"demo"} else ""
+    t = Table(title=f"bench on {report.environment.get('gpu') or report.environment.get('cpu')}{tag}")
     for col in ("model", "variant", "backend", "prec", "batch", "thr", "median ms", "p90", "p99", "CV", "img/s", "note"):
         t.add_column(col, justify="right" if col in ("batch", "thr", "median ms", "p90", "p99", "CV", "img/s") else "left", overflow="fold")
     for r in report.results:
