@@ -215,35 +215,22 @@ def check(
     as_json: JsonOpt = False,
 ) -> None:
     """Run the parity ladder; exit 0 on pass, 3 naming the first rung that broke, 1 on bad input or a broken artefact."""
-    from slab_deploy.check import (
-        check_report_dir,
-        parse_tolerance_overrides,
-        raise_for_verdict,
-        replay_base,
-        run_check,
-        write_reports,
-    )
+    from slab_deploy.check import check_and_report, raise_for_verdict
 
-    backend_list, precisions, tolerances = _csv(backends), _csv(precision), tolerance or []
-    overrides = parse_tolerance_overrides(tolerances)
-    if report is not None:
-        check_report_dir(report)  # before any work: a bad --report must cost nothing
     with _console(stderr=True).status("checking", spinner="dots") as status:
-        rep = run_check(
-            model, checkpoint, artifacts=artifacts, backends=backend_list, precisions=precisions, inputs=inputs,
-            images=images, replay=replay, seed=seed, tolerance=overrides, ema=ema,
-            allow_unfinished_prepbn=allow_unfinished_prepbn, progress=lambda s: status.update(f"{model}: {s}"),
+        done = check_and_report(
+            model, checkpoint, report_dir=report, tolerance=tolerance or [], artifacts=artifacts,
+            backends=_csv(backends), precisions=_csv(precision), inputs=inputs, images=images, replay=replay,
+            seed=seed, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn,
+            progress=lambda s: status.update(f"{model}: {s}"),
         )
-    base = replay_base(model, checkpoint, artifacts=artifacts, backends=backend_list, precisions=precisions,
-                       tolerance=tolerances, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn)
-    paths = write_reports(rep, report, base) if report is not None else {}
     if as_json:
-        _echo_json(rep.to_dict())
+        _echo_json(done.report.to_dict())
     else:
         from slab_deploy.render import check_summary
 
-        _print(*check_summary(rep, paths))
-    raise_for_verdict(rep)
+        _print(*check_summary(done.report, done.paths))
+    raise_for_verdict(done.report)
 
 
 # ------------------------------------------------------------------------------------------------ bench

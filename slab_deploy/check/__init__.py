@@ -5,6 +5,7 @@
   inputs.py     the images every rung sees and their labels (replay, a folder, the demo set, seeded)
   ladder.py     the rungs, each run through a runtime/ runner, and `run_check`, which climbs them
   report.py     the verdict (`CheckReport`), report.json / report.md / io.npz, `raise_for_verdict`
+  run.py        `check_and_report`: run_check with its report files, what `slab-deploy check` calls
 
 Same inputs through every rung, each compared with the reference (the checkpoint model in eval
 mode, torch fp32 on the CPU):
@@ -54,6 +55,7 @@ from slab_deploy.check.options import (
     validate_options,
 )
 from slab_deploy.check.report import CheckReport, RungResult, raise_for_verdict, replay_base, write_reports
+from slab_deploy.check.run import CheckOutcome, check_and_report
 
 __all__ = [
     "MAX_INPUTS",
@@ -61,6 +63,7 @@ __all__ = [
     "MAX_REPLAY_BYTES",
     "METRICS",
     "ArtifactManifest",
+    "CheckOutcome",
     "CheckReport",
     "Graph",
     "Inputs",
@@ -68,6 +71,7 @@ __all__ = [
     "Ran",
     "RungResult",
     "batched",
+    "check_and_report",
     "check_graph",
     "check_report_dir",
     "parse_tolerance_overrides",
