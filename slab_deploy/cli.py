@@ -146,6 +146,43 @@ def fold(
     _print(*fold_summary(report, output))
 
 
+# ------------------------------------------------------------------------------------------------ recalibrate
+
+
+@app.command()
+def recalibrate(
+    model: ModelOpt,
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="Unfolded checkpoint whose BatchNorm statistics are re-estimated.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (same file format and entries as the input).")],
+    images: Annotated[Path | None, typer.Option("--images", help="Folder of images (flat, or one sub-folder per class for top-1) [default: the held-out digits, demo models only].")] = None,
+    eval_images: Annotated[Path | None, typer.Option("--eval-images", help="Labelled folder (one sub-folder per class) to measure top-1 on [default: the calibration images].")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+    limit: Annotated[int, typer.Option("--limit", help="Most images read from each folder (spread over the classes).")] = 2048,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the order the images are batched in.")] = 0,
+    img_size: Annotated[int | None, typer.Option("--img-size", metavar="PX", help="Input resolution (default: the model's); must fit the checkpoint's positional encodings.")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file (never the input).")] = False,
+    ema: Annotated[bool, typer.Option("--ema", help="Recalibrate the EMA weights (state_dict_ema) instead of the model weights.")] = False,
+    allow_unfinished_prepbn: UnfinishedOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-estimate the RepBN (BatchNorm) statistics of an unfolded SLAB checkpoint on your images, before folding."""
+    from slab_deploy.passes.recalibrate import recalibrate_checkpoint
+
+    with _console(stderr=True).status("recalibrating", spinner="dots") as status:
+        report = recalibrate_checkpoint(
+            model, checkpoint, output, images=images, eval_images=eval_images, batch_size=batch_size, limit=limit,
+            seed=seed, img_size=img_size, device=device, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn,
+            force=force, progress=lambda s: status.update(f"{model}: {s}"),
+        )
+    if as_json:
+        _echo_json(report.to_dict())
+        return
+    from slab_deploy.render import recalibrate_summary
+
+    _print(*recalibrate_summary(report))
+
+
 # ------------------------------------------------------------------------------------------------ export
 
 

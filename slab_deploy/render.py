@@ -18,6 +18,7 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from slab_deploy.models.checkpoint import CheckpointInfo
     from slab_deploy.passes.fold import FoldReport
+    from slab_deploy.passes.recalibrate import RecalibrationReport
     from slab_deploy.profiles import Profile
 
 
@@ -139,6 +140,35 @@ def _delta(v: float | None) -> str:
     if v is None:
         return "-"
     return f"{v:.1e}" if math.isfinite(v) else f"[bold red]{v} (not finite)[/bold red]"
+
+
+def recalibrate_summary(report: RecalibrationReport) -> list[Any]:
+    """What `recalibrate` did: per BatchNorm how far its statistics moved, top-1 before and after,
+    the images used and what was written."""
+    t = _table(f"re-estimated BatchNorm statistics: {report.model}", ("BatchNorm", "C", "mean moved (std)",
+               "variance moved"), right=("C", "mean moved (std)", "variance moved"), overflow="fold")
+    for n in report.norms:
+        t.add_row(n.name, str(n.channels), f"{n.mean_shift:.3g}", f"{n.var_change:.1%}")
+    b, a = report.before, report.after
+    if b is not None and a is not None:
+        where = "the calibration images" if report.eval_on_calibration_images else report.eval_source or ""
+        acc = (f"{b.top1:.2f}% ({b.correct}/{b.total}) -> {a.top1:.2f}% ({a.correct}/{a.total}); "
+               f"{report.changed_predictions} predictions changed; on {where}")
+    else:
+        acc = "no labels: not measured"
+    m, v = report.largest("mean_shift"), report.largest("var_change")
+    kv = _key_value(f"recalibrate: {report.model}", [
+        ("checkpoint", escape(f"{report.checkpoint} (sha256 {report.checkpoint_sha256[:12]})")),
+        ("recalibrated", "the EMA weights (state_dict_ema)" if report.state == "state_dict_ema" else "the model weights"),
+        ("images", escape(f"{report.images} from {report.images_source}; {report.batches} batches of <= "
+                          f"{report.batch_size} (seed {report.seed})")),
+        ("statistics", escape(f"{len(report.norms)} BatchNorms; largest moves: mean {m.mean_shift:.3g} std ({m.name}), "
+                              f"variance {v.var_change:.1%} ({v.name})")),
+        ("top-1", escape(acc)),
+        ("written", escape(f"{report.output} (sha256 {report.output_sha256[:12]})")),
+        ("time", f"{report.seconds:.1f}s"),
+    ])
+    return [t, kv, *(escape(f"note: {n}") for n in report.notes)]
 
 
 def export_summary(manifest: dict[str, Any], onnx_path: Any) -> Any:

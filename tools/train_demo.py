@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from torch import nn
 
 from slab_deploy.models import build_model, get_spec
 from slab_deploy.models.layers import LinearNorm
+from slab_deploy.passes.recalibrate import reestimate_bn_statistics
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "slab_deploy" / "data"
 MODELS = ("slab_deit_demo", "deit_demo")
@@ -127,25 +128,21 @@ def prepbn_finished(model: nn.Module) -> bool:
     return all(int(m.iter) == 0 and int(m.warm) == 0 for m in linear_norms(model))
 
 
-@torch.no_grad()
 def recalibrate_bn(model: nn.Module, images: torch.Tensor, *, epochs: int, batch: int, gen: torch.Generator) -> int:
     """The paper's final phase: weights frozen, only the BatchNorm running statistics re-estimated.
 
     As in the authors' `update_model`: the model in eval mode (so every LinearNorm uses its RepBN
-    branch alone, the branch that deployment runs) with only the BatchNorm modules in training mode.
-    Returns the number of batches seen."""
-    model.eval()
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.train()
-    steps = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=gen)
-        for i in range(0, len(order) - batch + 1, batch):
-            model(images[order[i : i + batch]])
-            steps += 1
-    model.eval()
-    return steps
+    branch alone, the branch that deployment runs) with only the BatchNorm modules in training mode,
+    their statistics continued with momentum 0.1 (`reestimate_bn_statistics(cumulative=False)`, the
+    routine `slab-deploy recalibrate` runs with a cumulative average). Returns the number of batches seen."""
+
+    def batches() -> Iterator[torch.Tensor]:
+        for _ in range(epochs):
+            order = torch.randperm(len(images), generator=gen)
+            for i in range(0, len(order) - batch + 1, batch):
+                yield images[order[i : i + batch]]
+
+    return reestimate_bn_statistics(model, batches(), cumulative=False)
 
 
 # ----------------------------------------------------------------------------------------------

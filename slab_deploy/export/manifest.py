@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from torch import nn
 
 from slab_deploy import __version__
 from slab_deploy.export.onnx_export import INPUT_NAME, OUTPUT_NAME, ExportInfo, file_opset
@@ -23,6 +22,7 @@ from slab_deploy.export.target import FAILED_ONNX_NAME, MANIFEST_NAME, ONNX_NAME
 from slab_deploy.models.checkpoint import CheckpointInfo
 from slab_deploy.models.folded import FoldReport
 from slab_deploy.models.registry import ModelSpec
+from slab_deploy.models.registry import preprocessing as preprocessing  # re-exported: the manifest's block
 from slab_deploy.utils import sha256_file
 from slab_deploy.weights.default import weights_label
 
@@ -39,23 +39,6 @@ def tool_versions() -> dict[str, str | None]:
         "onnxscript": version_of("onnxscript"),
         "onnxsim": version_of("onnxsim"),
         "onnxslim": version_of("onnxslim"),
-    }
-
-
-def preprocessing(model: nn.Module) -> dict[str, Any]:
-    from slab_deploy.models import model_spec
-
-    spec = model_spec(model)
-    size = getattr(model, "img_size", spec.input_size[1])
-    size = list(size) if isinstance(size, (tuple, list)) else [size, size]
-    return {
-        "input_size": [3, *size],
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-        "interpolation": spec.interpolation,
-        "crop_pct": spec.crop_pct,
-        "resize_shorter_to": int(round(size[0] / spec.crop_pct)),
-        "layout": "NCHW, RGB, float32 in [0,1] then (x - mean) / std",
     }
 
 

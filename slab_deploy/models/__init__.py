@@ -9,6 +9,7 @@ from slab_deploy.models.registry import (
     get_spec,
     list_models,
     model_spec,
+    preprocessing,
     register_model,
 )
 from slab_deploy.models.stats import model_stats, zoo_rows
@@ -22,6 +23,7 @@ __all__ = [
     "list_models",
     "model_spec",
     "model_stats",
+    "preprocessing",
     "register_model",
     "zoo_rows",
 ]

@@ -117,6 +117,24 @@ def model_spec(model: nn.Module) -> ModelSpec:
     return cast(ModelSpec, model.spec)
 
 
+def preprocessing(model: nn.Module) -> dict[str, Any]:
+    """How images are fed to `model` (from its spec and its input size): the `preprocessing` block of
+    an export manifest, and what `slab_deploy.datasets` reads images with. Here, beside the spec,
+    so that every stage (passes as well as export and check) can compute it."""
+    spec = model_spec(model)
+    size = getattr(model, "img_size", spec.input_size[1])
+    size = list(size) if isinstance(size, (tuple, list)) else [size, size]
+    return {
+        "input_size": [3, *size],
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "interpolation": spec.interpolation,
+        "crop_pct": spec.crop_pct,
+        "resize_shorter_to": int(round(size[0] / spec.crop_pct)),
+        "layout": "NCHW, RGB, float32 in [0,1] then (x - mean) / std",
+    }
+
+
 def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Build `name` with random initial weights (no checkpoint), in eval mode."""
     spec = get_spec(name)
