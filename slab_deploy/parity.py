@@ -46,7 +46,8 @@ class Metrics:
         return self.nonfinite == 0 and self.nonfinite_reference == 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in asdict(self).items()}
 
 
 def _first_bad(a: np.ndarray) -> list[int] | None:
@@ -92,7 +93,8 @@ def _compare(reference: np.ndarray, candidate: np.ndarray) -> Metrics:
         return Metrics(
             max_abs=inf, max_rel=inf, max_rel_elem=inf, mean_abs=inf, cosine=float("nan"), sqnr_db=-inf,
             top1=0.0, top5=0.0,
-            max_abs_reference=float(np.abs(ref[np.isfinite(ref)]).max()) if bad_ref < ref.size else float("nan"),
+            max_abs_reference=(float(np.abs(ref[np.isfinite(ref)]).max()) if bad_ref < ref.size
+                               else float("nan")),
             samples=int(ref.shape[0]), top1_flips=int(ref.shape[0]),
             nonfinite=bad_cand, nonfinite_reference=bad_ref,
             first_nonfinite=_first_bad(cand) if bad_cand else _first_bad(ref),
@@ -108,7 +110,8 @@ def _compare(reference: np.ndarray, candidate: np.ndarray) -> Metrics:
     nr, nc = np.linalg.norm(r, axis=1), np.linalg.norm(c, axis=1)
     denom = nr * nc
     # Two zero rows agree (cosine 1); a zero row against a non-zero one does not (cosine 0).
-    cos = float(np.min(np.where(denom > 0, (r * c).sum(1) / np.maximum(denom, 1e-300), np.where((nr == 0) & (nc == 0), 1.0, 0.0))))
+    cos = float(np.min(np.where(denom > 0, (r * c).sum(1) / np.maximum(denom, 1e-300),
+                                np.where((nr == 0) & (nc == 0), 1.0, 0.0))))
     agree = r.argmax(1) == c.argmax(1)
     top1 = float(agree.mean())
     margins = np.diff(np.sort(r, axis=1)[:, -2:], axis=1)[:, 0] if r.shape[1] > 1 else np.zeros(r.shape[0])
@@ -140,7 +143,8 @@ def nonfinite_message(m: Metrics) -> str:
     where = f", first at index {m.first_nonfinite}" if m.first_nonfinite is not None else ""
     if m.nonfinite:
         return f"NaN/Inf in the candidate output ({m.nonfinite} values{where}): every metric fails"
-    return f"NaN/Inf in the reference output ({m.nonfinite_reference} values{where}): nothing can be judged, every metric fails"
+    return (f"NaN/Inf in the reference output ({m.nonfinite_reference} values{where}): "
+            "nothing can be judged, every metric fails")
 
 
 @dataclass
@@ -191,6 +195,8 @@ def judge(m: Metrics, tol: Tolerance) -> Verdict:
     if tol.max_accuracy_drop is not None and m.accuracy_drop is not None:
         needed["max_accuracy_drop"] = m.accuracy_drop
         if not m.accuracy_drop <= tol.max_accuracy_drop:
-            failures.append(f"top-1 accuracy {100 * (m.accuracy or 0):.2f}% is {100 * m.accuracy_drop:.2f} points below "
-                            f"the reference's {100 * (m.reference_accuracy or 0):.2f}% (at most {100 * tol.max_accuracy_drop:g})")
+            failures.append(f"top-1 accuracy {100 * (m.accuracy or 0):.2f}% "
+                            f"is {100 * m.accuracy_drop:.2f} points below "
+                            f"the reference's {100 * (m.reference_accuracy or 0):.2f}% "
+                            f"(at most {100 * tol.max_accuracy_drop:g})")
     return Verdict(not failures, failures, needed)

@@ -59,7 +59,8 @@ def _shown(v: Any) -> str:
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # YAML `true` is a bool, and bool is an int in Python
+    # YAML `true` is a bool, and bool is an int in Python
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v: Any) -> bool:
@@ -94,7 +95,8 @@ class _Checker:
             raise self.fail(key, f"an integer >= {minimum}", v)
         return int(v)
 
-    def number(self, key: str, default: float | None, *, positive: bool = False, optional: bool = False) -> float | None:
+    def number(self, key: str, default: float | None, *, positive: bool = False,
+               optional: bool = False) -> float | None:
         v: Any = self.data.get(key, default)
         if v is None and optional:
             return None
@@ -113,12 +115,14 @@ class _Checker:
         self._unique(key, v)
         return tuple(v)
 
-    def integers(self, key: str, *, maximum: int | None = None, nullable: bool = False, scalar: bool = False) -> tuple[Any, ...]:
+    def integers(self, key: str, *, maximum: int | None = None, nullable: bool = False,
+                 scalar: bool = False) -> tuple[Any, ...]:
         v = self.data[key]
         items = v if isinstance(v, list) else [v]
         if (isinstance(v, list) and not v) or (not scalar and not isinstance(v, list)):
             raise self.fail(key, "a non-empty list of positive integers", v)
-        expected = "a positive integer" + (f" <= {maximum}" if maximum else "") + (" or null" if nullable else "")
+        expected = ("a positive integer" + (f" <= {maximum}" if maximum else "")
+                    + (" or null" if nullable else ""))
         for i, x in enumerate(items):
             if x is None and nullable:
                 continue
@@ -153,7 +157,8 @@ def validate(data: Any, source: str) -> Profile:
         backends=c.choices("backends", BACKENDS),
         precisions=c.choices("precisions", PRECISIONS),
         batches=c.integers("batches"),
-        threads=(None,) if threads is None else c.integers("threads", maximum=MAX_THREADS, nullable=True, scalar=True),
+        threads=(None,) if threads is None else c.integers("threads", maximum=MAX_THREADS, nullable=True,
+                                                           scalar=True),
         warmup=c.integer("warmup", 10, 0),
         iters=c.integer("iters", 50, 1),
         min_seconds=c.number("min_seconds", 0.0) or 0.0,
@@ -177,11 +182,13 @@ def load_profile(name_or_path: str) -> Profile:
     import yaml
 
     p = Path(name_or_path)
-    candidates = [p] if p.suffix in (".yaml", ".yml") else [d / f"{name_or_path}.yaml" for d in profile_dirs()]
+    candidates = ([p] if p.suffix in (".yaml", ".yml")
+                  else [d / f"{name_or_path}.yaml" for d in profile_dirs()])
     for c in candidates:
         if c.is_file():
             if c.stat().st_size > MAX_PROFILE_BYTES:
-                raise ConfigError(f"{c}: {c.stat().st_size} bytes is too large for a profile (at most {MAX_PROFILE_BYTES})")
+                raise ConfigError(f"{c}: {c.stat().st_size} bytes is too large for a profile "
+                                  f"(at most {MAX_PROFILE_BYTES})")
             try:
                 data = yaml.safe_load(c.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError) as exc:
@@ -192,7 +199,8 @@ def load_profile(name_or_path: str) -> Profile:
             if p.suffix not in (".yaml", ".yml") and prof.name != name_or_path:
                 raise ConfigError(f"{c}: profile name {prof.name!r} does not match its file name")
             return prof
-    raise ConfigError(f"unknown profile {name_or_path!r}; available: {', '.join(list_profiles()) or 'none'} (or pass a .yaml path)")
+    raise ConfigError(f"unknown profile {name_or_path!r}; available: {', '.join(list_profiles()) or 'none'} "
+                      "(or pass a .yaml path)")
 
 
 def list_profiles() -> list[str]:
@@ -203,7 +211,7 @@ def list_profiles() -> list[str]:
     return sorted(names)
 
 
-# ---------------------------------------------------------------------------------------------- command-line profiles
+# -------------------------------------------------------------------------------------- command-line profiles
 
 
 def default_profile(device: str, command: str = "bench") -> Profile:
@@ -226,7 +234,8 @@ def default_profile(device: str, command: str = "bench") -> Profile:
 
 
 # Fields an option may set as a comma list, and the option that spells it in messages.
-LIST_OPTIONS = {"backends": "--backends", "precisions": "--precision", "batches": "--batch", "threads": "--threads"}
+LIST_OPTIONS = {"backends": "--backends", "precisions": "--precision", "batches": "--batch",
+                "threads": "--threads"}
 _INT_LISTS = ("batches", "threads")
 
 
@@ -250,15 +259,19 @@ def resolve_profile(device: str, profile: str | None = None, overrides: Mapping[
         if v is None or v == "":  # not given (an empty option keeps the profile's value, as before)
             continue
         if k not in _FIELDS or k in ("name", "description", "device"):
-            raise ConfigError(f"{k} cannot be overridden; allowed: {', '.join(f for f in _FIELDS if f not in ('name', 'description', 'device'))}")
+            raise ConfigError(
+                f"{k} cannot be overridden; allowed: "
+                f"{', '.join(f for f in _FIELDS if f not in ('name', 'description', 'device'))}")
         if isinstance(v, str) and k in LIST_OPTIONS:
-            v = _int_list(v, LIST_OPTIONS[k]) if k in _INT_LISTS else [x.strip() for x in v.split(",") if x.strip()]
+            v = (_int_list(v, LIST_OPTIONS[k]) if k in _INT_LISTS
+                 else [x.strip() for x in v.split(",") if x.strip()])
         elif isinstance(v, int) and k in LIST_OPTIONS:
             v = [v]  # one value of a list field (a bool stays in the list, and validate refuses it)
         given[k] = list(v) if isinstance(v, (tuple, list)) else v
     if not given:
         return prof
-    merged = {k: (list(v) if isinstance(v, tuple) else v) for k, v in prof.to_dict().items() if k not in ("source", "extra")}
+    merged = {k: (list(v) if isinstance(v, tuple) else v) for k, v in prof.to_dict().items()
+              if k not in ("source", "extra")}
     merged.update(given)
     if merged.get("threads") == [None]:
         merged["threads"] = None
@@ -273,7 +286,8 @@ def _int_list(value: str, option: str) -> list[int]:
             continue
         if not (item.isascii() and item.isdigit() and len(item) <= 15) or int(item) < 1:
             shown = item if len(item) <= 20 else item[:17] + "..."
-            raise ConfigError(f"{option} takes a comma list of positive integers (e.g. 1,8,64), not {shown!r}")
+            raise ConfigError(
+                f"{option} takes a comma list of positive integers (e.g. 1,8,64), not {shown!r}")
         out.append(int(item))
     if not out:
         raise ConfigError(f"{option} takes a comma list of positive integers (e.g. 1,8,64), not {value!r}")

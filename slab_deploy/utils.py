@@ -195,7 +195,8 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
         try:
             lim, use = Path(limit).read_text().strip(), Path(usage).read_text().strip()
             if lim.isdigit() and use.isdigit() and int(lim) < 1 << 60:

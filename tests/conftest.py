@@ -31,7 +31,8 @@ def _ort_cuda_available() -> bool:
 
 def _tensorrt_available() -> bool:
     # find_spec only: importing tensorrt at collection time would initialise CUDA.
-    return any(importlib.util.find_spec(n) is not None for n in ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings"))
+    return any(importlib.util.find_spec(n) is not None
+               for n in ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings"))
 
 
 _REQUIRED_MISSING = pytest.StashKey[str]()
@@ -48,7 +49,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     require_trt = os.environ.get("SLAB_DEPLOY_REQUIRE_TENSORRT") == "1"
     checks = {
         "cuda": (_cuda_available, "no CUDA device", require_gpu),
-        "gpu_ort": (_ort_cuda_available, "onnxruntime-gpu with CUDAExecutionProvider not installed", require_gpu),
+        "gpu_ort": (_ort_cuda_available, "onnxruntime-gpu with CUDAExecutionProvider not installed",
+                    require_gpu),
         "tensorrt": (_tensorrt_available, "TensorRT not installed", require_trt),
     }
     cache: dict[str, bool] = {}

@@ -31,11 +31,13 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SWIN = dict(img_size=64, patch_size=2, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4), window_size=4)
+SWIN = dict(img_size=64, patch_size=2, embed_dim=16, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4),
+            window_size=4)
 DEIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 NUM_CLASSES = 10
 
-_STUB = '''"""Import-only stand-in for torchvision, for tests/fixtures_foreign.py only: every name exists, none runs."""
+_STUB = '''"""Import-only stand-in for torchvision, for tests/fixtures_foreign.py only: every name exists,
+none runs."""
 import importlib.abc, importlib.machinery, sys, types
 
 class _Meta(type):
@@ -83,7 +85,8 @@ def _produce(out: Path, swin_src: Path) -> None:
     g = torch.Generator().manual_seed(7)
     x_swin = torch.randn(2, 3, SWIN["img_size"], SWIN["img_size"], generator=g)
     x_deit = torch.randn(2, 3, DEIT["img_size"], DEIT["img_size"], generator=g)
-    expected: dict[str, object] = {"swin_input": x_swin, "deit_input": x_deit, "timm_version": timm.__version__}
+    expected: dict[str, object] = {"swin_input": x_swin, "deit_input": x_deit,
+                                   "timm_version": timm.__version__}
 
     for tag, name, arch, x, seed in (
         ("timm_swin", "swin_tiny_patch4_window7_224", SWIN, x_swin, 1),
@@ -99,7 +102,8 @@ def _produce(out: Path, swin_src: Path) -> None:
     assert spec is not None and spec.loader is not None
     ms = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ms)
-    model = ms.SwinTransformer(num_classes=NUM_CLASSES, drop_path_rate=0.0, **{**SWIN, "depths": list(SWIN["depths"])}).eval()
+    model = ms.SwinTransformer(num_classes=NUM_CLASSES, drop_path_rate=0.0,
+                               **{**SWIN, "depths": list(SWIN["depths"])}).eval()
     randomize_weights(model, 3, calibrate=False)
     (out / "ms_swin").mkdir(exist_ok=True)
     torch.save({"model": model.state_dict()}, out / "ms_swin" / "ckpt.pth")

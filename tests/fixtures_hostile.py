@@ -46,8 +46,10 @@ def pickle_bytes(obj: Any, protocol: int = 2) -> bytes:
     return buf.getvalue()
 
 
-def write_zip(path: Path, obj: Any, storages: dict[str, bytes], *, deflate: tuple[str, ...] = (), pkl: bytes | None = None) -> Path:
-    """A torch-zip layout (`archive/data.pkl`, `archive/data/<key>`); entries named in `deflate` compressed."""
+def write_zip(path: Path, obj: Any, storages: dict[str, bytes], *, deflate: tuple[str, ...] = (),
+              pkl: bytes | None = None) -> Path:
+    """A torch-zip layout (`archive/data.pkl`, `archive/data/<key>`); entries named in `deflate`
+    compressed."""
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", pickle_bytes(obj) if pkl is None else pkl,
                    compress_type=zipfile.ZIP_DEFLATED if "data.pkl" in deflate else zipfile.ZIP_STORED)

@@ -27,7 +27,8 @@ def full_models() -> list:  # type: ignore[type-arg]
     mark, which `make test` leaves to `make test-zoo` to keep CI short."""
     out = []
     for n in list_models():
-        large = get_spec(n).family != "deit" and n.removesuffix("_prepbn").split("_")[-1] in ("small", "medium", "base")
+        large = (get_spec(n).family != "deit"
+                 and n.removesuffix("_prepbn").split("_")[-1] in ("small", "medium", "base"))
         out.append(pytest.param(n, marks=pytest.mark.zoo_large) if large else n)
     return out
 

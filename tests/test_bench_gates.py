@@ -31,10 +31,10 @@ from slab_deploy.errors import BenchCaseError, ConfigError, RegressionError
 from slab_deploy.profiles import load_profile
 
 # torch backend only where no graph is needed (no export: fast); torchscript where one is.
-TORCH = ["bench", "--device", "cpu", "--models", "test_slab_deit", "--backends", "torch", "--iters", "3", "--warmup", "1",
-         "--min-seconds", "0"]
-BOTH = ["bench", "--device", "cpu", "--models", "test_slab_deit", "--backends", "torch,ort-cpu", "--exporter", "torchscript",
-        "--iters", "3", "--warmup", "1", "--min-seconds", "0"]
+TORCH = ["bench", "--device", "cpu", "--models", "test_slab_deit", "--backends", "torch", "--iters", "3",
+         "--warmup", "1", "--min-seconds", "0"]
+BOTH = ["bench", "--device", "cpu", "--models", "test_slab_deit", "--backends", "torch,ort-cpu",
+        "--exporter", "torchscript", "--iters", "3", "--warmup", "1", "--min-seconds", "0"]
 
 
 def _one_line_error(code: int, err: str, expected: int = 1) -> str:
@@ -121,19 +121,22 @@ def test_profile_too_large_is_refused_unparsed(tmp_path: Path) -> None:
 
 def test_profile_all_fields_typed(tmp_path: Path) -> None:
     path = tmp_path / "ok.yaml"
-    path.write_text(GOOD + "threads: 2\nwarmup: 0\niters: 5\nmin_seconds: 1\npeak_tflops: 42\nemulated: true\n"
-                    "compile_mode: reduce-overhead\nsla_policy: mixed\nexporter: torchscript\n")
+    path.write_text(GOOD + "threads: 2\nwarmup: 0\niters: 5\nmin_seconds: 1\npeak_tflops: 42\n"
+                    "emulated: true\ncompile_mode: reduce-overhead\nsla_policy: mixed\n"
+                    "exporter: torchscript\n")
     p = load_profile(str(path))
     assert p.threads == (2,) and p.warmup == 0 and p.iters == 5 and p.emulated is True
     assert p.min_seconds == 1.0 and isinstance(p.min_seconds, float) and p.peak_tflops == 42.0
     assert (p.compile_mode, p.sla_policy, p.exporter) == ("reduce-overhead", "mixed", "torchscript")
 
 
-def test_cli_profile_with_bool_batch_exits_1_writing_nothing(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_cli_profile_with_bool_batch_exits_1_writing_nothing(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch) -> None:
     prof = tmp_path / "bt.yaml"
     prof.write_text(GOOD.replace("batches: [1]", "batches: [true]"))
     out = tmp_path / "out"
-    code, _, err = run_cli(["bench", "--device", "cpu", "--models", "test_slab_deit", "--profile", str(prof), "-o", str(out)], capsys, monkeypatch)
+    code, _, err = run_cli(["bench", "--device", "cpu", "--models", "test_slab_deit", "--profile", str(prof),
+                            "-o", str(out)], capsys, monkeypatch)
     line = _one_line_error(code, err)
     assert "batches[0] must be a positive integer, not True (bool)" in line and not out.exists()
 
@@ -163,17 +166,20 @@ def test_cli_profile_with_bool_batch_exits_1_writing_nothing(tmp_path: Path, cap
         (["--exporter", "onnx"], "exporter must be one of auto"),
     ],
 )
-def test_cli_bad_options_exit_1_writing_nothing(tmp_path: Path, capsys, monkeypatch, extra: list[str], match: str) -> None:  # type: ignore[no-untyped-def]
+def test_cli_bad_options_exit_1_writing_nothing(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch, extra: list[str], match: str) -> None:
     out = tmp_path / "out"
     code, _, err = run_cli([*TORCH, "-o", str(out), *extra], capsys, monkeypatch)
     assert match in _one_line_error(code, err) and not out.exists()
 
 
-def test_huge_batch_is_refused_by_the_memory_estimate(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_huge_batch_is_refused_by_the_memory_estimate(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch) -> None:
     out = tmp_path / "out"
     code, _, err = run_cli([*TORCH, "-o", str(out), "--batch", "1,100000000"], capsys, monkeypatch)
     line = _one_line_error(code, err)
-    assert "batch 100000000 of test_slab_deit [folded] needs an estimated" in line and "TiB on the host" in line
+    assert ("batch 100000000 of test_slab_deit [folded] needs an estimated" in line
+            and "TiB on the host" in line)
     assert "activations" in line and "batch-1 forward" in line and "pass a smaller --batch" in line
     assert not out.exists()  # refused before any case ran (batch 1 was not measured first)
 
@@ -213,14 +219,16 @@ def test_check_memory_refuses_what_the_host_lacks(monkeypatch) -> None:  # type:
     assert bench.available_memory() is not None  # Linux: /proc/meminfo
     assert bench.check_memory(m, Target("test_slab_deit", "folded"), 1, "cpu", []) is not None
     monkeypatch.setattr(bench, "available_memory", lambda: 1024)
-    with pytest.raises(ConfigError, match=r"batch 1 of test_slab_deit \[folded\] needs an estimated .* but 1.0 KiB is available"):
+    with pytest.raises(ConfigError, match=r"batch 1 of test_slab_deit \[folded\] needs an estimated .* "
+                                          r"but 1.0 KiB is available"):
         bench.check_memory(m, Target("test_slab_deit", "folded"), 1, "cpu", [])
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def test_refused_checkpoints_exit_1_before_anything_runs(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_refused_checkpoints_exit_1_before_anything_runs(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch) -> None:
     from slab_deploy.weights import random_checkpoint
 
     junk = tmp_path / "junk.pth"
@@ -242,28 +250,35 @@ def _block_graph(cache: Path, model: str = "test_slab_deit", exporter: str = "to
     (cache / f"{model}-folded-fp32-{exporter}-ck{ck[:12]}").write_text("not a directory\n")
 
 
-def test_failed_case_exits_5_after_writing_complete_reports(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_failed_case_exits_5_after_writing_complete_reports(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch) -> None:
     base, bad = tmp_path / "base", tmp_path / "bad"
     code, _, err = run_cli([*TORCH, "--batch", "1,2", "-o", str(base)], capsys, monkeypatch)
     assert code == 0, err
     _block_graph(tmp_path / "blocked")
-    code, _, err = run_cli([*BOTH, "-o", str(bad), "--onnx-cache", str(tmp_path / "blocked"), "--against", str(base / "bench.json")],
+    code, _, err = run_cli([*BOTH, "-o", str(bad), "--onnx-cache", str(tmp_path / "blocked"),
+                            "--against", str(base / "bench.json")],
                            capsys, monkeypatch)
-    line = _one_line_error(code, err, expected=5)  # a failed case outranks the baseline case gone missing (4)
-    assert "1 of 2 case(s) failed: test_slab_deit[folded]/ort-cpu/fp32/b1: ArtifactError:" in line and "is a file" in line
+    # A failed case outranks the baseline case gone missing (4).
+    line = _one_line_error(code, err, expected=5)
+    assert ("1 of 2 case(s) failed: test_slab_deit[folded]/ort-cpu/fp32/b1: ArtifactError:" in line
+            and "is a file" in line)
     assert f"reports written: {bad / 'bench.json'}, bench.csv, bench.md" in line
     data = json.loads((bad / "bench.json").read_text())
     assert [r["status"] for r in data["results"]] == ["ok", "error"]
     v = data["verdict"]
     assert (v["exit_code"], v["passed"], v["errors"], v["ok"]) == (5, False, 1, 1)
-    assert v["against"]["missing"] == ["test_slab_deit[folded]/torch/fp32/b2: not in this run"] and v["against"]["compared"] == 1
+    assert (v["against"]["missing"] == ["test_slab_deit[folded]/torch/fp32/b2: not in this run"]
+            and v["against"]["compared"] == 1)
     assert len((bad / "bench.csv").read_text().splitlines()) == 3
     assert "- verdict: FAILED (exit 5)" in (bad / "bench.md").read_text()
 
 
-def test_nothing_measured_exits_5(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_nothing_measured_exits_5(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch) -> None:
     out = tmp_path / "out"
-    code, _, err = run_cli([*TORCH, "--precision", "fp16", "-o", str(out)], capsys, monkeypatch)  # torch fp16 on a CPU: skipped
+    # torch fp16 on a CPU: skipped
+    code, _, err = run_cli([*TORCH, "--precision", "fp16", "-o", str(out)], capsys, monkeypatch)
     line = _one_line_error(code, err, expected=5)
     assert "nothing was measured: all 1 case(s) were skipped" in line and "not a deployment target" in line
     assert json.loads((out / "bench.json").read_text())["verdict"]["exit_code"] == 5
@@ -289,14 +304,16 @@ def test_judge_order_and_nan_safety() -> None:
 # ---------------------------------------------------------------------------------------------- --against
 
 
-def test_against_case_missing_now_exits_4(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_against_case_missing_now_exits_4(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch) -> None:
     base = tmp_path / "base"
     code, _, err = run_cli([*TORCH, "--batch", "1,2", "-o", str(base)], capsys, monkeypatch)
     assert code == 0, err
-    code, _, err = run_cli([*TORCH, "--batch", "2", "-o", str(tmp_path / "now"), "--against", str(base / "bench.json"),
-                            "--threshold", "100"], capsys, monkeypatch)
+    code, _, err = run_cli([*TORCH, "--batch", "2", "-o", str(tmp_path / "now"),
+                            "--against", str(base / "bench.json"), "--threshold", "100"], capsys, monkeypatch)
     line = _one_line_error(code, err, expected=4)
-    assert "1 measured case(s) of the baseline not measured now: test_slab_deit[folded]/torch/fp32/b1: not in this run" in line
+    assert ("1 measured case(s) of the baseline not measured now: "
+            "test_slab_deit[folded]/torch/fp32/b1: not in this run") in line
 
 
 def _bench_json(results: list[object]) -> bytes:
@@ -320,10 +337,12 @@ OK_ROW = {"key": "k", "status": "ok", "median_ms": 1.0}
         (_bench_json([]), "no measured (status ok) case to compare against"),
         (_bench_json([1]), "results[0] must be an object, not a number"),
         (_bench_json([[OK_ROW]]), "results[0] must be an object, not a list"),
-        (_bench_json([{"status": "ok", "median_ms": 1.0}]), "results[0].key must be a non-empty string, not null"),
+        (_bench_json([{"status": "ok", "median_ms": 1.0}]),
+         "results[0].key must be a non-empty string, not null"),
         (_bench_json([OK_ROW, OK_ROW]), "case k appears twice"),
         (_bench_json([{**OK_ROW, "status": "great"}]), "status must be ok, skipped or error, not 'great'"),
-        (_bench_json([{**OK_ROW, "median_ms": "3"}]), "median_ms of ok case k must be a finite number > 0, not '3'"),
+        (_bench_json([{**OK_ROW, "median_ms": "3"}]),
+         "median_ms of ok case k must be a finite number > 0, not '3'"),
         (_bench_json([{**OK_ROW, "median_ms": True}]), "not True"),
         (_bench_json([{**OK_ROW, "median_ms": None}]), "not None"),
         (_bench_json([{**OK_ROW, "median_ms": -1.0}]), "not -1.0"),
@@ -333,7 +352,8 @@ OK_ROW = {"key": "k", "status": "ok", "median_ms": 1.0}
         (_bench_json([{"key": "k", "status": "error", "median_ms": None}]), "no measured (status ok) case"),
     ],
 )
-def test_malformed_against_exits_1_before_running(tmp_path: Path, capsys, monkeypatch, content: bytes, match: str) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_against_exits_1_before_running(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch, content: bytes, match: str) -> None:
     bad = tmp_path / "bad.json"
     bad.write_bytes(content)
     out = tmp_path / "out"
@@ -352,7 +372,8 @@ def test_against_path_errors(tmp_path: Path) -> None:
 _json = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=4)
     | st.sampled_from(["ok", "error", "skipped", "k"]),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["results", "key", "status", "median_ms", "x"]), inner, max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["results", "key", "status", "median_ms", "x"]), inner, max_size=4),
     max_leaves=20,
 )
 
@@ -371,7 +392,7 @@ def test_load_baseline_fuzz_only_config_errors(tmp_path_factory: pytest.TempPath
     assert base.medians and all(math.isfinite(v) and v > 0 for v in base.medians.values())
 
 
-# ---------------------------------------------------------------------------------------------- the ONNX cache
+# --------------------------------------------------------------------------------------------- the ONNX cache
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +404,8 @@ def cached_graph(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _want(d: Path) -> dict[str, object]:
     rec = json.loads((d / CACHE_RECORD).read_text())
-    return {k: rec[k] for k in ("model", "variant", "precision", "sla_policy", "exporter", "checkpoint_sha256")}
+    return {k: rec[k]
+            for k in ("model", "variant", "precision", "sla_policy", "exporter", "checkpoint_sha256")}
 
 
 def test_cache_record_describes_the_graph(cached_graph: Path) -> None:
@@ -393,21 +415,24 @@ def test_cache_record_describes_the_graph(cached_graph: Path) -> None:
     assert rec["onnx_sha256"] == sha256_file(cached_graph / "model.onnx") and rec["exporter"] == "torchscript"
     assert rec["checkpoint_sha256"] == checkpoint_identity(Target("test_slab_deit", "folded"))
     assert cached_graph.name.endswith(f"-ck{rec['checkpoint_sha256'][:12]}")
-    assert cache_problem(cached_graph / "model.onnx", cached_graph / CACHE_RECORD, _want(cached_graph)) is None
+    assert cache_problem(cached_graph / "model.onnx", cached_graph / CACHE_RECORD,
+                         _want(cached_graph)) is None
 
 
 @pytest.mark.parametrize(
     "tamper, problem",
     [
         (lambda d: (d / "model.onnx").write_bytes(b"junk"), "does not match the sha256 recorded"),
-        (lambda d: (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes()[:-1]), "does not match the sha256 recorded"),
+        (lambda d: (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes()[:-1]),
+         "does not match the sha256 recorded"),
         (lambda d: (d / CACHE_RECORD).unlink(), f"no {CACHE_RECORD} beside model.onnx"),
         (lambda d: (d / CACHE_RECORD).write_text("{"), "is unreadable"),
         (lambda d: (d / CACHE_RECORD).write_text("[]"), "not a record of this format"),
         (lambda d: (d / "model.onnx").unlink(), "model.onnx is missing"),
     ],
 )
-def test_cache_problems_are_named(tmp_path: Path, cached_graph: Path, tamper, problem: str) -> None:  # type: ignore[no-untyped-def]
+def test_cache_problems_are_named(  # type: ignore[no-untyped-def]
+        tmp_path: Path, cached_graph: Path, tamper, problem: str) -> None:
     d = tmp_path / cached_graph.name
     shutil.copytree(cached_graph, d)
     tamper(d)
@@ -421,7 +446,8 @@ def test_cache_record_for_another_request_is_stale(cached_graph: Path) -> None:
 
 
 @pytest.mark.slow  # two CLI runs and an export: ~10 s on the 2-core runner
-def test_corrupt_cached_graph_is_reexported_with_a_note(tmp_path: Path, cached_graph: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_corrupt_cached_graph_is_reexported_with_a_note(  # type: ignore[no-untyped-def]
+        tmp_path: Path, cached_graph: Path, capsys, monkeypatch) -> None:
     """A graph in --onnx-cache that no longer matches its record is never run: bench exports it
     again, says so in a note (console, bench.json, bench.md), and reuses the verified file next time."""
     import onnx
@@ -435,14 +461,16 @@ def test_corrupt_cached_graph_is_reexported_with_a_note(tmp_path: Path, cached_g
     assert code == 0, err
     data = json.loads((tmp_path / "a" / "bench.json").read_text())
     assert [r["status"] for r in data["results"]] == ["ok"]
-    assert len(data["notes"]) == 1 and "re-exported" in data["notes"][0] and "does not match the sha256" in data["notes"][0]
+    assert (len(data["notes"]) == 1 and "re-exported" in data["notes"][0]
+            and "does not match the sha256" in data["notes"][0])
     assert "note: re-exported" in out and "## Notes" in (tmp_path / "a" / "bench.md").read_text()
     onnx.checker.check_model(onnx.load(str(graph)))
     assert cache_problem(graph, graph.parent / CACHE_RECORD, _want(cached_graph)) is None
     mtime = graph.stat().st_mtime_ns
     code, out, err = run_cli([*args, "-o", str(tmp_path / "b")], capsys, monkeypatch)
     assert code == 0, err
-    assert json.loads((tmp_path / "b" / "bench.json").read_text())["notes"] == [] and graph.stat().st_mtime_ns == mtime
+    assert (json.loads((tmp_path / "b" / "bench.json").read_text())["notes"] == []
+            and graph.stat().st_mtime_ns == mtime)
 
 
 def test_earlier_bench_results_load_as_baselines() -> None:
@@ -464,10 +492,11 @@ def test_cache_is_keyed_by_checkpoint(tmp_path: Path, cached_graph: Path) -> Non
     shutil.copytree(cached_graph, cache / cached_graph.name)
     path = onnx_for(Target("test_slab_deit", "folded", str(ckpt)), "fp32", cache, exporter="torchscript")
     assert path.parent != cache / cached_graph.name
-    assert json.loads((path.parent / CACHE_RECORD).read_text())["checkpoint_sha256"] == checkpoint_identity(Target("test_slab_deit", "folded", str(ckpt)))
+    assert json.loads((path.parent / CACHE_RECORD).read_text())["checkpoint_sha256"] == checkpoint_identity(
+        Target("test_slab_deit", "folded", str(ckpt)))
 
 
-# ---------------------------------------------------------------------------------------------- one runner for check and bench
+# ----------------------------------------------------------------------------- one runner for check and bench
 
 
 def test_bench_times_the_runner_check_calls(cached_graph: Path) -> None:
@@ -480,7 +509,8 @@ def test_bench_times_the_runner_check_calls(cached_graph: Path) -> None:
     from slab_deploy.runtime import UnsupportedBackend, make_runner
     from slab_deploy.tolerances import tolerance_for
 
-    x = np.random.default_rng(1).standard_normal((2, *get_spec("test_slab_deit").input_size), dtype=np.float32)
+    x = np.random.default_rng(1).standard_normal((2, *get_spec("test_slab_deit").input_size),
+                                                 dtype=np.float32)
     max_rel = tolerance_for("ort_cpu", "fp32").max_rel
     assert max_rel is not None
 

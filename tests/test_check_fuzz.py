@@ -64,14 +64,16 @@ _json = st.recursive(
     max_leaves=12,
 )
 _names = st.sampled_from([
-    "model.onnx", "model.unsimplified.onnx", "../outside.onnx", "/etc/hostname", "a/../../outside.onnx", "sub/../model.onnx",
-    "", ".", "..", "link.onnx", "missing.onnx", "model.onnx\x00", "\\model.onnx", "manifest.json", "./model.onnx",
+    "model.onnx", "model.unsimplified.onnx", "../outside.onnx", "/etc/hostname", "a/../../outside.onnx",
+    "sub/../model.onnx", "", ".", "..", "link.onnx", "missing.onnx", "model.onnx\x00", "\\model.onnx",
+    "manifest.json", "./model.onnx",
 ]) | st.text(max_size=30) | _json
 _manifests = st.fixed_dictionaries({}, optional={
     "model": st.sampled_from([NAME, "test_slab_pvt", ""]) | _json,
     "onnx": _names,
     "unsimplified_onnx": _names,
-    "precision": st.fixed_dictionaries({}, optional={"mode": st.sampled_from(["fp32", "fp16", "int8"]) | _json}) | _json,
+    "precision": st.fixed_dictionaries(
+        {}, optional={"mode": st.sampled_from(["fp32", "fp16", "int8"]) | _json}) | _json,
     "status": _json,
 })
 
@@ -125,7 +127,8 @@ def test_fuzz_manifest_structure(export_dir: Path, data: st.DataObject) -> None:
 @FUZZ
 @given(edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=6),
        cut=st.none() | st.integers(0, 4000), raw=st.none() | st.binary(max_size=2000))
-def test_fuzz_manifest_bytes(export_dir: Path, edits: list[tuple[int, int]], cut: int | None, raw: bytes | None) -> None:
+def test_fuzz_manifest_bytes(export_dir: Path, edits: list[tuple[int, int]], cut: int | None,
+                             raw: bytes | None) -> None:
     real = (export_dir / "manifest.json").read_bytes()
     with _bounded_memory():
         _manifest_world(export_dir, raw if raw is not None else _mutate(real, edits, cut), check=False)
@@ -172,7 +175,8 @@ def test_fuzz_replay_bytes(edits: list[tuple[int, int]], cut: int | None, raw: b
 
 
 _dtypes = (hnp.floating_dtypes() | hnp.integer_dtypes() | hnp.complex_number_dtypes() | hnp.boolean_dtypes()
-           | hnp.unicode_string_dtypes(max_len=3) | hnp.byte_string_dtypes(max_len=3) | hnp.datetime64_dtypes())
+           | hnp.unicode_string_dtypes(max_len=3) | hnp.byte_string_dtypes(max_len=3)
+           | hnp.datetime64_dtypes())
 
 
 @FUZZ
@@ -188,15 +192,16 @@ def test_fuzz_replay_arrays(arr: np.ndarray, key: str, compressed: bool, fortran
 
 
 @FUZZ
-@given(shape=st.lists(st.integers(-2, 1 << 40), min_size=0, max_size=5), descr=st.sampled_from(["<f4", ">f8", "<f2", "|O", "<i4", "V8"]),
-       extra=st.integers(0, 256))
+@given(shape=st.lists(st.integers(-2, 1 << 40), min_size=0, max_size=5),
+       descr=st.sampled_from(["<f4", ">f8", "<f2", "|O", "<i4", "V8"]), extra=st.integers(0, 256))
 def test_fuzz_replay_headers(shape: list[int], descr: str, extra: int) -> None:
     """.npy headers that lie about the shape: no allocation beyond the bytes that are there."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z, z.open("inputs.npy", "w") as f:
         header = io.BytesIO()
         try:
-            np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": tuple(shape)})
+            np.lib.format.write_array_header_1_0(
+                header, {"descr": descr, "fortran_order": False, "shape": tuple(shape)})
         except ValueError:
             header = io.BytesIO(b"\x93NUMPY\x01\x00\x10\x00{'descr': 1}    \n")
         f.write(header.getvalue() + b"\0" * extra)

@@ -51,7 +51,8 @@ def _check(exports: dict[str, Path], art: Path | None, *extra: str) -> list[str]
     return args + (["-a", str(art)] if art is not None else []) + list(extra)
 
 
-def _refused(args: list[str], tmp_path: Path, capsys, monkeypatch, match: str) -> str:  # type: ignore[no-untyped-def]
+def _refused(  # type: ignore[no-untyped-def]
+        args: list[str], tmp_path: Path, capsys, monkeypatch, match: str) -> str:
     """Exit 1, one line naming the problem, no traceback, no report written."""
     report = tmp_path / "report"
     code, out, err = run_cli([*args, "--report", str(report)], capsys, monkeypatch)
@@ -90,20 +91,23 @@ def _not_onnx(p: Path) -> None:
     (_not_onnx, "is not a readable ONNX model"),
 ])
 @pytest.mark.parametrize("target", ["model.onnx", "model.unsimplified.onnx"])
-def test_broken_graph_is_refused_not_passed(exports, tmp_path: Path, capsys, monkeypatch, damage, match: str, target: str) -> None:  # type: ignore[no-untyped-def]
+def test_broken_graph_is_refused_not_passed(  # type: ignore[no-untyped-def]
+        exports, tmp_path: Path, capsys, monkeypatch, damage, match: str, target: str) -> None:
     art = _copy(exports, tmp_path)
     damage(art / target)
     line = _refused(_check(exports, art), tmp_path, capsys, monkeypatch, match)
     assert target in line
 
 
-def test_missing_graph_named_by_the_manifest(exports, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_missing_graph_named_by_the_manifest(  # type: ignore[no-untyped-def]
+        exports, tmp_path: Path, capsys, monkeypatch) -> None:
     art = _copy(exports, tmp_path)
     (art / "model.unsimplified.onnx").unlink()
     _refused(_check(exports, art), tmp_path, capsys, monkeypatch, "model.unsimplified.onnx is missing")
 
 
-def test_another_models_graph_is_refused(exports, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_another_models_graph_is_refused(  # type: ignore[no-untyped-def]
+        exports, tmp_path: Path, capsys, monkeypatch) -> None:
     art = _copy(exports, tmp_path)
     shutil.copy(exports["other"] / "model.onnx", art / "model.onnx")
     _refused(_check(exports, art), tmp_path, capsys, monkeypatch, f"is the graph of '{OTHER}'")
@@ -114,25 +118,29 @@ def test_another_models_graph_is_refused(exports, tmp_path: Path, capsys, monkey
     _refused(_check(exports, art), tmp_path, capsys, monkeypatch, "takes images of shape [None, 3, 64, 64]")
 
 
-def test_graph_that_will_not_load_is_an_error_exit_1(exports, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_graph_that_will_not_load_is_an_error_exit_1(  # type: ignore[no-untyped-def]
+        exports, tmp_path: Path, capsys, monkeypatch) -> None:
     """Parses as ONNX, but no runtime can load it: the rung errors (never a skip) and check exits 1
     with the report that says so."""
     art = _copy(exports, tmp_path)
     g = onnx.load(str(art / "model.onnx"))
     g.graph.node[len(g.graph.node) // 2].op_type = "NoSuchOp"
     onnx.save(g, str(art / "model.onnx"))
-    code, out, err = run_cli(_check(exports, art, "--report", str(tmp_path / "r"), "--backends", "torch,onnx,ort-cpu"), capsys, monkeypatch)
+    code, out, err = run_cli(_check(exports, art, "--report", str(tmp_path / "r"),
+                                    "--backends", "torch,onnx,ort-cpu"), capsys, monkeypatch)
     assert code == 1, out + err
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     by = {r["rung"]: r for r in rep["rungs"]}
     assert rep["outcome"] == "error" and rep["exit_code"] == 1 and not rep["passed"]
     assert by["onnx"]["status"] == "pass"  # the unsimplified graph is intact
-    assert by["simplified"]["status"] == by["ort_cpu"]["status"] == "error" and "NoSuchOp" in by["simplified"]["reason"]
+    assert (by["simplified"]["status"] == by["ort_cpu"]["status"] == "error"
+            and "NoSuchOp" in by["simplified"]["reason"])
     assert rep["first_failure"] == "simplified" and "ERROR at rung simplified" in err
     assert "| simplified | fp32 | error: " in (tmp_path / "r" / "report.md").read_text()
 
 
-def test_nan_in_the_graph_fails_parity_exit_3(exports, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_nan_in_the_graph_fails_parity_exit_3(  # type: ignore[no-untyped-def]
+        exports, tmp_path: Path, capsys, monkeypatch) -> None:
     art = _copy(exports, tmp_path)
     g = onnx.load(str(art / "model.onnx"))
     init = max(g.graph.initializer, key=lambda t: int(np.prod(t.dims)) if t.dims else 0)
@@ -167,13 +175,15 @@ def test_static_batch_graph_runs_in_batches(exports, tmp_path: Path) -> None:
     (b"\xff\xfe{}", "is not valid JSON"),
     ("[" * 100000 + "]" * 100000, "is not valid JSON"),
 ])
-def test_manifest_that_is_not_an_object(exports, tmp_path: Path, capsys, monkeypatch, manifest, match: str) -> None:  # type: ignore[no-untyped-def]
+def test_manifest_that_is_not_an_object(  # type: ignore[no-untyped-def]
+        exports, tmp_path: Path, capsys, monkeypatch, manifest, match: str) -> None:
     art = _copy(exports, tmp_path)
     (art / "manifest.json").write_bytes(manifest if isinstance(manifest, bytes) else manifest.encode())
     _refused(_check(exports, art), tmp_path, capsys, monkeypatch, match)
 
 
-def test_manifest_pointing_outside_its_folder(exports, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_manifest_pointing_outside_its_folder(  # type: ignore[no-untyped-def]
+        exports, tmp_path: Path, capsys, monkeypatch) -> None:
     art = _copy(exports, tmp_path)
     good = exports["art"] / "model.onnx"
     for name in ("../elsewhere/model.onnx", str(good), "sub/../../x.onnx"):
@@ -195,13 +205,15 @@ def test_manifest_pointing_outside_its_folder(exports, tmp_path: Path, capsys, m
     ({"precision": "fp32"}, "'precision' is"),
     ({"precision": {"mode": "int4"}}, "precision mode 'int4'"),
 ])
-def test_manifest_fields(exports, tmp_path: Path, capsys, monkeypatch, changes: dict, match: str) -> None:  # type: ignore[no-untyped-def]
+def test_manifest_fields(  # type: ignore[no-untyped-def]
+        exports, tmp_path: Path, capsys, monkeypatch, changes: dict, match: str) -> None:
     art = _copy(exports, tmp_path)
     _edit_manifest(art, **changes)
     _refused(_check(exports, art), tmp_path, capsys, monkeypatch, match)
 
 
-def test_manifest_of_another_model(exports, capsys, monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_manifest_of_another_model(  # type: ignore[no-untyped-def]
+        exports, capsys, monkeypatch, tmp_path: Path) -> None:
     _refused(_check(exports, exports["other"]), tmp_path, capsys, monkeypatch, f"pass --model {OTHER}")
 
 
@@ -220,11 +232,13 @@ def test_manifest_of_another_model(exports, capsys, monkeypatch, tmp_path: Path)
     (["--precision", ","], "--precision is empty"),
     (["--precision", "int8"], "unknown precision 'int8'"),
 ])
-def test_bad_options(exports, tmp_path: Path, capsys, monkeypatch, extra: list[str], match: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_options(  # type: ignore[no-untyped-def]
+        exports, tmp_path: Path, capsys, monkeypatch, extra: list[str], match: str) -> None:
     _refused(_check(exports, exports["art"], *extra), tmp_path, capsys, monkeypatch, match)
 
 
-def test_report_naming_a_file(exports, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_report_naming_a_file(  # type: ignore[no-untyped-def]
+        exports, tmp_path: Path, capsys, monkeypatch) -> None:
     f = tmp_path / "notes.txt"
     f.write_text("the user's own notes\n")
     code, _, err = run_cli(_check(exports, exports["art"], "--report", str(f)), capsys, monkeypatch)
@@ -234,7 +248,8 @@ def test_report_naming_a_file(exports, tmp_path: Path, capsys, monkeypatch) -> N
     assert code == 1 and "is a file" in err
 
 
-def test_images_and_replay_exclude_each_other(exports, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_images_and_replay_exclude_each_other(  # type: ignore[no-untyped-def]
+        exports, tmp_path: Path, capsys, monkeypatch) -> None:
     _refused(_check(exports, exports["art"], "--images", str(tmp_path), "--replay", str(tmp_path / "io.npz")),
              tmp_path, capsys, monkeypatch, "exclude each other")
 
@@ -268,7 +283,8 @@ def _replay_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     save("strings.npz", "not floating-point images", inputs=np.array(["a", "b"]))
     save("ints.npz", "not floating-point images", inputs=np.zeros((2, 3, 32, 32), np.int64))
     save("complex.npz", "not floating-point images", inputs=good.astype(np.complex64))
-    save("pickle.npz", "object arrays are never unpickled", inputs=np.array([_Touch(d / "PWNED")], dtype=object))
+    save("pickle.npz", "object arrays are never unpickled",
+         inputs=np.array([_Touch(d / "PWNED")], dtype=object))
     save("nan.npz", "NaN/Inf", inputs=np.where(np.arange(good.size).reshape(good.shape) == 5, np.nan, good))
     save("inf64.npz", "NaN/Inf", inputs=good.astype(np.float64) * 1e300)  # finite in float64, Inf as float32
     save("flat.npz", "not (N, 3, H, W)", inputs=good.reshape(-1))
@@ -286,7 +302,8 @@ def _replay_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     cases["many.npz"] = (d / "many.npz", "300 entries")
     # a header that claims 10^12 images over a few bytes of data: must not allocate them
     with zipfile.ZipFile(d / "huge_header.npz", "w") as z, z.open("inputs.npy", "w") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 3, 32, 32)})
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 3, 32, 32)})
         f.write(b"\0" * 64)
     cases["huge_header.npz"] = (d / "huge_header.npz", "more than the file holds")
     with zipfile.ZipFile(d / "dir.npz", "w") as z:
@@ -305,7 +322,8 @@ def test_replay_reader_refuses_every_bad_file(tmp_path: Path) -> None:
         for name, (path, match) in cases.items():
             with pytest.raises(ArtifactError) as info:
                 read_replay(path)
-            assert match in str(info.value) and len(str(info.value).splitlines()) == 1, (name, str(info.value))
+            assert match in str(info.value) and len(str(info.value).splitlines()) == 1, (
+                name, str(info.value))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -314,19 +332,22 @@ def test_replay_reader_refuses_every_bad_file(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "npz").iterdir()) == before
 
 
-def test_replay_refusals_through_the_cli(exports, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_replay_refusals_through_the_cli(  # type: ignore[no-untyped-def]
+        exports, tmp_path: Path, capsys, monkeypatch) -> None:
     cases = _replay_cases(tmp_path)
     for name in ("no_inputs.npz", "garbage.npz", "pickle.npz", "nan.npz"):
         path, match = cases[name]
         _refused(_check(exports, exports["art"], "--replay", str(path)), tmp_path, capsys, monkeypatch, match)
     np.savez_compressed(tmp_path / "small.npz", inputs=np.zeros((2, 3, 7, 7), np.float32))
-    _refused(_check(exports, exports["art"], "--replay", str(tmp_path / "small.npz")), tmp_path, capsys, monkeypatch,
-             "inputs have shape (3, 7, 7)")
+    _refused(_check(exports, exports["art"], "--replay", str(tmp_path / "small.npz")), tmp_path, capsys,
+             monkeypatch, "inputs have shape (3, 7, 7)")
     assert not (tmp_path / "npz" / "PWNED").exists()
 
 
-def test_replay_of_a_real_report_round_trips(exports, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    code, _, _ = run_cli(_check(exports, exports["art"], "--report", str(tmp_path / "r")), capsys, monkeypatch)
+def test_replay_of_a_real_report_round_trips(  # type: ignore[no-untyped-def]
+        exports, tmp_path: Path, capsys, monkeypatch) -> None:
+    code, _, _ = run_cli(_check(exports, exports["art"], "--report", str(tmp_path / "r")), capsys,
+                         monkeypatch)
     assert code == 0
     x = read_replay(tmp_path / "r" / "io.npz")
     assert x.dtype == np.float32 and x.shape == (2, 3, 32, 32)
@@ -337,14 +358,16 @@ def test_replay_of_a_real_report_round_trips(exports, tmp_path: Path, capsys, mo
 
 
 def _report(*rungs: tuple[str, str], exported_here: bool = False) -> CheckReport:
-    rs = [RungResult(rung, "fp32", status, reason="why", failures=["max_rel 1e-01 > 1e-04"] if status == "fail" else [])
+    rs = [RungResult(rung, "fp32", status, reason="why",
+                     failures=["max_rel 1e-01 > 1e-04"] if status == "fail" else [])
           for rung, status in rungs]
     return CheckReport(NAME, None, None, True, {}, rs, {}, exported_here=exported_here)
 
 
 @pytest.mark.parametrize("rungs, outcome, error", [
     ([("fold", "pass"), ("simplified", "pass")], "pass", None),
-    ([("fold", "pass"), ("onnx", "pass"), ("simplified", "skipped"), ("ort_cpu", "skipped")], "unjudged", ConfigError),
+    ([("fold", "pass"), ("onnx", "pass"), ("simplified", "skipped"), ("ort_cpu", "skipped")], "unjudged",
+     ConfigError),
     ([("fold", "pass")], "unjudged", ConfigError),
     ([], "unjudged", ConfigError),
     ([("fold", "pass"), ("simplified", "fail"), ("ort_cpu", "pass")], "fail", ParityError),
@@ -372,7 +395,8 @@ def test_error_on_checks_own_export_is_called_a_bug() -> None:
     assert "earlier, FAIL at rung fold" in _report(("fold", "fail"), ("simplified", "error")).verdict()
 
 
-def test_nan_reference_is_refused(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_nan_reference_is_refused(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch) -> None:
     """A checkpoint with a NaN weight cannot give a reference: the reader names the tensor before any
     rung runs (one line, exit 1)."""
     import torch
@@ -388,13 +412,15 @@ def test_nan_reference_is_refused(tmp_path: Path, capsys, monkeypatch) -> None: 
     _refused(args, tmp_path, capsys, monkeypatch, "NaN or Inf weights in head.bias")
 
 
-def test_only_missing_backends_is_not_judged(exports, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_only_missing_backends_is_not_judged(  # type: ignore[no-untyped-def]
+        exports, tmp_path: Path, capsys, monkeypatch) -> None:
     """Every deployed rung skipped because the host lacks its runtime: NOT JUDGED, exit 1, never PASS."""
     from slab_deploy.runtime.ort import cuda_available
 
     if cuda_available():
         pytest.skip("ONNX Runtime CUDA is here, so the rung runs; test_verdict_rule covers the rule")
-    code, out, err = run_cli(_check(exports, exports["art"], "--backends", "torch,ort-cuda", "--report", str(tmp_path / "r")),
+    code, out, err = run_cli(_check(exports, exports["art"], "--backends", "torch,ort-cuda",
+                                    "--report", str(tmp_path / "r")),
                              capsys, monkeypatch)
     assert code == 1 and "NOT JUDGED" in err and "PASS" not in out
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -402,7 +428,8 @@ def test_only_missing_backends_is_not_judged(exports, tmp_path: Path, capsys, mo
     assert {r["rung"]: r["status"] for r in rep["rungs"]}["ort_cuda"] == "skipped"
 
 
-def test_ci_doc_states_the_real_exit_codes_and_options(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_ci_doc_states_the_real_exit_codes_and_options(  # type: ignore[no-untyped-def]
+        capsys, monkeypatch) -> None:
     """docs/ci.md: its job parses, branches on the codes the errors really carry, and uses only
     options the commands have."""
     import re
@@ -419,10 +446,13 @@ def test_ci_doc_states_the_real_exit_codes_and_options(capsys, monkeypatch) -> N
         assert {int(c) for c in re.findall(r"^\s*(\d)\)", run, re.M)} == codes, command
         assert "exit $code" in run
         _, help_out, _ = run_cli([command, "--help"], capsys, monkeypatch)
-        opts = set(re.findall(r"(?<=\s)(--[a-z][a-z-]*)", run.split(f"slab-deploy {command} ", 1)[1].split("code=")[0]))
+        opts = set(re.findall(r"(?<=\s)(--[a-z][a-z-]*)",
+                              run.split(f"slab-deploy {command} ", 1)[1].split("code=")[0]))
         assert len(opts) >= 3, opts
         for opt in opts:
             assert opt in help_out, f"docs/ci.md uses {command} {opt}, which the command does not have"
     rows = dict(re.findall(r"^\| (\d) \| ([^|]+) \|", text, re.M))
-    assert rows["0"].startswith("PASS") and rows["3"].startswith("parity failure") and "broken artefact" in rows["1"]
-    assert (ArtifactError.exit_code, ConfigError.exit_code, ParityError.exit_code, RegressionError.exit_code) == (1, 1, 3, 4)
+    assert (rows["0"].startswith("PASS") and rows["3"].startswith("parity failure")
+            and "broken artefact" in rows["1"])
+    assert (ArtifactError.exit_code, ConfigError.exit_code, ParityError.exit_code,
+            RegressionError.exit_code) == (1, 1, 3, 4)

@@ -38,7 +38,8 @@ def test_authors_training_file_roundtrip(tmp_path: Path, slab_model: torch.nn.Mo
     sd, info = read_checkpoint(path)
     assert info.entry == "model" and "training checkpoint" in info.format
     assert info.opaque_objects == ["yacs.config.CfgNode"]
-    assert set(info.top_level_keys) >= {"model", "optimizer", "lr_scheduler", "max_accuracy", "epoch", "config"}
+    assert set(info.top_level_keys) >= {"model", "optimizer", "lr_scheduler", "max_accuracy", "epoch",
+                                        "config"}
     assert info.layout == "prepbn" and info.prepbn and info.prepbn_finished
     m = create_model(SLAB, path)
     _same_weights(m, slab_model)
@@ -106,7 +107,8 @@ def _to_linearnorm_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         out[p + "norm2." + k[len(p) :]] = v
         c = sd[p + "bn.weight"].numel()
         out[p + "norm1.weight"], out[p + "norm1.bias"] = torch.ones(c), torch.zeros(c)
-        out[p + "warm"], out[p + "iter"], out[p + "total_step"] = torch.tensor(0), torch.tensor(0), torch.tensor(60000)
+        out[p + "warm"], out[p + "iter"], out[p + "total_step"] = (torch.tensor(0), torch.tensor(0),
+                                                                   torch.tensor(60000))
     return out
 
 

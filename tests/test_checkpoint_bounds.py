@@ -65,11 +65,13 @@ def test_zip_bomb_is_refused_before_inflating(tmp_path: Path) -> None:
 
 def test_pickle_entry_bounds(tmp_path: Path) -> None:
     # a data.pkl that declares more than any checkpoint's pickle needs
-    big = write_zip(tmp_path / "big.pth", None, {}, pkl=pickle_bytes(b"\x00" * (MAX_PICKLE_BYTES + 16)), deflate=("data.pkl",))
+    big = write_zip(tmp_path / "big.pth", None, {}, pkl=pickle_bytes(b"\x00" * (MAX_PICKLE_BYTES + 16)),
+                    deflate=("data.pkl",))
     with pytest.raises(CheckpointError, match="its pickle declares"):
         read_checkpoint(big)
     # a data.pkl that inflates more than an honest one can
-    padded = write_zip(tmp_path / "pad.pth", None, {}, pkl=pickle_bytes(b"\x00" * (8 << 20)), deflate=("data.pkl",))
+    padded = write_zip(tmp_path / "pad.pth", None, {}, pkl=pickle_bytes(b"\x00" * (8 << 20)),
+                       deflate=("data.pkl",))
     with pytest.raises(CheckpointError, match="data.pkl would inflate"):
         read_checkpoint(padded)
 
@@ -99,7 +101,7 @@ def test_pickle_opcodes_that_ask_for_memory(tmp_path: Path) -> None:
         read_checkpoint(tmp_path / "len.pth")
 
 
-# ------------------------------------------------------------------------------------------------ tensor rebuilds
+# -------------------------------------------------------------------------------------------- tensor rebuilds
 
 
 @pytest.mark.parametrize(
@@ -133,7 +135,8 @@ def test_tensor_from_something_that_is_not_a_storage(tmp_path: Path, storage: ob
 
 
 def test_a_pickle_cannot_set_a_tensors_state(tmp_path: Path) -> None:
-    """BUILD into a rebuilt tensor would call Tensor.__setstate__ -> set_(), which grows storages unchecked."""
+    """BUILD into a rebuilt tensor would call Tensor.__setstate__ -> set_(), which grows storages
+    unchecked."""
 
     class Built:
         def __reduce__(self):  # type: ignore[no-untyped-def]
@@ -167,7 +170,8 @@ def _legacy(tmp_path: Path) -> Path:
 def test_legacy_file_bounds(tmp_path: Path) -> None:
     p = _legacy(tmp_path)
     sd, info = read_checkpoint(p)
-    assert info.format == "torch-legacy" and sd["a"].tolist() == list(range(6)) and sd["b"].tolist() == [1, 1, 1]
+    assert (info.format == "torch-legacy" and sd["a"].tolist() == list(range(6))
+            and sd["b"].tolist() == [1, 1, 1])
     data = p.read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[:-5])
     with pytest.raises(CheckpointError, match="ends early"):
@@ -191,15 +195,18 @@ def weights() -> dict[str, torch.Tensor]:
     return randomize_weights(build_model(SLAB), seed=4).state_dict()
 
 
-def test_nan_and_inf_weights_are_named_and_nothing_is_written(tmp_path: Path, weights, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_nan_and_inf_weights_are_named_and_nothing_is_written(  # type: ignore[no-untyped-def]
+        tmp_path: Path, weights, capsys, monkeypatch) -> None:
     sd = {k: v.clone() for k, v in weights.items()}
     sd["layers.0.blocks.0.attn.qkv.weight"][0, 0] = float("nan")
     sd["head.weight"][1, :3] = float("inf")
     torch.save(sd, tmp_path / "nan.pth")
-    with pytest.raises(CheckpointError, match=r"NaN or Inf weights in layers\.0\.blocks\.0\.attn\.qkv\.weight \(1 of"):
+    with pytest.raises(CheckpointError,
+                       match=r"NaN or Inf weights in layers\.0\.blocks\.0\.attn\.qkv\.weight \(1 of"):
         create_model(SLAB, tmp_path / "nan.pth")
     out = tmp_path / "folded.pt"
-    code, _, err = run_cli(["fold", "-m", SLAB, "-c", str(tmp_path / "nan.pth"), "-o", str(out)], capsys, monkeypatch)
+    code, _, err = run_cli(["fold", "-m", SLAB, "-c", str(tmp_path / "nan.pth"), "-o", str(out)], capsys,
+                           monkeypatch)
     line = _one_line(err)
     assert code == 1 and "head.weight (3 of" in line and not out.exists()
 
@@ -213,7 +220,8 @@ def test_nan_and_inf_weights_are_named_and_nothing_is_written(tmp_path: Path, we
         (torch.tensor([]), "has shape \\[0\\]"),
     ],
 )
-def test_broken_prepbn_counters(tmp_path: Path, weights, value: torch.Tensor, why: str, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_broken_prepbn_counters(  # type: ignore[no-untyped-def]
+        tmp_path: Path, weights, value: torch.Tensor, why: str, capsys, monkeypatch) -> None:
     sd = dict(weights)
     key = next(k for k in sd if k.endswith(".iter"))
     sd[key] = value
@@ -226,10 +234,12 @@ def test_broken_prepbn_counters(tmp_path: Path, weights, value: torch.Tensor, wh
 
 @pytest.mark.parametrize(
     "meta, why",
-    [("{not json", "is not JSON"), ("[1, 2]", "is a list, not a dict"), ('{"model": "x"}', "no integer 'format'"),
+    [("{not json", "is not JSON"), ("[1, 2]", "is a list, not a dict"),
+     ('{"model": "x"}', "no integer 'format'"),
      ('{"format": 1, "model": "m", "folded": [3]}', "non-name entry")],
 )
-def test_bad_fold_metadata_in_safetensors(tmp_path: Path, weights, meta: str, why: str, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_bad_fold_metadata_in_safetensors(  # type: ignore[no-untyped-def]
+        tmp_path: Path, weights, meta: str, why: str, capsys, monkeypatch) -> None:
     from safetensors.torch import save_file
 
     p = tmp_path / "f.safetensors"
@@ -240,7 +250,8 @@ def test_bad_fold_metadata_in_safetensors(tmp_path: Path, weights, meta: str, wh
     assert code == 1 and "fold the original checkpoint again" in _one_line(err)
 
 
-def test_fold_metadata_naming_modules_the_model_lacks(tmp_path: Path, weights) -> None:  # type: ignore[no-untyped-def]
+def test_fold_metadata_naming_modules_the_model_lacks(  # type: ignore[no-untyped-def]
+        tmp_path: Path, weights) -> None:
     meta = {"format": 1, "model": SLAB, "folded": ["no.such.module"], "biases_added": []}
     torch.save({"slab_deploy": meta, "model": dict(weights)}, tmp_path / "f.pt")
     with pytest.raises(CheckpointError):
@@ -250,7 +261,8 @@ def test_fold_metadata_naming_modules_the_model_lacks(tmp_path: Path, weights) -
 # ------------------------------------------------------------------------------------------------ cache
 
 
-def test_unwritable_cache_falls_back_then_names_the_variable(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_unwritable_cache_falls_back_then_names_the_variable(  # type: ignore[no-untyped-def]
+        tmp_path: Path, monkeypatch, capsys) -> None:
     from slab_deploy.weights import default as defaults
 
     blocker = tmp_path / "a-file"
@@ -269,7 +281,8 @@ def test_unwritable_cache_falls_back_then_names_the_variable(tmp_path: Path, mon
     assert (tmp_path / "tmp" / f"slab-deploy-{os.getuid()}" / path.name).is_file()
 
 
-def test_fold_writes_nothing_for_a_refused_file(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_fold_writes_nothing_for_a_refused_file(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch) -> None:
     good = random_checkpoint(SLAB, tmp_path / "g.pth", seed=1)
     data = bytearray(good.read_bytes())
     bad = tmp_path / "bad.pth"

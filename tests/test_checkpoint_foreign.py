@@ -32,21 +32,25 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> None:
     assert err <= tol * float(want.abs().max()), err
 
 
-@pytest.mark.parametrize("tag, model, x", [("timm_swin", "test_swin", "swin_input"), ("timm_deit", "test_deit", "deit_input")])
+@pytest.mark.parametrize("tag, model, x", [("timm_swin", "test_swin", "swin_input"),
+                                           ("timm_deit", "test_deit", "deit_input")])
 @pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])
-def test_timm_hub_files_load_and_compute_the_same(tag: str, model: str, x: str, filename: str, expected) -> None:  # type: ignore[no-untyped-def]
+def test_timm_hub_files_load_and_compute_the_same(  # type: ignore[no-untyped-def]
+        tag: str, model: str, x: str, filename: str, expected) -> None:
     path = DATA / tag / filename
     sd, info = read_checkpoint(path)
     assert detect_variants(sd, include_test=True) == [model]
     m = create_model(model, path)
     assert m.head.out_features == 10
     if tag == "timm_swin":
-        assert "timm key names" in m.checkpoint_info.remapped and "computed from the architecture" in m.checkpoint_info.remapped
+        assert ("timm key names" in m.checkpoint_info.remapped
+                and "computed from the architecture" in m.checkpoint_info.remapped)
     with torch.no_grad():
         _close(m(expected[x]), expected[f"{tag}_logits"])
 
 
-def test_microsoft_swin_release_file_with_and_without_buffers(tmp_path: Path, expected) -> None:  # type: ignore[no-untyped-def]
+def test_microsoft_swin_release_file_with_and_without_buffers(  # type: ignore[no-untyped-def]
+        tmp_path: Path, expected) -> None:
     path = DATA / "ms_swin" / "ckpt.pth"
     sd, info = read_checkpoint(path)
     assert info.entry == "model" and any(k.endswith("attn_mask") for k in sd)

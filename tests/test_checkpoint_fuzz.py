@@ -28,8 +28,9 @@ FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_
 
 # Globals a hostile pickle might name; inserted as GLOBAL opcodes at random places.
 _DANGEROUS = [b"cos\nsystem\n", b"cposix\nsystem\n", b"c__builtin__\neval\n", b"cbuiltins\nexec\n",
-              b"csubprocess\nPopen\n", b"ctorch\nload\n", b"c__builtin__\ngetattr\n", b"cbuiltins\n__import__\n",
-              b"ccopy_reg\n_reconstructor\n", b"c__builtin__\nset\n", b"ctorch._utils\n_rebuild_tensor_v2\n"]
+              b"csubprocess\nPopen\n", b"ctorch\nload\n", b"c__builtin__\ngetattr\n",
+              b"cbuiltins\n__import__\n", b"ccopy_reg\n_reconstructor\n", b"c__builtin__\nset\n",
+              b"ctorch._utils\n_rebuild_tensor_v2\n"]
 
 
 def _payload() -> dict[str, object]:
@@ -37,13 +38,15 @@ def _payload() -> dict[str, object]:
     sd = {"a.weight": torch.randn(4, 3, generator=g), "a.bias": torch.randn(4, generator=g),
           "n.iter": torch.tensor(0), "n.total_step": torch.tensor(60000), "h": torch.arange(6).view(2, 3).t()}
     return {"model": sd, "config": authors_config("test_slab_deit"), "epoch": 3, "max_accuracy": 0.5,
-            "optimizer": {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(4)}}, "param_groups": [{"params": [0]}]}}
+            "optimizer": {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(4)}},
+                          "param_groups": [{"params": [0]}]}}
 
 
 @pytest.fixture(scope="module")
 def originals() -> dict[str, bytes]:
     out = {}
-    for name, kw in {"zip": {}, "zip4": {"pickle_protocol": 4}, "legacy": {"_use_new_zipfile_serialization": False}}.items():
+    for name, kw in {"zip": {}, "zip4": {"pickle_protocol": 4},
+                     "legacy": {"_use_new_zipfile_serialization": False}}.items():
         buf = io.BytesIO()
         torch.save(_payload(), buf, **kw)  # type: ignore[arg-type]
         out[name] = buf.getvalue()
@@ -71,7 +74,8 @@ def _mutations(draw: st.DrawFn, data: bytes) -> bytes:
         elif kind == "global":
             b[pos:pos] = draw(st.sampled_from(_DANGEROUS))
         elif kind == "int":  # a large LONG/BININT where a size or offset may be
-            b[pos:pos] = draw(st.sampled_from([b"J\xff\xff\xff\x7f", b"J\xff\xff\xff\xff", b"\x8a\x08" + b"\xff" * 7 + b"\x7f"]))
+            b[pos:pos] = draw(st.sampled_from([b"J\xff\xff\xff\x7f", b"J\xff\xff\xff\xff",
+                                               b"\x8a\x08" + b"\xff" * 7 + b"\x7f"]))
     return bytes(b)
 
 
@@ -123,7 +127,8 @@ def _rss_kib() -> int:
 
 
 @pytest.mark.parametrize("which", ["zip", "zip4"])
-def test_fuzz_the_pickle_inside_a_valid_zip(originals, guarded, which: str) -> None:  # type: ignore[no-untyped-def]
+def test_fuzz_the_pickle_inside_a_valid_zip(  # type: ignore[no-untyped-def]
+        originals, guarded, which: str) -> None:
     original = originals[which]
     pkl = _main_pickle(original)
     rss = _rss_kib()
@@ -169,4 +174,5 @@ def test_the_unmutated_files_read(originals, tmp_path: Path) -> None:
     for name, data in originals.items():
         (tmp_path / name).write_bytes(data)
         sd, info = read_checkpoint(tmp_path / name)
-        assert torch.equal(sd["h"], torch.arange(6).view(2, 3).t()) and info.opaque_objects == ["yacs.config.CfgNode"]
+        assert (torch.equal(sd["h"], torch.arange(6).view(2, 3).t())
+                and info.opaque_objects == ["yacs.config.CfgNode"])

@@ -56,13 +56,16 @@ def weights() -> dict[str, torch.Tensor]:
 def test_real_cfgnode_carries_a_set() -> None:
     cfg = authors_config(SLAB)
     assert type(cfg) is CfgNode and cfg.is_frozen()
-    assert isinstance(cfg.__dict__["__deprecated_keys__"], set) and cfg.MODEL.SWIN_HR.__dict__["__new_allowed__"]
-    assert cfg.MODEL.NAME == SLAB and cfg.TRAIN.CLIP_GRAD is None and cfg.TRAIN.OPTIMIZER.BETAS == (0.9, 0.999)
+    assert (isinstance(cfg.__dict__["__deprecated_keys__"], set)
+            and cfg.MODEL.SWIN_HR.__dict__["__new_allowed__"])
+    assert (cfg.MODEL.NAME == SLAB and cfg.TRAIN.CLIP_GRAD is None
+            and cfg.TRAIN.OPTIMIZER.BETAS == (0.9, 0.999))
 
 
 @pytest.mark.parametrize("protocol", [2, 4])
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
-def test_authors_training_file_as_torch_saves_it(tmp_path: Path, weights, protocol: int, legacy: bool) -> None:  # type: ignore[no-untyped-def]
+def test_authors_training_file_as_torch_saves_it(  # type: ignore[no-untyped-def]
+        tmp_path: Path, weights, protocol: int, legacy: bool) -> None:
     path = save_authors_checkpoint(
         tmp_path / "ckpt.pth", weights, model_name=SLAB, pickle_protocol=protocol, legacy=legacy
     )
@@ -75,19 +78,22 @@ def test_authors_training_file_as_torch_saves_it(tmp_path: Path, weights, protoc
     sd, info = read_checkpoint(path)
     assert info.format == ("torch-legacy" if legacy else "torch-zip") + " (training checkpoint)"
     assert info.opaque_objects == ["yacs.config.CfgNode"] and info.epoch == 300 and info.max_accuracy == 0.0
-    assert set(info.top_level_keys) == {"model", "optimizer", "lr_scheduler", "max_accuracy", "epoch", "config"}
+    assert set(info.top_level_keys) == {"model", "optimizer", "lr_scheduler", "max_accuracy", "epoch",
+                                        "config"}
     assert sd.keys() == weights.keys() and all(torch.equal(sd[k], weights[k]) for k in sd)
     m = create_model(SLAB, path)
     assert all(torch.equal(v, weights[k]) for k, v in m.state_dict().items())
 
 
-def test_the_rest_of_the_file_is_read_as_data(tmp_path: Path, weights) -> None:  # type: ignore[no-untyped-def]
+def test_the_rest_of_the_file_is_read_as_data(  # type: ignore[no-untyped-def]
+        tmp_path: Path, weights) -> None:
     from slab_deploy.models._safe_pickle import load_zip_checkpoint
 
     path = save_authors_checkpoint(tmp_path / "ckpt.pth", weights, model_name=SLAB, scaler=True)
     obj, _ = load_zip_checkpoint(path)
     cfg = obj["config"]
-    assert isinstance(cfg, OpaqueObject) and cfg["MODEL"]["NAME"] == SLAB and cfg["TRAIN"]["OPTIMIZER"]["BETAS"] == (0.9, 0.999)
+    assert (isinstance(cfg, OpaqueObject) and cfg["MODEL"]["NAME"] == SLAB
+            and cfg["TRAIN"]["OPTIMIZER"]["BETAS"] == (0.9, 0.999))
     assert cfg.__dict__["_state"]["__deprecated_keys__"] == set()
     opt = obj["optimizer"]
     n_params = len(opt["param_groups"][0]["params"]) + len(opt["param_groups"][1]["params"])
@@ -95,7 +101,8 @@ def test_the_rest_of_the_file_is_read_as_data(tmp_path: Path, weights) -> None: 
     assert opt["param_groups"][1]["weight_decay"] == 0.0 and opt["param_groups"][0]["betas"] == (0.9, 0.999)
     first = opt["state"][0]
     assert float(first["step"]) == 1.0 and first["exp_avg"].abs().sum() > 0
-    assert obj["lr_scheduler"]["t_initial"] == 300 * 1251 and obj["lr_scheduler"]["base_values"] == [5e-4, 5e-4]
+    assert (obj["lr_scheduler"]["t_initial"] == 300 * 1251
+            and obj["lr_scheduler"]["base_values"] == [5e-4, 5e-4])
     assert obj["scaler"]["scale"] == 65536.0
 
 
@@ -109,17 +116,20 @@ def test_ema_checkpoint(tmp_path: Path, weights, legacy: bool) -> None:  # type:
     assert m.checkpoint_info.entry == "state_dict_ema"
     assert all(torch.equal(v, ema[k]) for k, v in m.state_dict().items())
     assert not torch.equal(m.head.weight, weights["head.weight"])
-    assert torch.equal(ema[next(k for k in ema if k.endswith("attn_mask"))], weights[next(k for k in ema if k.endswith("attn_mask"))])
+    assert torch.equal(ema[next(k for k in ema if k.endswith("attn_mask"))],
+                       weights[next(k for k in ema if k.endswith("attn_mask"))])
 
 
-def test_inspect_reads_a_real_yacs_file(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_inspect_reads_a_real_yacs_file(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch) -> None:
     path = random_checkpoint(SLAB, tmp_path / "ckpt.pth", seed=2)
     code, out, err = run_cli(["inspect", str(path), "--json"], capsys, monkeypatch)
     assert code == 0, err
     assert '"yacs.config.CfgNode"' in out and '"training checkpoint' not in err
 
 
-def test_default_weights_are_written_by_the_real_producers(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_default_weights_are_written_by_the_real_producers(  # type: ignore[no-untyped-def]
+        tmp_path: Path, monkeypatch) -> None:
     from slab_deploy.weights import default_checkpoint
 
     monkeypatch.setenv("SLAB_DEPLOY_CACHE", str(tmp_path / "cache"))
@@ -134,7 +144,8 @@ def test_default_weights_are_written_by_the_real_producers(tmp_path: Path, monke
 
 
 def _load(data: bytes) -> object:
-    return RestrictedUnpickler(io.BytesIO(data), source="x", protocol=pickle_protocol(data[:2]), storages=None).load()
+    return RestrictedUnpickler(io.BytesIO(data), source="x", protocol=pickle_protocol(data[:2]),
+                               storages=None).load()
 
 
 def test_every_allowed_global_resolves_under_its_python2_name() -> None:
@@ -151,7 +162,8 @@ def test_every_allowed_global_resolves_under_its_python2_name() -> None:
 
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_plain_values_and_a_cfgnode_at_every_protocol(protocol: int) -> None:
-    values = {"s": {1, 2}, "f": frozenset({3}), "o": OrderedDict(a=1), "c": 1 + 2j, "sl": slice(1, 5, 2), "b": b"\x00\xff"}
+    values = {"s": {1, 2}, "f": frozenset({3}), "o": OrderedDict(a=1), "c": 1 + 2j, "sl": slice(1, 5, 2),
+              "b": b"\x00\xff"}
     assert _load(pickle.dumps(values, protocol=protocol)) == values
     cfg = authors_config(SLAB)
     got = _load(pickle.dumps(cfg, protocol=protocol))

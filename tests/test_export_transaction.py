@@ -41,7 +41,8 @@ def _leftovers(parent: Path) -> list[str]:
     """Staging/replaced siblings and partial files anywhere below `parent`."""
     return sorted(
         str(p.relative_to(parent)) for p in parent.rglob("*")
-        if ".staging-" in p.name or ".replaced-" in p.name or p.name.endswith(".partial") or p.name.startswith(".exporter-output")
+        if ".staging-" in p.name or ".replaced-" in p.name or p.name.endswith(".partial")
+        or p.name.startswith(".exporter-output")
     )
 
 
@@ -65,7 +66,8 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return random_checkpoint(NAME, tmp_path_factory.mktemp("ckpt") / "c.pth", seed=5)
 
 
-def test_failed_force_reexport_leaves_the_good_export_untouched(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_force_reexport_leaves_the_good_export_untouched(ckpt: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
     out.mkdir()  # an empty directory is filled without --force
     res = export_model(NAME, ckpt, out, ExportOptions(**FAST))
@@ -80,10 +82,12 @@ def test_failed_force_reexport_leaves_the_good_export_untouched(ckpt: Path, tmp_
     with pytest.raises(ExportParityError) as ei:
         export_model(NAME, ckpt, out, ExportOptions(**FAST, seed=1), force=True)
     failed = tmp_path / "out.failed"
-    assert ei.value.failed_dir == failed and f"{out} is unchanged" in str(ei.value) and str(failed) in str(ei.value)
+    assert (ei.value.failed_dir == failed and f"{out} is unchanged" in str(ei.value)
+            and str(failed) in str(ei.value))
     assert _files(out) == good  # every byte of the earlier export, the manifest included
     fm = json.loads((failed / "manifest.json").read_text())
-    assert fm["status"] == "parity-failed" and fm["onnx"] == "model.parity-failed.onnx" and fm["parity"]["seed"] == 1
+    assert (fm["status"] == "parity-failed" and fm["onnx"] == "model.parity-failed.onnx"
+            and fm["parity"]["seed"] == 1)
     assert not (failed / "model.onnx").exists()
 
     # a second failure replaces the earlier failed set (ours), never the export
@@ -114,7 +118,8 @@ def test_an_earlier_export_needs_force(ckpt: Path, tmp_path: Path) -> None:
         export_model(NAME, ckpt, out, ExportOptions(**FAST))
     assert _files(out) == before
     res = export_model(NAME, ckpt, out, ExportOptions(**FAST, seed=7), force=True)
-    assert json.loads((out / "manifest.json").read_text())["parity"]["seed"] == 7 == res.manifest["parity"]["seed"]
+    assert (json.loads((out / "manifest.json").read_text())["parity"]["seed"] == 7
+            == res.manifest["parity"]["seed"])
     assert _leftovers(tmp_path) == []
 
 
@@ -122,7 +127,8 @@ def test_the_lock_refuses_a_second_writer(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with FileLock(str(tmp_path / ".out.lock")):  # held as a running export holds it
         t0 = time.perf_counter()
-        with pytest.raises(ArtifactError, match=r"out is being written by another export \(lock .*\.out\.lock\)"):
+        with pytest.raises(ArtifactError,
+                           match=r"out is being written by another export \(lock .*\.out\.lock\)"):
             export_model(NAME, ckpt, out, ExportOptions(**FAST))
         assert time.perf_counter() - t0 < 10
     assert not out.exists() and _leftovers(tmp_path) == []
@@ -156,8 +162,10 @@ def test_an_interrupted_swap_is_repaired_to_the_old_export(ckpt: Path, tmp_path:
     (17, "auto", "torchscript"),
     pytest.param(21, "auto", "dynamo", marks=pytest.mark.slow),  # the torch.export-based exporter: ~5-9 s
 ])
-def test_the_manifest_states_the_opset_the_file_holds(ckpt: Path, tmp_path: Path, opset: int, exporter: str, want_exporter: str) -> None:
-    res = export_model(NAME, ckpt, tmp_path / "out", ExportOptions(opset=opset, exporter=exporter, simplifier="none"))
+def test_the_manifest_states_the_opset_the_file_holds(ckpt: Path, tmp_path: Path, opset: int, exporter: str,
+                                                      want_exporter: str) -> None:
+    res = export_model(NAME, ckpt, tmp_path / "out",
+                       ExportOptions(opset=opset, exporter=exporter, simplifier="none"))
     g = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert file_opset(g) == opset == res.manifest["opset"] == res.manifest["export"]["opset"]
     assert res.manifest["export"]["exporter"] == want_exporter
@@ -165,7 +173,8 @@ def test_the_manifest_states_the_opset_the_file_holds(ckpt: Path, tmp_path: Path
         assert "outside the torch.export-based exporter's 18-25" in res.manifest["export"]["fallback_reason"]
 
 
-def test_an_exporter_that_writes_another_opset_is_caught(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_an_exporter_that_writes_another_opset_is_caught(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
     """Let the torch.export-based exporter be asked for opset 17 (the range check is widened): for
     an SLA model its down-conversion fails and it really writes 18, and onnx_from_torch must refuse
     the file rather than call it 17."""
@@ -178,28 +187,36 @@ def test_an_exporter_that_writes_another_opset_is_caught(monkeypatch: pytest.Mon
 @pytest.mark.parametrize(
     "opts, match",
     [
-        (dict(opset=7, exporter="dynamo"), "--exporter dynamo cannot write opset 7 .*use --exporter torchscript"),
+        (dict(opset=7, exporter="dynamo"),
+         "--exporter dynamo cannot write opset 7 .*use --exporter torchscript"),
         (dict(opset=6), "--opset 6 cannot be written: .* 18-25, .* 7-20"),
-        (dict(opset=22, exporter="torchscript"), "--exporter torchscript cannot write opset 22 .*use --exporter dynamo"),
+        (dict(opset=22, exporter="torchscript"),
+         "--exporter torchscript cannot write opset 22 .*use --exporter dynamo"),
         (dict(opset=26), "--opset 26 cannot be written"),
-        (dict(simplifier="onnxslimm"), "unsupported --simplifier 'onnxslimm'; use one of auto, onnxslim, onnxsim, none"),
+        (dict(simplifier="onnxslimm"),
+         "unsupported --simplifier 'onnxslimm'; use one of auto, onnxslim, onnxsim, none"),
         (dict(exporter="jit"), "unsupported --exporter 'jit'"),
         (dict(precision="int4"), "unsupported precision 'int4'"),
         (dict(sla_policy="fp8"), "unsupported --sla-policy 'fp8'"),
         (dict(img_size=0), "--img-size must be a whole number >= 1, not 0"),
         (dict(img_size=10**6), "--img-size must be at most"),
-        (dict(img_size=36), r"--img-size 36 does not fit test_slab_deit \(img_size \(36, 36\) must be a multiple of the patch size 8\)"),
+        (dict(img_size=36), r"--img-size 36 does not fit test_slab_deit "
+                            r"\(img_size \(36, 36\) must be a multiple of the patch size 8\)"),
         (dict(batch=0), "--batch must be a whole number >= 1, not 0"),
         (dict(batch=2.5), "--batch must be a whole number >= 1, not 2.5"),
         (dict(batch=True), "--batch must be a whole number >= 1, not True"),
-        (dict(batch=10**9), r"test_slab_deit at batch 1000000000 needs about .* of memory .* available: use a smaller --batch or --dynamic-batch"),
-        (dict(img_size=8192), r"test_slab_deit at batch 3 at 8192x8192 px needs about .*: use a smaller --img-size"),
+        (dict(batch=10**9), r"test_slab_deit at batch 1000000000 needs about .* of memory .* available: "
+                            r"use a smaller --batch or --dynamic-batch"),
+        (dict(img_size=8192),
+         r"test_slab_deit at batch 3 at 8192x8192 px needs about .*: use a smaller --img-size"),
     ],
 )
-def test_bad_options_are_refused_before_any_work(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opts: dict, match: str) -> None:
+def test_bad_options_are_refused_before_any_work(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 opts: dict, match: str) -> None:
     import slab_deploy.export.options as options
 
-    monkeypatch.setattr(options, "available_memory", lambda: 8 * 2**30)  # the host's memory, fixed: cases must not depend on the machine
+    # the host's memory, fixed: cases must not depend on the machine
+    monkeypatch.setattr(options, "available_memory", lambda: 8 * 2**30)
     t0 = time.perf_counter()
     with pytest.raises(UnsupportedInputError, match=match):
         export_model(NAME, ckpt, tmp_path / "out", ExportOptions(**opts))
@@ -211,7 +228,8 @@ def test_an_image_size_the_checkpoint_does_not_fit_blames_the_image_size(ckpt: P
     with pytest.raises(UnsupportedInputError) as ei:
         export_model(NAME, ckpt, tmp_path / "out", ExportOptions(img_size=48))
     msg = str(ei.value)
-    assert msg.startswith("--img-size 48 does not fit test_slab_deit (") and "this checkpoint fits --img-size 32" in msg
+    assert (msg.startswith("--img-size 48 does not fit test_slab_deit (")
+            and "this checkpoint fits --img-size 32" in msg)
     assert "positional_encoding" in msg and str(ckpt) not in msg
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
@@ -222,7 +240,8 @@ def test_an_image_size_the_checkpoint_does_not_fit_blames_the_image_size(ckpt: P
     (["--img-size", "2x"], "--img-size must be a whole number"),
     (["--opset", "eighteen"], "--opset must be a whole number"),
 ])
-def test_cli_bad_numbers_are_one_line_exit_1(tmp_path: Path, capsys, monkeypatch, args: list[str], match: str) -> None:  # type: ignore[no-untyped-def]
+def test_cli_bad_numbers_are_one_line_exit_1(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch, args: list[str], match: str) -> None:
     code, out, err = run_cli(["export", "-m", NAME, "-o", str(tmp_path / "out"), *args], capsys, monkeypatch)
     assert code == 1 and match in err and "Traceback" not in err
     assert len([ln for ln in err.strip().splitlines() if ln.strip()]) <= 3  # one message (rich may wrap it)
@@ -237,7 +256,8 @@ _UMASK_SCRIPT = textwrap.dedent("""
     root = Path(sys.argv[1])
     def mode(p): return oct(stat.S_IMODE(os.stat(p).st_mode))
     os.umask(0o022)
-    export_model("test_slab_deit", sys.argv[2], root / "a", ExportOptions(exporter="torchscript", simplifier="none"))
+    export_model("test_slab_deit", sys.argv[2], root / "a",
+                 ExportOptions(exporter="torchscript", simplifier="none"))
     print("a", mode(root / "a"), *sorted(mode(p) for p in (root / "a").iterdir()))
     os.umask(0o077)
     with ExportTarget(root / "b") as t:
@@ -250,7 +270,8 @@ _UMASK_SCRIPT = textwrap.dedent("""
 
 
 def test_artefacts_follow_the_umask(ckpt: Path, tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-c", _UMASK_SCRIPT, str(tmp_path), str(ckpt)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", _UMASK_SCRIPT, str(tmp_path), str(ckpt)], capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = dict(ln.split(" ", 1) for ln in r.stdout.strip().splitlines())
     assert lines["a"] == "0o755 0o644 0o644 0o644"
@@ -261,16 +282,18 @@ def test_artefacts_follow_the_umask(ckpt: Path, tmp_path: Path) -> None:
     (signal.SIGTERM, 143),
     pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),  # the same path; ~8 s each
 ])
-def test_a_signal_mid_export_cleans_up_and_keeps_the_earlier_export(ckpt: Path, tmp_path: Path, sig: int, code: int) -> None:
+def test_a_signal_mid_export_cleans_up_and_keeps_the_earlier_export(ckpt: Path, tmp_path: Path, sig: int,
+                                                                    code: int) -> None:
     """A real `slab-deploy export --force` over a good export, signalled once its staging directory
-    appears (it then loads, folds and runs the torch.export-based exporter for seconds); meanwhile a second export into the same directory is refused by
-    the lock. Afterwards: exit 128 + signal, one line, the earlier export intact, nothing left."""
+    appears (it then loads, folds and runs the torch.export-based exporter for seconds); meanwhile a
+    second export into the same directory is refused by the lock. Afterwards: exit 128 + signal, one
+    line, the earlier export intact, nothing left."""
     out = tmp_path / "out"
     export_model(NAME, ckpt, out, ExportOptions(**FAST))
     good = _files(out)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "slab_deploy.cli", "export", "-m", NAME, "-c", str(ckpt), "-o", str(out), "--force",
-         "--exporter", "dynamo", "--simplifier", "none"],
+        [sys.executable, "-m", "slab_deploy.cli", "export", "-m", NAME, "-c", str(ckpt), "-o", str(out),
+         "--force", "--exporter", "dynamo", "--simplifier", "none"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -297,7 +320,8 @@ def test_a_signal_mid_export_cleans_up_and_keeps_the_earlier_export(ckpt: Path, 
         pass
 
 
-def test_a_signal_during_the_swap_waits_for_both_renames(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_signal_during_the_swap_waits_for_both_renames(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGTERM sent between the two renames of the swap (a real signal, to this process) is held
     until the new directory is in place and the old one removed, then delivered."""
     from slab_deploy import utils
@@ -335,7 +359,8 @@ def test_a_signal_during_the_swap_waits_for_both_renames(tmp_path: Path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_a_signal_a_finaliser_swallows_still_stops_before_anything_is_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_signal_a_finaliser_swallows_still_stops_before_anything_is_renamed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Python drops an exception raised while a finaliser runs (a SIGTERM that lands in
     `ZipFile.__del__` did exactly that mid-export): the signal is kept, and the next step that
     cannot be undone (here an atomic write's rename) raises it instead of going ahead. Python's

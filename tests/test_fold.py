@@ -19,7 +19,8 @@ def _check_fold(name: str, seeds: tuple[int, ...] = (0, 1), batches: tuple[int, 
     model = randomize_weights(build_model(name), seed=11)
     folded, report = fold_model(model)
     assert norm_modules(folded) == [], f"norm modules left in folded {name}"
-    assert not any(isinstance(m, ChannelAffine) for m in folded.modules()), [n.reason for n in report.norms if n.reason]
+    assert not any(isinstance(m, ChannelAffine) for m in folded.modules()), [
+        n.reason for n in report.norms if n.reason]
     assert report.folded == len(report.norms) > 0
     with torch.no_grad():
         for seed in seeds:
@@ -71,11 +72,13 @@ def test_fold_does_not_mutate_input_and_twice_is_noop() -> None:
 # ------------------------------------------------------------------------------------------ fold math
 
 
-@pytest.mark.parametrize("layer", [nn.Linear(6, 5), nn.Linear(6, 5, bias=False), nn.Conv2d(6, 4, 2, 2), nn.Conv1d(6, 3, 1)])
+@pytest.mark.parametrize("layer", [nn.Linear(6, 5), nn.Linear(6, 5, bias=False), nn.Conv2d(6, 4, 2, 2),
+                                   nn.Conv1d(6, 3, 1)])
 def test_fold_math_input_side(layer: nn.Module) -> None:
     torch.manual_seed(0)
     a, b = torch.rand(6) + 0.5, torch.randn(6)
-    x = torch.randn(2, 6, 4, 4) if isinstance(layer, nn.Conv2d) else (torch.randn(2, 6, 5) if isinstance(layer, nn.Conv1d) else torch.randn(3, 6))
+    x = (torch.randn(2, 6, 4, 4) if isinstance(layer, nn.Conv2d)
+         else (torch.randn(2, 6, 5) if isinstance(layer, nn.Conv1d) else torch.randn(3, 6)))
     shape = [1, -1] + [1] * (x.dim() - 2)
     want = layer(x * a.view(shape) + b.view(shape))
     w, c = fold_affine.fold_input_side(layer.weight, layer.bias, a, b)
@@ -83,7 +86,8 @@ def test_fold_math_input_side(layer: nn.Module) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layer", [nn.Linear(6, 5), nn.Conv2d(3, 5, 2, 2, bias=True), nn.Conv2d(3, 5, 3, 1, padding=1)])
+@pytest.mark.parametrize("layer", [nn.Linear(6, 5), nn.Conv2d(3, 5, 2, 2, bias=True),
+                                   nn.Conv2d(3, 5, 3, 1, padding=1)])
 def test_fold_math_output_side(layer: nn.Module) -> None:
     torch.manual_seed(1)
     a, b = torch.rand(5) + 0.5, torch.randn(5)
@@ -194,7 +198,7 @@ def _padding_size(name: str) -> int | None:
     return None
 
 
-# ------------------------------------------------------------------------------------------ folded checkpoints
+# ----------------------------------------------------------------------------------------- folded checkpoints
 
 
 def test_folded_checkpoint_roundtrip(tmp_path: Path) -> None:
@@ -244,7 +248,8 @@ def test_folded_models_feed_linears_row_major(name: str) -> None:
 # ------------------------------------------------------------------------------------------ NaN safety
 
 
-def test_nan_logits_refuse_the_fold_and_the_cli_writes_nothing(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_nan_logits_refuse_the_fold_and_the_cli_writes_nothing(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch) -> None:
     """NaN compares false with every budget: a model whose logits are NaN cannot verify a fold, and
     the report must not say `max |delta| nan` as if all were well."""
     from helpers import run_cli
@@ -286,7 +291,8 @@ def test_a_fold_that_makes_nan_is_reverted(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(fold_mod, "apply_fold", nan_fold)
     folded, report = fold_model(model)
     by_name = {n.name: n for n in report.norms}
-    assert by_name[poisoned[0]].action == "kept-affine" and "moved the logits by nan" in by_name[poisoned[0]].reason
+    assert (by_name[poisoned[0]].action == "kept-affine"
+            and "moved the logits by nan" in by_name[poisoned[0]].reason)
     assert report.verified and report.max_abs_delta == report.max_abs_delta  # finite, not NaN
     x = images(model, 2, 1)
     with torch.no_grad():
@@ -317,4 +323,5 @@ def test_unverified_summary_says_so() -> None:
     with torch.no_grad():
         model.head.weight[0, 0] = float("inf")
     _, report = fold_model(model, verify=False)
-    assert not report.verified and "NOT VERIFIED" in report.summary() and report.to_dict()["verified"] is False
+    assert (not report.verified and "NOT VERIFIED" in report.summary()
+            and report.to_dict()["verified"] is False)

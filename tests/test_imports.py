@@ -25,7 +25,8 @@ def _run(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_import_is_light() -> None:
-    code = "import sys, slab_deploy; print(sorted(m for m in sys.modules if m.split('.')[0] in {!r}))".format(HEAVY + ("torch",))
+    code = "import sys, slab_deploy; print(sorted(m for m in sys.modules if m.split('.')[0] in {!r}))".format(
+        HEAVY + ("torch",))
     r = _run(code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
@@ -33,7 +34,8 @@ def test_import_is_light() -> None:
 
 def test_render_and_cli_import_light() -> None:
     """The CLI module and the render module load no torch: `--help` stays fast."""
-    code = "import sys, slab_deploy.render, slab_deploy.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in {!r}))".format(
+    code = ("import sys, slab_deploy.render, slab_deploy.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in {!r}))").format(
         tuple(h for h in HEAVY if h != "typer") + ("torch",))
     r = _run(code)
     assert r.returncode == 0, r.stderr
@@ -42,8 +44,10 @@ def test_render_and_cli_import_light() -> None:
 
 def test_library_imports_no_optional_modules() -> None:
     code = (
-        "import sys; import slab_deploy.models, slab_deploy.passes, slab_deploy.export.api, slab_deploy.parity; "
-        f"import torch; print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})); print(torch.cuda.is_initialized())"
+        "import sys; "
+        "import slab_deploy.models, slab_deploy.passes, slab_deploy.export.api, slab_deploy.parity; "
+        f"import torch; print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})); "
+        "print(torch.cuda.is_initialized())"
     )
     r = _run(code)
     assert r.returncode == 0, r.stderr
@@ -57,7 +61,8 @@ COMMANDS = ["", "models", "inspect", "fold", "export", "check", "recalibrate", "
 def test_help_works_without_extras(cmd: str) -> None:
     blocked = ("onnxruntime", "onnxsim", "onnxslim", "tensorrt", "tensorrt_rtx", "matplotlib")
     code = BLOCKER.format(blocked=blocked) + (
-        f"sys.argv = ['slab-deploy'] + {[cmd] if cmd else []!r} + ['--help']\nfrom slab_deploy.cli import main\nmain()"
+        f"sys.argv = ['slab-deploy'] + {[cmd] if cmd else []!r} + ['--help']\n"
+        "from slab_deploy.cli import main\nmain()"
     )
     r = _run(code)
     assert r.returncode == 0, r.stderr

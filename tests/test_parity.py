@@ -29,7 +29,8 @@ def test_nonfinite_fails_every_tolerance(bad: float, side: str, rung: str, prec:
     assert f"NaN/Inf in the {side} output (1 values, first at index [2, 7])" in v.failures[0]
     # the metrics say "not a number" in reports rather than a value that looks fine
     d = m.to_dict()
-    assert d["max_abs"] is None and d["cosine"] is None and d["top1"] == 0.0 and d["nonfinite" if side == "candidate" else "nonfinite_reference"] == 1
+    assert (d["max_abs"] is None and d["cosine"] is None and d["top1"] == 0.0
+            and d["nonfinite" if side == "candidate" else "nonfinite_reference"] == 1)
 
 
 def test_a_single_nan_among_good_values_is_not_averaged_away() -> None:

@@ -172,12 +172,13 @@ def test_tiny_model_runs_the_code_of_a_full_one(name: str) -> None:
     }
 
 
-# ---------------------------------------------------------------------------------- upstream layout, paper figures
+# ----------------------------------------------------------------------------- upstream layout, paper figures
 
 
 @pytest.mark.parametrize("name", FULL)
 def test_state_dict_matches_upstream_layout(name: str) -> None:
-    """Keys and shapes (buffers included, in order) equal the upstream model's, so checkpoints load strictly."""
+    """Keys and shapes (buffers included, in order) equal the upstream model's, so checkpoints load
+    strictly."""
     expected = [f"{k} {shape}" for k, shape in read_keys(name).items()]
     got = fingerprint(meta_model(name))
     missing = sorted(set(expected) - set(got))

@@ -52,7 +52,8 @@ def test_registry_lists_the_family() -> None:
 @pytest.mark.parametrize("name", sorted(DEMO_UPSTREAM))
 def test_demo_keys_follow_the_upstream_layout(name: str) -> None:
     depth = len(build_model(name).blocks)
-    upstream = [k for k in read_keys(DEMO_UPSTREAM[name]) if not k.startswith("blocks.") or int(k.split(".")[1]) < depth]
+    upstream = [k for k in read_keys(DEMO_UPSTREAM[name])
+                if not k.startswith("blocks.") or int(k.split(".")[1]) < depth]
     assert list(read_keys(name)) == upstream
     spec = get_spec(name)
     assert spec.num_classes == 10 and spec.input_size == (3, 32, 32) and not spec.test

@@ -17,13 +17,17 @@ def main(out: str, models: list[str]) -> None:
     for name in models:
         for simp in ("onnxsim", "onnxslim"):
             for exporter in ("dynamo", "torchscript"):
-                res = export_model(name, None, Path(out) / f"{name}-{simp}-{exporter}", ExportOptions(simplifier=simp, exporter=exporter), force=True)
+                res = export_model(name, None, Path(out) / f"{name}-{simp}-{exporter}",
+                                   ExportOptions(simplifier=simp, exporter=exporter), force=True)
                 s = res.manifest["simplify"]
                 rows.append(
-                    f"| {name} | {exporter} | {simp} | {s['nodes_before']} | {s['nodes_after']} | {s['seconds']:.2f} | "
-                    f"{'yes' if s['accepted'] else 'no: ' + s['note']} | {s['max_abs_delta_vs_unsimplified']:.1e} |"
+                    f"| {name} | {exporter} | {simp} | {s['nodes_before']} | {s['nodes_after']} "
+                    f"| {s['seconds']:.2f} | "
+                    f"{'yes' if s['accepted'] else 'no: ' + s['note']} "
+                    f"| {s['max_abs_delta_vs_unsimplified']:.1e} |"
                 )
-    print("| model | exporter | simplifier | nodes before | nodes after | seconds | accepted | max abs delta |")
+    print("| model | exporter | simplifier | nodes before | nodes after | seconds | accepted "
+          "| max abs delta |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

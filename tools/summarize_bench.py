@@ -1,12 +1,13 @@
 """Summarise `slab-deploy bench` and `slab-deploy check` JSON files into the Markdown tables of
 docs/benchmarks.md.
 
-Usage: python tools/summarize_bench.py docs/results/h200-2026-11-29/bench-*/bench.json
-       python tools/summarize_bench.py --merge docs/results/h200-2026-11-29-r2/*-{graph,eager,ort}/bench.json
-       python tools/summarize_bench.py --policy docs/results/h200-2026-11-29-r2/{policy-fp32,*-graph}/bench.json
-       python tools/summarize_bench.py --traces docs/results/h200-2026-11-29-r2/trace-*/trace.json
-       python tools/summarize_bench.py --checks docs/results/h200-2026-11-29/check/*/report.json
-       python tools/summarize_bench.py --cpu docs/results/cpu2-2026-11-29/bench-*/bench.json
+Usage:
+  python tools/summarize_bench.py docs/results/h200-2026-11-29/bench-*/bench.json
+  python tools/summarize_bench.py --merge docs/results/h200-2026-11-29-r2/*-{graph,eager,ort}/bench.json
+  python tools/summarize_bench.py --policy docs/results/h200-2026-11-29-r2/{policy-fp32,*-graph}/bench.json
+  python tools/summarize_bench.py --traces docs/results/h200-2026-11-29-r2/trace-*/trace.json
+  python tools/summarize_bench.py --checks docs/results/h200-2026-11-29/check/*/report.json
+  python tools/summarize_bench.py --cpu docs/results/cpu2-2026-11-29/bench-*/bench.json
 Every figure printed comes from the JSON files; nothing is typed in.
 """
 
@@ -70,16 +71,19 @@ def policy(paths: list[str]) -> None:
     print("|---|---|---|---|---|---|")
     for (m, b, bs), v in sorted(rows.items()):
         if "fp32" in v and "mixed" in v:
-            print(f"| {m} | {b} | {bs} | {v['fp32']:.2f} | {v['mixed']:.2f} | {v['fp32'] / v['mixed']:.2f}x |")
+            print(f"| {m} | {b} | {bs} | {v['fp32']:.2f} | {v['mixed']:.2f} "
+                  f"| {v['fp32'] / v['mixed']:.2f}x |")
 
 
 def traces(paths: list[str]) -> None:
     """Category and component tables of `slab-deploy trace` reports, side by side."""
     for data in load(paths):
         ok = [r for r in data["results"] if r["status"] == "ok"]
-        labels = [r["model"] + ("" if r["variant"] in ("folded", "baseline") else f" ({r['variant']})") for r in ok]
+        labels = [r["model"] + ("" if r["variant"] in ("folded", "baseline") else f" ({r['variant']})")
+                  for r in ok]
         r0 = ok[0]
-        print(f"\n`{data['command']}` ({r0['backend']}, {r0['precision']}, batch {r0['batch']}; ms per iteration)\n")
+        print(f"\n`{data['command']}` ({r0['backend']}, {r0['precision']}, batch {r0['batch']}; "
+              "ms per iteration)\n")
         print("| kernel time by category | " + " | ".join(labels) + " |")
         print("|---|" + "---|" * len(ok))
         cats = list(dict.fromkeys(c for r in ok for c in r["categories"]))
@@ -99,8 +103,9 @@ def best_speedups(res: list[dict]) -> list[dict]:
     from slab_deploy.bench import Case, Result
     from slab_deploy.bench import best_speedups as best
 
-    return best([Result(Case(r["model"], r["variant"], r["backend"], r["precision"], r["batch"], r["threads"]), r["status"],
-                        median_ms=r["median_ms"]) for r in res])
+    return best([Result(Case(r["model"], r["variant"], r["backend"], r["precision"], r["batch"],
+                             r["threads"]),
+                        r["status"], median_ms=r["median_ms"]) for r in res])
 
 
 def summarize(data: dict) -> None:
@@ -127,20 +132,28 @@ def summarize(data: dict) -> None:
             for m in models:
                 x = rows.get((b, p, m))
                 if x:
-                    print(f"| {b} | {p} | {m} | {x['speedup']:.2f}x | {x['slab_ms']:.2f} | {x['other_ms']:.2f} | {', '.join(x['backends'])} |")
-    eager = {r["batch"]: r["median_ms"] for r in res if r["model"] == slab and r["variant"] == "unfolded" and r["backend"] == "torch" and r["precision"] == "fp32"}
+                    print(f"| {b} | {p} | {m} | {x['speedup']:.2f}x | {x['slab_ms']:.2f} "
+                          f"| {x['other_ms']:.2f} | {', '.join(x['backends'])} |")
+    eager = {r["batch"]: r["median_ms"] for r in res
+             if r["model"] == slab and r["variant"] == "unfolded" and r["backend"] == "torch"
+             and r["precision"] == "fp32"}
     if eager:
         print(f"\n{slab}: best deployed path vs torch eager fp32 of the unfolded checkpoint:\n")
         print("| batch | eager fp32 unfolded ms | best folded ms (backend, precision) | speed-up |")
         print("|---|---|---|---|")
         for b, e in sorted(eager.items()):
-            best = min((r for r in res if r["variant"] == "folded" and r["batch"] == b), key=lambda r: r["median_ms"])
-            print(f"| {b} | {e:.2f} | {best['median_ms']:.2f} ({best['backend']}, {best['precision']}) | {e / best['median_ms']:.1f}x |")
-    big = [r for r in res if r["variant"] == "folded" and r["batch"] == max(x["batch"] for x in res) and r.get("mfu")]
+            best = min((r for r in res if r["variant"] == "folded" and r["batch"] == b),
+                       key=lambda r: r["median_ms"])
+            print(f"| {b} | {e:.2f} | {best['median_ms']:.2f} ({best['backend']}, {best['precision']}) "
+                  f"| {e / best['median_ms']:.1f}x |")
+    big = [r for r in res
+           if r["variant"] == "folded" and r["batch"] == max(x["batch"] for x in res) and r.get("mfu")]
     if big:
         best = max(big, key=lambda r: r["mfu"])
-        print(f"\n{slab}: model FLOP utilisation at batch {best['batch']}: {best['tflops']:.1f} TFLOP/s = {best['mfu']:.1%} of "
-              f"{data['profile'].get('peak_tflops')} TFLOP/s ({best['backend']}, {best['precision']}; {best['gmacs']:.2f} GMACs/image)")
+        print(f"\n{slab}: model FLOP utilisation at batch {best['batch']}: {best['tflops']:.1f} TFLOP/s "
+              f"= {best['mfu']:.1%} of "
+              f"{data['profile'].get('peak_tflops')} TFLOP/s ({best['backend']}, {best['precision']}; "
+              f"{best['gmacs']:.2f} GMACs/image)")
 
 
 def checks(paths: list[str], extra_policy: str | None = None) -> None:
@@ -151,14 +164,18 @@ def checks(paths: list[str], extra_policy: str | None = None) -> None:
         cfg = Path(p).parent.name.removesuffix("-check").removeprefix(r["model"] + "-")
         if "-" in cfg and not cfg.startswith("check"):  # <model>-<precision>-<policy>-check directories
             prec, policy = cfg.split("-")
-        else:  # the policy from a policy argument of the run: the report has no manifest block before 2026-11-29
+        else:
+            # the policy from a policy argument of the run: the report has no manifest block before
+            # 2026-11-29
             art = r.get("artifacts_precision") or {}
             prec, policy = art.get("mode", "?"), art.get("sla_policy", extra_policy or "?")
         for x in r["rungs"]:
-            if x["rung"] in ("ort_cpu", "ort_cuda") and x.get("metrics"):  # skipped and errored rungs have none
+            # skipped and errored rungs have no metrics
+            if x["rung"] in ("ort_cpu", "ort_cuda") and x.get("metrics"):
                 m = x["metrics"]
                 pr = prec if prec != "?" else x.get("precision", "?")
-                print(f"| {r['model']} | {pr} | {policy if pr == 'fp16' else '-'} | {x['rung']} | {x['status']} | {m['max_abs']:.2e} "
+                print(f"| {r['model']} | {pr} | {policy if pr == 'fp16' else '-'} | {x['rung']} "
+                      f"| {x['status']} | {m['max_abs']:.2e} "
                       f"| {m['max_rel']:.2e} | {m['cosine']:.7f} | {m['sqnr_db']:.1f} | {m['top1']:.2f} |")
 
 
@@ -169,7 +186,8 @@ def margins(paths: list[str]) -> None:
     for p in sorted(paths):
         r = json.loads(Path(p).read_text())
         m = next(x["metrics"] for x in r["rungs"] if x.get("metrics"))
-        print(f"| {r['model']} | {r['inputs']['count']} ({r['inputs']['source']}, seed {r['inputs']['seed']}) | "
+        print(f"| {r['model']} | {r['inputs']['count']} "
+              f"({r['inputs']['source']}, seed {r['inputs']['seed']}) | "
               f"{m['ref_margin_min']:.1e} | {m['max_abs_reference']:.2f} |")
 
 
@@ -179,7 +197,8 @@ def cpu(paths: list[str]) -> None:
     print("|---|---|---|---|---|---|")
     for data in load(paths):
         for sp in data["speedups"]:
-            print(f"| {sp['slab']} | {sp['other']} | {sp['threads']} | {sp['slab_ms']:.1f} | {sp['other_ms']:.1f} | {sp['speedup']:.2f}x |")
+            print(f"| {sp['slab']} | {sp['other']} | {sp['threads']} | {sp['slab_ms']:.1f} "
+                  f"| {sp['other_ms']:.1f} | {sp['speedup']:.2f}x |")
 
 
 if __name__ == "__main__":

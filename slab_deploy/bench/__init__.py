@@ -32,9 +32,10 @@ from slab_deploy.bench.speedups import best_speedups, speedups
 from slab_deploy.bench.timing import stats, time_cuda_events, time_host, time_prepared
 
 __all__ = [
-    "CACHE_RECORD", "Baseline", "BenchOutcome", "BenchReport", "Case", "Comparison", "MemoryEstimate", "Result", "Target",
-    "benchmark", "best_speedups", "build_targets", "cache_problem", "check_memory",
-    "check_threshold", "checkpoint_identity", "compare_against", "compare_targets", "environment", "estimate_memory",
-    "judge", "load_baseline", "load_target", "measure", "onnx_for", "preflight", "run_bench", "speedups", "stats",
-    "time_cuda_events", "time_host", "time_prepared", "to_markdown", "write_outputs",
+    "CACHE_RECORD", "Baseline", "BenchOutcome", "BenchReport", "Case", "Comparison", "MemoryEstimate",
+    "Result", "Target", "benchmark", "best_speedups", "build_targets", "cache_problem", "check_memory",
+    "check_threshold", "checkpoint_identity", "compare_against", "compare_targets", "environment",
+    "estimate_memory", "judge", "load_baseline", "load_target", "measure", "onnx_for", "preflight",
+    "run_bench", "speedups", "stats", "time_cuda_events", "time_host", "time_prepared", "to_markdown",
+    "write_outputs",
 ]

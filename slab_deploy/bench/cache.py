@@ -30,7 +30,8 @@ def checkpoint_identity(t: Target) -> str:
         if key not in _SHA_MEMO:
             _SHA_MEMO[key] = sha256_file(path)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror or exc}); check the path") from None
+        raise CheckpointError(
+            f"{path}: cannot read the checkpoint ({exc.strerror or exc}); check the path") from None
     return _SHA_MEMO[key]
 
 
@@ -48,12 +49,14 @@ def onnx_for(t: Target, precision: str, cache: Path, sla_policy: str = "fp32", e
         raise UnsupportedBackend(f"ONNX artefacts are exported in fp32 or fp16, not {precision}")
     ck = checkpoint_identity(t)
     want = {"model": t.model, "variant": t.variant, "precision": precision,
-            "sla_policy": sla_policy if precision == "fp16" else None, "exporter": exporter, "checkpoint_sha256": ck}
+            "sla_policy": sla_policy if precision == "fp16" else None, "exporter": exporter,
+            "checkpoint_sha256": ck}
     name = f"{t.model}-{t.variant}-{precision}" + (f"-sla_{sla_policy}" if precision == "fp16" else "") + (
         f"-{exporter}" if exporter != "auto" else "") + f"-ck{ck[:12]}"
     d = cache / name
     if d.exists() and not d.is_dir():
-        raise ArtifactError(f"{d} is a file where bench keeps a cached graph; remove it or pass another --onnx-cache")
+        raise ArtifactError(
+            f"{d} is a file where bench keeps a cached graph; remove it or pass another --onnx-cache")
     path, record = d / "model.onnx", d / CACHE_RECORD
     problem = cache_problem(path, record, want)
     if problem is None:
@@ -61,7 +64,10 @@ def onnx_for(t: Target, precision: str, cache: Path, sla_policy: str = "fp32", e
     if problem and notes is not None:
         notes.append(f"re-exported {d}: {problem}")
     record.unlink(missing_ok=True)  # a failed export below must not leave a record behind
-    export_model(t.model, t.checkpoint, d, ExportOptions(precision=precision, fold=t.variant != "unfolded", simplifier="auto", sla_policy=sla_policy, exporter=exporter), force=True)
+    export_model(t.model, t.checkpoint, d,
+                 ExportOptions(precision=precision, fold=t.variant != "unfolded", simplifier="auto",
+                               sla_policy=sla_policy, exporter=exporter),
+                 force=True)
     _write_cache_record(path, record, want)
     return path
 
@@ -101,8 +107,10 @@ def _write_cache_record(path: Path, record: Path, want: dict[str, Any]) -> None:
         manifest = json.loads((path.parent / "manifest.json").read_text())
     except (OSError, ValueError):
         pass
-    rec = {"format": CACHE_FORMAT, **want, "onnx_sha256": sha256_file(path), "onnx_bytes": path.stat().st_size,
-           "exporter_used": (manifest.get("export") or {}).get("exporter") if isinstance(manifest, dict) else None,
+    rec = {"format": CACHE_FORMAT, **want, "onnx_sha256": sha256_file(path),
+           "onnx_bytes": path.stat().st_size,
+           "exporter_used": ((manifest.get("export") or {}).get("exporter")
+                             if isinstance(manifest, dict) else None),
            "slab_deploy": __version__, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with atomic_write(record) as tmp:
         tmp.write_text(json.dumps(rec, indent=2) + "\n")

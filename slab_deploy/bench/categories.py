@@ -18,9 +18,11 @@ KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
     ("fused attention", r"fmha|flash|[Aa]ttention|mha_|Mha"),
     ("matmul", r"gemm|Gemm|GEMM|gemv|Gemv|nvjet|xmma|cutlass|cublas|splitK|s16816|s1688|matmul|MatMul"),
     ("reduction", r"reduce|Reduce"),
-    ("copy/cast/layout", r"[Cc]opy|memcpy|Memcpy|memset|Memset|[Tt]ranspose|permute|CatArray|[Cc]oncat|gather|Gather|\broll_|"
-                         r"constant_pad|reflection_pad|[_:]Pad|Slice|Split|Expand|Tile|index_elementwise|index_select|Cast"),
-    ("elementwise", r"elementwise|vectorized|[Bb]inary|[Uu]nary|Cast|_[Aa]dd|Add|Mul|Div|[Rr]elu|[Gg]elu|Erf|Sqrt|Pow|Where|Clip|fused|Functor"),
+    ("copy/cast/layout",
+     r"[Cc]opy|memcpy|Memcpy|memset|Memset|[Tt]ranspose|permute|CatArray|[Cc]oncat|gather|Gather|\broll_|"
+     r"constant_pad|reflection_pad|[_:]Pad|Slice|Split|Expand|Tile|index_elementwise|index_select|Cast"),
+    ("elementwise", r"elementwise|vectorized|[Bb]inary|[Uu]nary|Cast|_[Aa]dd|Add|Mul|Div|[Rr]elu|[Gg]elu|"
+                    r"Erf|Sqrt|Pow|Where|Clip|fused|Functor"),
 )
 # ATen operator names (self time, torch on the CPU).
 ATEN_CATEGORIES: tuple[tuple[str, str], ...] = (
@@ -30,21 +32,27 @@ ATEN_CATEGORIES: tuple[tuple[str, str], ...] = (
     ("fused attention", r"scaled_dot_product|flash|efficient_attention"),
     ("matmul", r"::(addmm|mm|bmm|baddbmm|matmul|linear|_addmm_activation)$"),
     ("reduction", r"::(sum|mean|norm|linalg_vector_norm|amax|max|min)$"),
-    ("copy/cast/layout", r"copy_|contiguous|clone|_to_copy|::to$|transpose|permute|reshape|view|cat|roll|pad|index|select|slice|unflatten|flatten|expand|_unsafe_view|as_strided|empty"),
-    ("elementwise", r"::(add|add_|mul|mul_|div|div_|relu|relu_|gelu|sub|rsub|reciprocal|pow|softplus|sigmoid|clamp|where)$"),
+    ("copy/cast/layout", r"copy_|contiguous|clone|_to_copy|::to$|transpose|permute|reshape|view|cat|roll|pad|"
+                         r"index|select|slice|unflatten|flatten|expand|_unsafe_view|as_strided|empty"),
+    ("elementwise", r"::(add|add_|mul|mul_|div|div_|relu|relu_|gelu|sub|rsub|reciprocal|pow|softplus|sigmoid|"
+                    r"clamp|where)$"),
 )
 # ONNX operator types (ONNX Runtime's node-level profile).
 ONNX_CATEGORIES: dict[str, str] = {
-    **dict.fromkeys(("MatMul", "Gemm", "FusedMatMul", "MatMulNBits", "QLinearMatMul", "MatMulInteger"), "matmul"),
+    **dict.fromkeys(("MatMul", "Gemm", "FusedMatMul", "MatMulNBits", "QLinearMatMul", "MatMulInteger"),
+                    "matmul"),
     **dict.fromkeys(("Conv", "FusedConv", "QLinearConv", "NhwcConv"), "conv"),
-    **dict.fromkeys(("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "BatchNormalization"), "norm"),
+    **dict.fromkeys(("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+                     "BatchNormalization"), "norm"),
     **dict.fromkeys(("Softmax",), "softmax"),
     **dict.fromkeys(("Attention", "MultiHeadAttention"), "fused attention"),
     **dict.fromkeys(("ReduceSum", "ReduceMean", "ReduceL2", "ReduceMax", "GlobalAveragePool"), "reduction"),
-    **dict.fromkeys(("Transpose", "Reshape", "Concat", "Slice", "Split", "Gather", "Pad", "Cast", "Expand", "Tile",
-                     "Squeeze", "Unsqueeze", "Flatten", "Identity", "MemcpyToHost", "MemcpyFromHost"), "copy/cast/layout"),
+    **dict.fromkeys(("Transpose", "Reshape", "Concat", "Slice", "Split", "Gather", "Pad", "Cast", "Expand",
+                     "Tile", "Squeeze", "Unsqueeze", "Flatten", "Identity", "MemcpyToHost", "MemcpyFromHost"),
+                    "copy/cast/layout"),
 }
-CATEGORY_ORDER = ("matmul", "conv", "fused attention", "softmax", "norm", "reduction", "elementwise", "copy/cast/layout", "other")
+CATEGORY_ORDER = ("matmul", "conv", "fused attention", "softmax", "norm", "reduction", "elementwise",
+                  "copy/cast/layout", "other")
 
 
 def categorize(name: str, table: Sequence[tuple[str, str]] = KERNEL_CATEGORIES) -> str:
@@ -83,7 +91,8 @@ def kernels_from_chrome_trace(path: Path, iters: int) -> list[Row]:
         data = json.load(f)
     agg: dict[str, list[float]] = {}
     for ev in data.get("traceEvents", []):
-        if ev.get("ph") != "X" or ev.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset", "Kernel", "Memcpy", "Memset"):
+        if ev.get("ph") != "X" or ev.get("cat") not in (
+                "kernel", "gpu_memcpy", "gpu_memset", "Kernel", "Memcpy", "Memset"):
             continue
         a = agg.setdefault(ev.get("name", "?"), [0.0, 0.0])
         a[0] += float(ev.get("dur", 0.0)) / 1e3

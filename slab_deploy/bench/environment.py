@@ -9,7 +9,8 @@ from typing import Any
 
 
 def environment(device: str) -> dict[str, Any]:
-    """Versions of slab-deploy, Python, torch, ONNX Runtime and TensorRT, the CPU and, on CUDA, the GPU and driver."""
+    """Versions of slab-deploy, Python, torch, ONNX Runtime and TensorRT, the CPU and, on CUDA, the GPU
+    and driver."""
     import torch
 
     from slab_deploy import __version__
@@ -23,7 +24,8 @@ def environment(device: str) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         **_ort_environment(),
-        "tensorrt": version_of("tensorrt") or version_of("tensorrt-rtx") or version_of("tensorrt-rtx-cu13-bindings") or version_of("tensorrt-rtx-cu12-bindings"),
+        "tensorrt": (version_of("tensorrt") or version_of("tensorrt-rtx")
+                     or version_of("tensorrt-rtx-cu13-bindings") or version_of("tensorrt-rtx-cu12-bindings")),
         "device": device,
     }
     if device == "cuda" and torch.cuda.is_available():
@@ -64,7 +66,8 @@ def _driver_version() -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         return None

@@ -33,7 +33,8 @@ def load_baseline(path: Path) -> Baseline:
         if not path.is_file():
             raise ConfigError(f"{where} is not a file; {hint}")
         if size > MAX_BASELINE_BYTES:
-            raise ConfigError(f"{where}: {size} bytes is too large for a bench.json (at most {MAX_BASELINE_BYTES}); {hint}")
+            raise ConfigError(f"{where}: {size} bytes is too large for a bench.json "
+                              f"(at most {MAX_BASELINE_BYTES}); {hint}")
         old = json.loads(path.read_bytes())
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read it ({exc.strerror or exc}); {hint}") from None
@@ -51,15 +52,19 @@ def load_baseline(path: Path) -> Baseline:
             raise ConfigError(f"{where}: results[{i}] must be an object, not {_json_type(r)}; {hint}")
         key, status, median = r.get("key"), r.get("status"), r.get("median_ms")
         if not isinstance(key, str) or not key:
-            raise ConfigError(f"{where}: results[{i}].key must be a non-empty string, not {_json_type(key)}; {hint}")
+            raise ConfigError(
+                f"{where}: results[{i}].key must be a non-empty string, not {_json_type(key)}; {hint}")
         if key in seen:
             raise ConfigError(f"{where}: case {key} appears twice; {hint}")
         seen.add(key)
         if status not in ("ok", "skipped", "error"):
-            raise ConfigError(f"{where}: results[{i}].status must be ok, skipped or error, not {status!r}; {hint}")
+            raise ConfigError(
+                f"{where}: results[{i}].status must be ok, skipped or error, not {status!r}; {hint}")
         if status == "ok":
-            if not (isinstance(median, (int, float)) and not isinstance(median, bool) and math.isfinite(median) and median > 0):
-                raise ConfigError(f"{where}: results[{i}].median_ms of ok case {key} must be a finite number > 0, not {median!r}; {hint}")
+            if not (isinstance(median, (int, float)) and not isinstance(median, bool)
+                    and math.isfinite(median) and median > 0):
+                raise ConfigError(f"{where}: results[{i}].median_ms of ok case {key} "
+                                  f"must be a finite number > 0, not {median!r}; {hint}")
             medians[key] = float(median)
     if not medians:
         raise ConfigError(f"{where}: no measured (status ok) case to compare against; {hint}")
@@ -67,7 +72,8 @@ def load_baseline(path: Path) -> Baseline:
 
 
 def _json_type(v: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(v), "a number")
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number")
 
 
 @dataclass
@@ -86,8 +92,10 @@ class Comparison:
 
 
 def check_threshold(threshold: float) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold < 0:
-        raise ConfigError(f"--threshold must be a finite fraction >= 0 (0.10 allows 10% slower), not {threshold!r}")
+    if (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+            or threshold < 0):
+        raise ConfigError(
+            f"--threshold must be a finite fraction >= 0 (0.10 allows 10% slower), not {threshold!r}")
     return float(threshold)
 
 
@@ -120,20 +128,25 @@ def judge(report: BenchReport, comparison: Comparison | None = None) -> SlabDepl
     n = len(report.results)
     exc: SlabDeployError | None = None
     if errors:
-        exc = BenchCaseError(f"{len(errors)} of {n} case(s) failed: " + "; ".join(f"{r.case.key}: {r.reason}" for r in errors[:3])
+        exc = BenchCaseError(f"{len(errors)} of {n} case(s) failed: "
+                             + "; ".join(f"{r.case.key}: {r.reason}" for r in errors[:3])
                              + ("; ..." if len(errors) > 3 else ""))
     elif not ok:
         skipped = report.results[0].reason if report.results else "no cases"
-        exc = BenchCaseError(f"nothing was measured: all {n} case(s) were skipped (first: {skipped}); run on a host with the backend")
+        exc = BenchCaseError(f"nothing was measured: all {n} case(s) were skipped (first: {skipped}); "
+                             "run on a host with the backend")
     elif comparison is not None and (comparison.missing or comparison.regressions):
         parts = []
         if comparison.missing:
-            parts.append(f"{len(comparison.missing)} measured case(s) of the baseline not measured now: " + "; ".join(comparison.missing[:3]))
+            parts.append(f"{len(comparison.missing)} measured case(s) of the baseline not measured now: "
+                         + "; ".join(comparison.missing[:3]))
         if comparison.regressions:
-            parts.append(f"{len(comparison.regressions)} case(s) slower than the baseline by more than {comparison.threshold:.0%}: "
+            parts.append(f"{len(comparison.regressions)} case(s) slower than the baseline by more than "
+                         f"{comparison.threshold:.0%}: "
                          + "; ".join(comparison.regressions[:5]))
         exc = RegressionError(" and ".join(parts))
-    report.verdict = {"exit_code": exc.exit_code if exc else 0, "passed": exc is None, "message": str(exc) if exc else "passed",
+    report.verdict = {"exit_code": exc.exit_code if exc else 0, "passed": exc is None,
+                      "message": str(exc) if exc else "passed",
                       "cases": n, "ok": len(ok), "errors": len(errors), "skipped": n - len(ok) - len(errors),
                       "against": comparison.to_dict() if comparison is not None else None}
     return exc

@@ -26,7 +26,8 @@ class MemoryEstimate:
     activations_per_image: int
 
     def device_bytes(self, cuda: bool) -> int:
-        return self.weights + self.batch * (self.input_per_image * (2 if cuda else 1) + self.activations_per_image)
+        return self.weights + self.batch * (
+            self.input_per_image * (2 if cuda else 1) + self.activations_per_image)
 
     def host_bytes(self, cuda: bool) -> int:
         return self.batch * self.input_per_image * 2 if cuda else self.device_bytes(False)
@@ -34,7 +35,8 @@ class MemoryEstimate:
     def describe(self, cuda: bool) -> str:
         batch_in = _size(self.batch * self.input_per_image)
         return (f"weights {_size(self.weights)} + input {'2 x ' if cuda else ''}{batch_in} + activations "
-                f"{_size(self.activations_per_image)}/image x {self.batch}, the peak of live tensors in an eager fp32 batch-1 forward")
+                f"{_size(self.activations_per_image)}/image x {self.batch}, "
+                "the peak of live tensors in an eager fp32 batch-1 forward")
 
 
 def estimate_memory(model: Any, input_size: Sequence[int], batch: int) -> MemoryEstimate:

@@ -11,9 +11,9 @@ from typing import Any
 
 from slab_deploy.bench.results import BenchReport
 
-COLUMNS = ("model", "variant", "backend", "precision", "batch", "threads", "status", "median_ms", "p90_ms", "p95_ms",
-           "p99_ms", "mean_ms", "cv", "throughput", "h2d_ms", "d2h_ms", "peak_mem_mib", "compile_s", "tflops", "mfu",
-           "samples", "unstable", "timer", "reason")
+COLUMNS = ("model", "variant", "backend", "precision", "batch", "threads", "status", "median_ms", "p90_ms",
+           "p95_ms", "p99_ms", "mean_ms", "cv", "throughput", "h2d_ms", "d2h_ms", "peak_mem_mib", "compile_s",
+           "tflops", "mfu", "samples", "unstable", "timer", "reason")
 
 
 def write_outputs(report: BenchReport, out: Path) -> dict[str, Path]:
@@ -51,18 +51,25 @@ def to_markdown(report: BenchReport) -> str:
         "",
         f"- date: {report.created}",
         f"- command: `{report.command}`",
-        f"- device: {env.get('gpu') or env.get('cpu')} ({env.get('device')}); driver {env.get('driver', '-')}, CUDA {env.get('cuda', '-')}",
-        f"- versions: torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')} ({', '.join(env.get('onnxruntime_providers') or [])}), TensorRT {env.get('tensorrt') or '-'}, slab-deploy {env.get('slab-deploy')}",
-        f"- profile: {report.profile.get('name')} (warm-up {report.profile.get('warmup')}, >= {report.profile.get('iters')} timed runs, >= {report.profile.get('min_seconds')} s)",
+        f"- device: {env.get('gpu') or env.get('cpu')} ({env.get('device')}); "
+        f"driver {env.get('driver', '-')}, CUDA {env.get('cuda', '-')}",
+        f"- versions: torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')} "
+        f"({', '.join(env.get('onnxruntime_providers') or [])}), TensorRT {env.get('tensorrt') or '-'}, "
+        f"slab-deploy {env.get('slab-deploy')}",
+        f"- profile: {report.profile.get('name')} (warm-up {report.profile.get('warmup')}, "
+        f">= {report.profile.get('iters')} timed runs, >= {report.profile.get('min_seconds')} s)",
         f"- weights: {weights_line(report.weights)} (latency does not depend on the weights' values)",
-        "- latency: compute only, inputs already on the device; host<->device copies of one batch in their own columns",
+        "- latency: compute only, inputs already on the device; "
+        "host<->device copies of one batch in their own columns",
     ]
     if report.verdict:
         v = report.verdict
-        lines.append(f"- verdict: {'passed' if v.get('passed') else 'FAILED'} (exit {v.get('exit_code')}): {v.get('message')}")
+        lines.append(f"- verdict: {'passed' if v.get('passed') else 'FAILED'} (exit {v.get('exit_code')}): "
+                     f"{v.get('message')}")
     lines += [
         "",
-        "| model | variant | backend | prec | batch | thr | median ms | p90 | p99 | CV | img/s | H2D ms | D2H ms | peak MiB | MFU | note |",
+        "| model | variant | backend | prec | batch | thr | median ms | p90 | p99 | CV | img/s "
+        "| H2D ms | D2H ms | peak MiB | MFU | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report.results:
@@ -71,20 +78,26 @@ def to_markdown(report: BenchReport) -> str:
         if r.compile_s:
             note = (note + f"; compile {r.compile_s:.0f} s").strip("; ")
         lines.append(
-            f"| {c.model} | {c.variant} | {c.backend} | {c.precision} | {c.batch} | {c.threads or '-'} | {_fmt(r.median_ms, '.3f')} "
-            f"| {_fmt(r.p90_ms, '.3f')} | {_fmt(r.p99_ms, '.3f')} | {_fmt(r.cv, '.1%')} | {_fmt(r.throughput, ',.0f')} "
-            f"| {_fmt(r.h2d_ms, '.3f')} | {_fmt(r.d2h_ms, '.3f')} | {_fmt(r.peak_mem_mib, ',.0f')} | {_fmt(r.mfu, '.1%')} | {note} |"
+            f"| {c.model} | {c.variant} | {c.backend} | {c.precision} | {c.batch} | {c.threads or '-'} "
+            f"| {_fmt(r.median_ms, '.3f')} | {_fmt(r.p90_ms, '.3f')} | {_fmt(r.p99_ms, '.3f')} "
+            f"| {_fmt(r.cv, '.1%')} | {_fmt(r.throughput, ',.0f')} "
+            f"| {_fmt(r.h2d_ms, '.3f')} | {_fmt(r.d2h_ms, '.3f')} | {_fmt(r.peak_mem_mib, ',.0f')} "
+            f"| {_fmt(r.mfu, '.1%')} | {note} |"
         )
     if report.speedups:
         lines += ["", "## Speed-up of the folded SLAB model (other median / SLAB median)", "",
-                  "| SLAB | vs | backend | prec | batch | SLAB ms | other ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
+                  "| SLAB | vs | backend | prec | batch | SLAB ms | other ms | speed-up |",
+                  "|---|---|---|---|---|---|---|---|"]
         for s in report.speedups:
-            lines.append(f"| {s['slab']} | {s['other']} | {s['backend']} | {s['precision']} | {s['batch']} | {s['slab_ms']:.3f} | {s['other_ms']:.3f} | {s['speedup']:.2f}x |")
+            lines.append(f"| {s['slab']} | {s['other']} | {s['backend']} | {s['precision']} | {s['batch']} "
+                         f"| {s['slab_ms']:.3f} | {s['other_ms']:.3f} | {s['speedup']:.2f}x |")
     if report.best_speedups:
         lines += ["", "## Speed-up, best backend each side (over the backends measured for both)", "",
-                  "| SLAB | vs | prec | batch | thr | SLAB ms (backend) | other ms (backend) | speed-up |", "|---|---|---|---|---|---|---|---|"]
+                  "| SLAB | vs | prec | batch | thr | SLAB ms (backend) | other ms (backend) | speed-up |",
+                  "|---|---|---|---|---|---|---|---|"]
         for s in report.best_speedups:
-            lines.append(f"| {s['slab']} | {s['other']} | {s['precision']} | {s['batch']} | {s['threads'] or '-'} | {s['slab_ms']:.3f} ({s['slab_backend']}) "
+            lines.append(f"| {s['slab']} | {s['other']} | {s['precision']} | {s['batch']} "
+                         f"| {s['threads'] or '-'} | {s['slab_ms']:.3f} ({s['slab_backend']}) "
                          f"| {s['other_ms']:.3f} ({s['other_backend']}) | {s['speedup']:.2f}x |")
     if report.notes:
         lines += ["", "## Notes", "", *(f"- {n}" for n in report.notes)]
@@ -104,7 +117,9 @@ def plot(report: BenchReport, out: Path) -> dict[str, Path]:
     series: dict[tuple[str, str, str, str], list[tuple[int, float]]] = {}
     for r in ok:
         c = r.case
-        series.setdefault((c.model, c.variant, c.backend, f"{c.precision}{'/t' + str(c.threads) if c.threads else ''}"), []).append((c.batch, r.median_ms or 0))
+        series.setdefault(
+            (c.model, c.variant, c.backend, f"{c.precision}{'/t' + str(c.threads) if c.threads else ''}"), []
+        ).append((c.batch, r.median_ms or 0))
     backends = sorted({k[2] for k in series})
     fig, axes = plt.subplots(1, len(backends), figsize=(5 * len(backends), 4), squeeze=False)
     for ax, b in zip(axes[0], backends, strict=True):
@@ -125,14 +140,17 @@ def plot(report: BenchReport, out: Path) -> dict[str, Path]:
     plt.close(fig)
     if report.speedups:
         # Grouped bars: one group per (backend, precision, batch, threads), one bar per baseline.
-        groups = list(dict.fromkeys((s["backend"], s["precision"], s["batch"], s["threads"]) for s in report.speedups))
+        groups = list(dict.fromkeys(
+            (s["backend"], s["precision"], s["batch"], s["threads"]) for s in report.speedups))
         others = list(dict.fromkeys(s["other"] for s in report.speedups))
         width = 0.8 / len(others)
         fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) + 2), 4.5))
         for i, other in enumerate(others):
-            ups = {(s["backend"], s["precision"], s["batch"], s["threads"]): s["speedup"] for s in report.speedups if s["other"] == other}
+            ups = {(s["backend"], s["precision"], s["batch"], s["threads"]): s["speedup"]
+                   for s in report.speedups if s["other"] == other}
             xs = [g for g in range(len(groups)) if groups[g] in ups]
-            ax.bar([x - 0.4 + width * (i + 0.5) for x in xs], [ups[groups[x]] for x in xs], width, label=f"vs {other}")
+            ax.bar([x - 0.4 + width * (i + 0.5) for x in xs], [ups[groups[x]] for x in xs], width,
+                   label=f"vs {other}")
         ax.axhline(1.0, color="k", lw=0.8)
         labels = [f"{b}\n{p} b{bs}" + (f" t{th}" if th else "") for b, p, bs, th in groups]
         ax.set_xticks(range(len(groups)), labels, rotation=45, ha="right", fontsize=7)

@@ -17,13 +17,15 @@ def speedups(results: Sequence[Result]) -> list[dict[str, Any]]:
             continue
         for o in ok:
             c, d = r.case, o.case
-            if o is r or (d.backend, d.precision, d.batch, d.threads) != (c.backend, c.precision, c.batch, c.threads):
+            if o is r or ((d.backend, d.precision, d.batch, d.threads)
+                          != (c.backend, c.precision, c.batch, c.threads)):
                 continue
             if d.variant in ("baseline", "unfolded"):
                 out.append({
                     "slab": c.model, "other": d.model if d.variant == "baseline" else f"{d.model} (unfolded)",
                     "backend": c.backend, "precision": c.precision, "batch": c.batch, "threads": c.threads,
-                    "slab_ms": r.median_ms, "other_ms": o.median_ms, "speedup": o.median_ms / r.median_ms,  # type: ignore[operator]
+                    "slab_ms": r.median_ms, "other_ms": o.median_ms,
+                    "speedup": o.median_ms / r.median_ms,  # type: ignore[operator]
                 })
     return out
 
@@ -35,13 +37,19 @@ def best_speedups(results: Sequence[Result]) -> list[dict[str, Any]]:
     ok = [r for r in results if r.status == "ok" and r.median_ms]
     out = []
     for slab in dict.fromkeys(r.case.model for r in ok if r.case.variant == "folded"):
-        others = dict.fromkeys((r.case.model, r.case.variant) for r in ok if r.case.variant in ("baseline", "unfolded"))
-        for prec, batch, threads in dict.fromkeys((r.case.precision, r.case.batch, r.case.threads) for r in ok):
-            mine = [r for r in ok if (r.case.model, r.case.variant, r.case.precision, r.case.batch, r.case.threads) == (slab, "folded", prec, batch, threads)]
+        others = dict.fromkeys(
+            (r.case.model, r.case.variant) for r in ok if r.case.variant in ("baseline", "unfolded"))
+        for prec, batch, threads in dict.fromkeys(
+                (r.case.precision, r.case.batch, r.case.threads) for r in ok):
+            mine = [r for r in ok
+                    if (r.case.model, r.case.variant, r.case.precision, r.case.batch, r.case.threads)
+                    == (slab, "folded", prec, batch, threads)]
             for model, variant in others:
                 if variant == "unfolded" and model != slab:
                     continue
-                theirs = [r for r in ok if (r.case.model, r.case.variant, r.case.precision, r.case.batch, r.case.threads) == (model, variant, prec, batch, threads)]
+                theirs = [r for r in ok
+                          if (r.case.model, r.case.variant, r.case.precision, r.case.batch, r.case.threads)
+                          == (model, variant, prec, batch, threads)]
                 common = {r.case.backend for r in mine} & {r.case.backend for r in theirs}
                 if not common:
                     continue
@@ -50,7 +58,8 @@ def best_speedups(results: Sequence[Result]) -> list[dict[str, Any]]:
                 out.append({
                     "slab": slab, "other": model if variant == "baseline" else f"{model} (unfolded)",
                     "precision": prec, "batch": batch, "threads": threads,
-                    "slab_ms": a.median_ms, "slab_backend": a.case.backend, "other_ms": b.median_ms, "other_backend": b.case.backend,
+                    "slab_ms": a.median_ms, "slab_backend": a.case.backend,
+                    "other_ms": b.median_ms, "other_backend": b.case.backend,
                     "speedup": (b.median_ms or 0.0) / (a.median_ms or 1.0), "backends": sorted(common),
                 })
     return out

@@ -29,7 +29,8 @@ def stats(samples_ms: list[float]) -> dict[str, float]:
     }
 
 
-def time_host(fn: Callable[[], Any], warmup: int, iters: int, min_seconds: float, sync: Callable[[], None] | None = None) -> list[float]:
+def time_host(fn: Callable[[], Any], warmup: int, iters: int, min_seconds: float,
+              sync: Callable[[], None] | None = None) -> list[float]:
     """perf_counter timing (after `sync` when given) of `fn`."""
     for _ in range(warmup):
         fn()
@@ -46,7 +47,8 @@ def time_host(fn: Callable[[], Any], warmup: int, iters: int, min_seconds: float
     return out
 
 
-def time_cuda_events(fn: Callable[[], Any], warmup: int, iters: int, min_seconds: float, stream: Any = None) -> list[float]:
+def time_cuda_events(fn: Callable[[], Any], warmup: int, iters: int, min_seconds: float,
+                     stream: Any = None) -> list[float]:
     """CUDA-event timing of `fn` on `stream` (default: the current stream)."""
     import torch
 
@@ -58,7 +60,8 @@ def time_cuda_events(fn: Callable[[], Any], warmup: int, iters: int, min_seconds
     t_end = time.perf_counter() + min_seconds
     while len(out) < iters or (time.perf_counter() < t_end and len(out) < iters * 20):
         n = max(iters - len(out), 10)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(n)]
         for s, e in events:
             s.record(stream)
             fn()

@@ -143,7 +143,8 @@ def _profile(fn: Any, iters: int, cuda: bool, sync: Any, out_dir: Path) -> tuple
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     # One profiling cycle; acc_events (torch >= 2.4) also silences the "clears events" warning.
-    kwargs: dict[str, Any] = {"acc_events": True} if "acc_events" in inspect.signature(profile.__init__).parameters else {}
+    kwargs: dict[str, Any] = (
+        {"acc_events": True} if "acc_events" in inspect.signature(profile.__init__).parameters else {})
     with profile(activities=acts, **kwargs) as prof:
         for _ in range(iters):
             fn()
@@ -172,18 +173,22 @@ def trace_case(target: Target, case: Case, profile: Profile, out_dir: Path, *, i
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cuda = profile.device == "cuda"
-    res = TraceResult(case.model, case.variant, case.backend, case.precision, case.batch, case.threads, source="", iters=iters)
-    x_np = np.random.default_rng(0).standard_normal((case.batch, *get_spec(case.model).input_size), dtype=np.float32)
+    res = TraceResult(case.model, case.variant, case.backend, case.precision, case.batch, case.threads,
+                      source="", iters=iters)
+    x_np = np.random.default_rng(0).standard_normal((case.batch, *get_spec(case.model).input_size),
+                                                    dtype=np.float32)
 
     def runner(source: Any, backend: str = case.backend, profile_prefix: str | None = None) -> Any:
         return make_runner(backend, source, profile.device, case.precision, sla_policy=profile.sla_policy,
-                           compile_mode=profile.compile_mode, threads=case.threads, profile_prefix=profile_prefix)
+                           compile_mode=profile.compile_mode, threads=case.threads,
+                           profile_prefix=profile_prefix)
 
     if case.backend.startswith("torch"):
         model = load_target(target)
         with torch.inference_mode():
             p = runner(copy.deepcopy(model)).prepare(x_np)
-            res.latency_ms = float(np.median(time_prepared(p, profile.warmup, profile.iters, profile.min_seconds)))
+            res.latency_ms = float(np.median(
+                time_prepared(p, profile.warmup, profile.iters, profile.min_seconds)))
             # The profiled run: eager on a fresh copy with component ranges (a CUDA graph or a
             # compiled graph replays kernels the profiler may attribute to no module).
             if case.backend == "torch":
@@ -202,7 +207,8 @@ def trace_case(target: Target, case: Case, profile: Profile, out_dir: Path, *, i
             rows = kernels_from_chrome_trace(gz, iters)
             res.source = "CUDA kernels (torch profiler)"
         else:
-            rows = [Row(e.key, e.self_cpu_time_total / 1e3 / iters, e.count / iters, categorize(e.key, ATEN_CATEGORIES))
+            rows = [Row(e.key, e.self_cpu_time_total / 1e3 / iters, e.count / iters,
+                        categorize(e.key, ATEN_CATEGORIES))
                     for e in prof.key_averages() if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
             res.source = "ATen operators, self CPU time (torch profiler)"
         comps = _component_times(prof, cuda, iters)
@@ -210,11 +216,14 @@ def trace_case(target: Target, case: Case, profile: Profile, out_dir: Path, *, i
         if comps and forward is not None:
             # Same measure on both sides: device time of the kernels in each range (CPU: time in range).
             comps["glue"] = max(forward - sum(comps.values()), 0.0)
-            res.components = {k: comps[k] for k in ("embed/merge", "norm", "attention", "mlp", "head", "glue") if k in comps}
+            res.components = {k: comps[k] for k in ("embed/merge", "norm", "attention", "mlp", "head", "glue")
+                              if k in comps}
     else:
-        onnx_path = onnx_for(target, case.precision, export_cache or out_dir.parent / "onnx", profile.sla_policy, profile.exporter)
+        onnx_path = onnx_for(target, case.precision, export_cache or out_dir.parent / "onnx",
+                             profile.sla_policy, profile.exporter)
         p = runner(onnx_path).prepare(x_np)
-        res.latency_ms = float(np.median(time_prepared(p, profile.warmup, profile.iters, profile.min_seconds)))
+        res.latency_ms = float(np.median(
+            time_prepared(p, profile.warmup, profile.iters, profile.min_seconds)))
         if case.backend == "ort-cpu":
             warm = 3
             r = runner(onnx_path, profile_prefix=str(out_dir / "ort_profile"))
@@ -269,7 +278,8 @@ def check_trace_profile(profile: Profile) -> None:
     if backend not in TRACE_BACKENDS:
         raise ConfigError(f"trace supports the backends {', '.join(TRACE_BACKENDS)}, not {backend!r}")
     if profile.device != "cuda" and backend not in ("torch", "ort-cpu"):
-        raise ConfigError(f"--backends {backend} runs on a GPU: pass --device cuda, or use torch or ort-cpu on the CPU")
+        raise ConfigError(
+            f"--backends {backend} runs on a GPU: pass --device cuda, or use torch or ort-cpu on the CPU")
     if profile.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but torch sees no CUDA device; use --device cpu or a GPU host")
 
@@ -285,7 +295,8 @@ def trace_targets(targets: Sequence[Target], profile: Profile, output: Path, *, 
     check_trace_profile(profile)
     if iters < 1:
         raise ConfigError("--iters must be at least 1")
-    backend, precision, batch, threads = profile.backends[0], profile.precisions[0], profile.batches[0], profile.threads[0]
+    backend, precision, batch, threads = (profile.backends[0], profile.precisions[0], profile.batches[0],
+                                          profile.threads[0])
     results = []
     task = progress.add_task("tracing", total=len(targets)) if progress is not None else None
     for t in targets:
@@ -296,9 +307,11 @@ def trace_targets(targets: Sequence[Target], profile: Profile, output: Path, *, 
         try:
             res = trace_case(t, case, profile, d, iters=iters, export_cache=export_cache)
         except UnsupportedBackend as exc:
-            res = TraceResult(t.model, t.variant, backend, precision, batch, threads, "", iters, status="skipped", reason=str(exc))
+            res = TraceResult(t.model, t.variant, backend, precision, batch, threads, "", iters,
+                              status="skipped", reason=str(exc))
         except Exception as exc:  # one target failing must not hide the others
-            res = TraceResult(t.model, t.variant, backend, precision, batch, threads, "", iters, status="error", reason=reason(exc))
+            res = TraceResult(t.model, t.variant, backend, precision, batch, threads, "", iters,
+                              status="error", reason=reason(exc))
         finally:
             if profile.device == "cuda":
                 torch.cuda.empty_cache()
@@ -327,7 +340,8 @@ def run_trace(targets: Sequence[Target], profile: Profile, output: Path, *, iter
     rep.command = command
     paths = write_outputs(rep, output, top)
     failed = [r for r in rep.results if r.status == "error"]
-    failure = ConfigError(f"{len(failed)} target(s) failed to trace: " + "; ".join(f"{r.label}: {r.reason}" for r in failed[:3])) if failed else None
+    failure = ConfigError(f"{len(failed)} target(s) failed to trace: "
+                          + "; ".join(f"{r.label}: {r.reason}" for r in failed[:3])) if failed else None
     return TraceOutcome(rep, paths, failure)
 
 
@@ -339,8 +353,10 @@ def to_markdown(report: TraceReport, top: int = 12) -> str:
         "",
         f"- date: {report.created}",
         f"- command: `{report.command}`",
-        f"- device: {env.get('gpu') or env.get('cpu')} ({env.get('device')}); driver {env.get('driver', '-')}, CUDA {env.get('cuda', '-')}",
-        f"- versions: torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}, slab-deploy {env.get('slab-deploy')}",
+        f"- device: {env.get('gpu') or env.get('cpu')} ({env.get('device')}); "
+        f"driver {env.get('driver', '-')}, CUDA {env.get('cuda', '-')}",
+        f"- versions: torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}, "
+        f"slab-deploy {env.get('slab-deploy')}",
         "- figures: ms per iteration; latency is the median measured without the profiler; the breakdown is "
         "device time of CUDA kernels (or operator time on the CPU) summed by category",
         "",
@@ -357,16 +373,21 @@ def to_markdown(report: TraceReport, top: int = 12) -> str:
     for c in cats:
         lines.append(f"| {c} | " + " | ".join(f"{r.categories.get(c, 0.0):.3f}" for r in ok) + " |")
     lines.append("| **sum** | " + " | ".join(f"**{r.traced_total_ms:.3f}**" for r in ok) + " |")
-    lines.append("| latency (median, no profiler) | " + " | ".join(f"{r.latency_ms:.3f}" if r.latency_ms is not None else "-" for r in ok) + " |")
+    lines.append("| latency (median, no profiler) | "
+                 + " | ".join(f"{r.latency_ms:.3f}" if r.latency_ms is not None else "-" for r in ok) + " |")
     with_comp = [r for r in ok if r.components]
     if with_comp:
-        comps = [c for c in ("embed/merge", "norm", "attention", "mlp", "head", "glue") if any(c in r.components for r in with_comp)]
+        comps = [c for c in ("embed/merge", "norm", "attention", "mlp", "head", "glue")
+                 if any(c in r.components for r in with_comp)]
         lines += ["", "## By model component (torch eager, ranges around modules)", "",
-                  "| component | " + " | ".join(r.label for r in with_comp) + " |", "|---|" + "---|" * len(with_comp)]
+                  "| component | " + " | ".join(r.label for r in with_comp) + " |",
+                  "|---|" + "---|" * len(with_comp)]
         for c in comps:
-            lines.append(f"| {c} | " + " | ".join(f"{r.components.get(c, 0.0):.3f}" for r in with_comp) + " |")
+            lines.append(
+                f"| {c} | " + " | ".join(f"{r.components.get(c, 0.0):.3f}" for r in with_comp) + " |")
     for r in ok:
-        lines += ["", f"## Top {min(top, len(r.top))} of {r.label}", "", "| ms | calls | category | name |", "|---|---|---|---|"]
+        lines += ["", f"## Top {min(top, len(r.top))} of {r.label}", "", "| ms | calls | category | name |",
+                  "|---|---|---|---|"]
         for row in r.top[:top]:
             name = row.name if len(row.name) <= 110 else row.name[:107] + "..."
             lines.append(f"| {row.ms:.3f} | {row.calls:g} | {row.category} | `{name.replace('|', '/')}` |")

@@ -38,7 +38,8 @@ from slab_deploy.errors import CheckpointError
 
 # Storage classes torch pickles by name; quantised ones are not weights a deploy tool reads.
 _STORAGE_DTYPES: dict[str, torch.dtype] = {
-    name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items() if not name.startswith("Q")
+    name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()
+    if not name.startswith("Q")
 }
 
 MAX_PICKLE_BYTES = 256 << 20  # the pickle of a training checkpoint is kilobytes; tensors live apart
@@ -157,7 +158,8 @@ def _rebuild_tensor_v2(
                 f"of {storage.numel}"
             )
         if numel > max(storage.numel, _VIEW_SLACK):
-            raise _Bad(f"a tensor of size {list(shape)} claims {numel} elements from a storage of {storage.numel}")
+            raise _Bad(
+                f"a tensor of size {list(shape)} claims {numel} elements from a storage of {storage.numel}")
     elif offset > storage.numel:
         raise _Bad(f"an empty tensor at offset {offset} lies past its storage of {storage.numel}")
     t = torch.empty((0,), dtype=storage.dtype)
@@ -323,7 +325,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         )
 
     def persistent_load(self, pid: Any) -> Any:
-        if self._storages is None or not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage":
+        if (self._storages is None or not isinstance(pid, tuple) or len(pid) not in (5, 6)
+                or pid[0] != "storage"):
             raise _Bad(f"unknown persistent id (a {type(pid).__name__})")
         _, marker, key, location, numel = pid[:5]
         if not isinstance(marker, _StorageType):
@@ -373,7 +376,8 @@ def scan_pickle(f: BinaryIO, path: Path | str) -> None:
             for n, (op, arg, _pos) in enumerate(pickletools.genops(f)):
                 if op.name in _PUTS and (not isinstance(arg, int) or arg > n):
                     raise CheckpointError(
-                        f"{path} is truncated or corrupt (its pickle stores memo entry {arg} after {n} opcodes); "
+                        f"{path} is truncated or corrupt "
+                        f"(its pickle stores memo entry {arg} after {n} opcodes); "
                         "download it again and compare its sha256"
                     )
     except CheckpointError:
@@ -383,7 +387,8 @@ def scan_pickle(f: BinaryIO, path: Path | str) -> None:
 
 
 def _corrupt(path: Path | str, why: object) -> CheckpointError:
-    return CheckpointError(f"{path} is truncated or corrupt ({why}); download it again and compare its sha256")
+    return CheckpointError(
+        f"{path} is truncated or corrupt ({why}); download it again and compare its sha256")
 
 
 def _unpickle(unpickler: RestrictedUnpickler, path: Path | str) -> Any:
@@ -419,7 +424,8 @@ def _unpickle(unpickler: RestrictedUnpickler, path: Path | str) -> Any:
 
 def _entry_bound(path: Path, info: zipfile.ZipInfo, what: str) -> None:
     if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
-        raise _corrupt(path, f"{what} is stored with {info.compress_size} bytes but declares {info.file_size}")
+        raise _corrupt(
+            path, f"{what} is stored with {info.compress_size} bytes but declares {info.file_size}")
     if info.file_size > _RATIO_FREE_BYTES and info.file_size > MAX_RATIO * max(info.compress_size, 1):
         raise CheckpointError(
             f"{path}: {what} would inflate {info.compress_size} bytes to {info.file_size} "
@@ -445,7 +451,8 @@ def load_zip_checkpoint(path: Path) -> tuple[Any, list[str]]:
         pinfo = infos[pkl[0]]
         if pinfo.file_size > MAX_PICKLE_BYTES:
             raise CheckpointError(
-                f"{path}: its pickle declares {pinfo.file_size} bytes (more than {MAX_PICKLE_BYTES >> 20} MiB); "
+                f"{path}: its pickle declares {pinfo.file_size} bytes "
+                f"(more than {MAX_PICKLE_BYTES >> 20} MiB); "
                 "a checkpoint keeps its tensors outside the pickle, so this is not one slab-deploy reads"
             )
         _entry_bound(path, pinfo, "data.pkl")
@@ -569,7 +576,8 @@ def load_legacy_checkpoint(path: Path) -> tuple[Any, list[str]]:
 
         def plain() -> Any:
             head = scanned()
-            return _unpickle(RestrictedUnpickler(f, source=src, protocol=pickle_protocol(head), storages=None), path)
+            return _unpickle(
+                RestrictedUnpickler(f, source=src, protocol=pickle_protocol(head), storages=None), path)
 
         magic = plain()
         if isinstance(magic, bool) or magic != LEGACY_MAGIC:
@@ -579,16 +587,20 @@ def load_legacy_checkpoint(path: Path) -> tuple[Any, list[str]]:
             )
         version = plain()
         if isinstance(version, bool) or version != LEGACY_PROTOCOL:
-            raise CheckpointError(f"{path} is a legacy torch file of an unknown protocol (not {LEGACY_PROTOCOL})")
+            raise CheckpointError(
+                f"{path} is a legacy torch file of an unknown protocol (not {LEGACY_PROTOCOL})")
         sys_info = plain()
         if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
             raise CheckpointError(
-                f"{path} was saved on a big-endian machine or without sys_info; re-save it on a little-endian one"
+                f"{path} was saved on a big-endian machine or without sys_info; "
+                "re-save it on a little-endian one"
             )
-        unpickler = RestrictedUnpickler(f, source=src, protocol=pickle_protocol(scanned()), storages=load_storage)
+        unpickler = RestrictedUnpickler(f, source=src, protocol=pickle_protocol(scanned()),
+                                        storages=load_storage)
         obj = _unpickle(unpickler, path)
         keys = plain()
-        if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages) or len(keys) != len(storages):
+        if (not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages)
+                or len(keys) != len(storages)):
             raise _corrupt(path, "its list of storages does not match the tensors in it")
         for key in keys:
             st = storages[key]

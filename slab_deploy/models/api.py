@@ -20,7 +20,8 @@ from slab_deploy.models.registry import build_model, get_spec
 
 
 def checkpoint_info(model: nn.Module) -> CheckpointInfo | None:
-    """The `CheckpointInfo` that `create_model` attached to `model` as `.checkpoint_info` (None: no checkpoint)."""
+    """The `CheckpointInfo` that `create_model` attached to `model` as `.checkpoint_info`
+    (None: no checkpoint)."""
     return cast("CheckpointInfo | None", model.checkpoint_info)
 
 
@@ -51,7 +52,8 @@ def create_model(
         if info.num_classes is not None:
             if num_classes is not None and num_classes != info.num_classes:
                 raise CheckpointError(
-                    f"{checkpoint} has a {info.num_classes}-class head but num_classes={num_classes} was asked for"
+                    f"{checkpoint} has a {info.num_classes}-class head "
+                    f"but num_classes={num_classes} was asked for"
                 )
             num_classes = info.num_classes
         if info.folded is not None and info.folded.get("model") not in (None, name):
@@ -83,7 +85,8 @@ def create_model(
     return model.eval()
 
 
-def _refuse_img_size_misfit(name: str, img_size: int, sd: Any, model: nn.Module, kwargs: dict[str, Any]) -> None:
+def _refuse_img_size_misfit(name: str, img_size: int, sd: Any, model: nn.Module,
+                            kwargs: dict[str, Any]) -> None:
     """Blame `--img-size`, not the checkpoint, when the two differ only in tensors sized by the
     token count (position embeddings, SLA's positional encodings: one entry per token of the
     size the model was trained at)."""
@@ -108,7 +111,8 @@ def _refuse_img_size_misfit(name: str, img_size: int, sd: Any, model: nn.Module,
             continue
         try:
             with torch.device("meta"):
-                shapes = {k: tuple(v.shape) for k, v in build_model(name, **{**kwargs, "img_size": c}).state_dict().items()}
+                shapes = {k: tuple(v.shape)
+                          for k, v in build_model(name, **{**kwargs, "img_size": c}).state_dict().items()}
         except Exception:  # a size this model cannot be built at is simply not the answer
             continue
         if all(shapes.get(k) == tuple(sd[k].shape) for k in own):
@@ -124,5 +128,6 @@ def _refuse_img_size_misfit(name: str, img_size: int, sd: Any, model: nn.Module,
         f"--img-size {img_size} does not fit {name} ({what} have one entry per token: "
         f"{k} is {list(sd[k].shape)} in the checkpoint, {list(own[k].shape)} at {img_size} px"
         + (f", {len(mis)} such tensors" if len(mis) > 1 else "")
-        + (f"); this checkpoint fits --img-size {fits}" if fits is not None else "); export at the size the checkpoint was trained at")
+        + (f"); this checkpoint fits --img-size {fits}" if fits is not None
+           else "); export at the size the checkpoint was trained at")
     )

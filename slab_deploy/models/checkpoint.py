@@ -108,7 +108,8 @@ def _read_raw(path: Path) -> tuple[Any, str, list[str]]:
         return obj, "torch-legacy", opaque
     if sp.is_tar_head(path):
         raise CheckpointError(
-            f"{path} is a tar checkpoint of torch < 0.4; load it with that torch and re-save it with torch.save"
+            f"{path} is a tar checkpoint of torch < 0.4; "
+            "load it with that torch and re-save it with torch.save"
         )
     raise CheckpointError(
         f"{path} is not a PyTorch (.pth) or safetensors checkpoint (starts with {head[:8]!r}); "
@@ -167,8 +168,8 @@ def _counter(sd: Mapping[str, torch.Tensor], key: str) -> int:
     t = sd[key]
     if t.numel() != 1:
         raise CheckpointError(
-            f"PRepBN counter {key} has shape {list(t.shape)}; a counter is one number: the file is damaged or "
-            "not a SLAB checkpoint"
+            f"PRepBN counter {key} has shape {list(t.shape)}; a counter is one number: "
+            "the file is damaged or not a SLAB checkpoint"
         )
     v = t.reshape(()).item()
     if isinstance(v, complex) or not math.isfinite(v) or v != int(v) or abs(v) > 2**62:
@@ -185,7 +186,8 @@ def prepbn_states(sd: Mapping[str, torch.Tensor]) -> list[PRepBNState]:
             p = k[: -len("total_step")]
             if p + "iter" in sd:
                 warm = _counter(sd, p + "warm") if p + "warm" in sd else 0
-                states.append(PRepBNState(p[:-1], warm=warm, iter=_counter(sd, p + "iter"), total_step=_counter(sd, k)))
+                states.append(PRepBNState(p[:-1], warm=warm, iter=_counter(sd, p + "iter"),
+                                          total_step=_counter(sd, k)))
     return states
 
 
@@ -203,8 +205,8 @@ def check_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:
     if bad:
         more = f" and {count - len(bad)} more tensors" if count > len(bad) else ""
         raise CheckpointError(
-            f"{source} has NaN or Inf weights in {', '.join(bad)}{more}; the training run diverged or the file is "
-            "damaged: use an earlier checkpoint"
+            f"{source} has NaN or Inf weights in {', '.join(bad)}{more}; "
+            "the training run diverged or the file is damaged: use an earlier checkpoint"
         )
 
 
@@ -241,20 +243,22 @@ def read_checkpoint(path: str | Path, *, ema: bool = False) -> tuple[dict[str, t
     else:
         what = f"a {type(obj).__name__} with keys {top_keys[:8]}" if top_keys else f"a {type(obj).__name__}"
         raise CheckpointError(
-            f"{path} holds {what}, not model weights; expected a state_dict or a dict with 'model' or 'state_dict'"
+            f"{path} holds {what}, not model weights; "
+            "expected a state_dict or a dict with 'model' or 'state_dict'"
         )
     if isinstance(sd_obj, nn.Module):  # pragma: no cover - the restricted unpickler cannot build modules
         sd_obj = sd_obj.state_dict()
     if not _is_state_dict(sd_obj):
         raise CheckpointError(
-            f"{path}: entry {entry or '(top level)'!r} is not a state_dict of tensors; it may be a checkpoint of "
-            "something other than a model"
+            f"{path}: entry {entry or '(top level)'!r} is not a state_dict of tensors; "
+            "it may be a checkpoint of something other than a model"
         )
     sd, stripped = _strip_prefix(dict(sd_obj))
     check_finite(sd, str(path))
     sd, renamed = rename_foreign_keys(sd)
     extra = obj if isinstance(obj, Mapping) else {}
-    epoch = extra.get("epoch") if isinstance(extra.get("epoch"), int) and not isinstance(extra.get("epoch"), bool) else None
+    epoch = (extra.get("epoch")
+             if isinstance(extra.get("epoch"), int) and not isinstance(extra.get("epoch"), bool) else None)
     acc = extra.get("max_accuracy")
     if isinstance(acc, torch.Tensor) and acc.numel() == 1 and not acc.is_complex():
         acc = acc.item()
@@ -269,7 +273,8 @@ def read_checkpoint(path: str | Path, *, ema: bool = False) -> tuple[dict[str, t
         has_ema="state_dict_ema" in top_keys,
         layout=detect_layout(sd),
         num_tensors=len(sd),
-        num_params=int(sum(v.numel() for k, v in sd.items() if v.is_floating_point() and not _is_buffer_key(k))),
+        num_params=int(sum(v.numel() for k, v in sd.items()
+                           if v.is_floating_point() and not _is_buffer_key(k))),
         num_classes=_num_classes(sd),
         prepbn=prepbn_states(sd),
         opaque_objects=sorted(set(opaque)),
@@ -304,12 +309,16 @@ def check_prepbn_finished(info: CheckpointInfo, *, allow_unfinished: bool) -> No
     if not unfinished or allow_unfinished:
         return
     worst = min(unfinished, key=lambda s: s.progress)
-    names = ", ".join(s.name for s in unfinished[:3]) + (f" and {len(unfinished) - 3} more" if len(unfinished) > 3 else "")
+    names = ", ".join(s.name for s in unfinished[:3]) + (
+        f" and {len(unfinished) - 3} more" if len(unfinished) > 3 else "")
     warm = f", {worst.warm} LayerNorm-only warm-up steps left" if worst.warm > 0 else ""
     raise UnfinishedPRepBNError(
-        f"{info.path} was saved before PRepBN finished: {len(unfinished)}/{len(info.prepbn)} norm layers ({names}) "
-        f"are at {worst.progress:.1%} of the LayerNorm->RepBN schedule (iter {worst.iter} of {worst.total_step}{warm}); "
-        "in eval mode they would use RepBN alone, which is not what was trained. Use the final checkpoint, or pass "
+        f"{info.path} was saved before PRepBN finished: "
+        f"{len(unfinished)}/{len(info.prepbn)} norm layers ({names}) "
+        f"are at {worst.progress:.1%} of the LayerNorm->RepBN schedule "
+        f"(iter {worst.iter} of {worst.total_step}{warm}); "
+        "in eval mode they would use RepBN alone, which is not what was trained. "
+        "Use the final checkpoint, or pass "
         "--allow-unfinished-prepbn to deploy it anyway"
     )
 
@@ -337,11 +346,13 @@ def rename_foreign_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     out = {}
     for k, v in sd.items():
         if timm_swin:
-            k = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", k)
+            k = re.sub(r"^layers\.(\d+)\.downsample\.",
+                       lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", k)
         if timm_head and k.startswith("head.fc."):
             k = "head." + k[len("head.fc.") :]
         out[k] = v
-    return out, "timm key names -> original layout" + (" (Swin patch merging moved to the stage before)" if timm_swin else "")
+    return out, "timm key names -> original layout" + (
+        " (Swin patch merging moved to the stage before)" if timm_swin else "")
 
 
 def _fill_derived(out: dict[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor], source: str) -> int:
@@ -354,8 +365,8 @@ def _fill_derived(out: dict[str, torch.Tensor], model_sd: Mapping[str, torch.Ten
             filled += 1
         elif tuple(out[k].shape) == tuple(v.shape) and not torch.equal(out[k].to(v.dtype), v):
             raise CheckpointError(
-                f"{source}: buffer {k} differs from the one this architecture computes (window size, shift or input "
-                "size differ); check that the checkpoint belongs to this model"
+                f"{source}: buffer {k} differs from the one this architecture computes "
+                "(window size, shift or input size differ); check that the checkpoint belongs to this model"
             )
     return filled
 
@@ -370,7 +381,8 @@ def remap_layout(
     want = set(model_sd)
     out = dict(sd)
     filled = _fill_derived(out, model_sd, source)
-    file_ln = {k[: -len("total_step")] for k in sd if k.endswith(".total_step") and k[: -len("total_step")] + "norm2.alpha" in sd}
+    file_ln = {k[: -len("total_step")] for k in sd
+               if k.endswith(".total_step") and k[: -len("total_step")] + "norm2.alpha" in sd}
     model_ln = {k[: -len("total_step")] for k in want if k.endswith(".total_step")}
     to_plain = [p for p in sorted(file_ln - model_ln) if p + "alpha" in want]
     to_linear = [p for p in sorted(model_ln - file_ln) if p + "alpha" in sd]
@@ -396,7 +408,8 @@ def remap_layout(
     if filled:
         notes.append(f"{filled} relative-position index / shift mask buffers computed from the architecture")
     if to_plain:
-        notes.append(f"LinearNorm -> RepBN layout for {len(to_plain)} norms (LayerNorm branch and schedule dropped)")
+        notes.append(
+            f"LinearNorm -> RepBN layout for {len(to_plain)} norms (LayerNorm branch and schedule dropped)")
     if to_linear:
         notes.append(
             f"RepBN -> LinearNorm layout for {len(to_linear)} norms (schedule marked finished; the unused "
@@ -465,7 +478,8 @@ def detect_variants(sd: Mapping[str, torch.Tensor], *, include_test: bool = Fals
         ln_branches = {k[: -len("norm2.alpha")] for k in d if k.endswith(".norm2.alpha")}
         out = {}
         for k, v in d.items():
-            if k.startswith(("head.", "head_dist.")) or k.endswith((".iter", ".warm", ".total_step", *_DERIVED)):
+            if (k.startswith(("head.", "head_dist."))
+                    or k.endswith((".iter", ".warm", ".total_step", *_DERIVED))):
                 continue  # the class count, the schedule and computed buffers do not identify a variant
             if any(k.startswith(p + "norm1.") for p in ln_branches if k.endswith(("weight", "bias"))):
                 continue  # nor does the LayerNorm branch of a LinearNorm (absent in plain-RepBN files)

@@ -90,7 +90,8 @@ class FoldReport:
         if ln:
             parts.append(f"{ln} LayerNorm not foldable (input-dependent statistics)")
         if math.isfinite(self.max_abs_delta):
-            parts.append(f"max |delta logit| {self.max_abs_delta:.2e} ({self.max_rel_delta:.1e} of max |logit|)")
+            parts.append(
+                f"max |delta logit| {self.max_abs_delta:.2e} ({self.max_rel_delta:.1e} of max |logit|)")
         else:
             parts.append(f"max |delta logit| {self.max_abs_delta} (NaN/Inf in the folded logits)")
         if not self.verified:
@@ -128,7 +129,8 @@ def save_folded(model: nn.Module, path: str | Path, *, source_sha256: str | None
 
 
 def fold_meta_from_json(text: str, path: Path) -> Any:
-    """The fold metadata a safetensors header carries as JSON under FOLD_META_KEY (checked later by `check_fold_meta`)."""
+    """The fold metadata a safetensors header carries as JSON under FOLD_META_KEY (checked later by
+    `check_fold_meta`)."""
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
@@ -150,14 +152,15 @@ def check_fold_meta(meta: Any, path: Path) -> dict[str, Any]:
         bad = "has no integer 'format'"
     elif not isinstance(meta.get("model"), str):
         bad = "names no model"
-    elif any(not isinstance(meta.get(k, []), list) or not all(isinstance(n, str) for n in meta.get(k, [])) for k in _META_LISTS):
+    elif any(not isinstance(meta.get(k, []), list) or not all(isinstance(n, str) for n in meta.get(k, []))
+             for k in _META_LISTS):
         bad = f"has a non-list or non-name entry in {', '.join(_META_LISTS)}"
     elif meta.get("report") is not None and not _plain_json(meta["report"]):
         bad = "has a 'report' that is not plain data"
     if bad:
         raise CheckpointError(
-            f"{path}: its '{FOLD_META_KEY}' metadata {bad}; it was not written by slab-deploy fold, or was damaged: "
-            "fold the original checkpoint again"
+            f"{path}: its '{FOLD_META_KEY}' metadata {bad}; "
+            "it was not written by slab-deploy fold, or was damaged: fold the original checkpoint again"
         )
     return {str(k): v for k, v in meta.items() if isinstance(k, str) and (k in _META_LISTS or _plain_json(v))}
 
@@ -184,14 +187,16 @@ def restore_folded_structure(model: nn.Module, meta: dict[str, Any]) -> None:
     added are created."""
     if int(meta.get("format", 0)) != FOLD_FORMAT:
         raise CheckpointError(
-            f"folded checkpoint format {meta.get('format')} is not supported by this slab-deploy (expects {FOLD_FORMAT}); "
-            "fold the original checkpoint again"
+            f"folded checkpoint format {meta.get('format')} is not supported by this slab-deploy "
+            f"(expects {FOLD_FORMAT}); fold the original checkpoint again"
         )
     for n in [n for n, m in model.named_modules() if isinstance(m, LinearNorm)]:
-        model.set_submodule(n, cast(LinearNorm, model.get_submodule(n)).norm2)  # eval-mode PRepBN is its RepBN
+        # eval-mode PRepBN is its RepBN
+        model.set_submodule(n, cast(LinearNorm, model.get_submodule(n)).norm2)
     for n in [n for n, m in model.named_modules() if isinstance(m, RepBN)]:
         running_var = cast(torch.Tensor, cast(RepBN, model.get_submodule(n)).bn.running_var)
-        model.set_submodule(n, ChannelAffine(running_var.numel()).to(device=running_var.device, dtype=running_var.dtype))
+        model.set_submodule(
+            n, ChannelAffine(running_var.numel()).to(device=running_var.device, dtype=running_var.dtype))
     for n in meta.get("folded", []):
         model.set_submodule(n, nn.Identity())
     for n in meta.get("biases_added", []):

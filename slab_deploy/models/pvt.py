@@ -116,7 +116,8 @@ class SpatialReductionAttention(nn.Module):
         return self.proj(x)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, resolution={self.resolution}, sr_ratio={self.sr_ratio}"
+        return (f"dim={self.dim}, num_heads={self.num_heads}, resolution={self.resolution}, "
+                f"sr_ratio={self.sr_ratio}")
 
 
 class SimplifiedLinearAttention(nn.Module):
@@ -354,7 +355,8 @@ class PyramidVisionTransformer(nn.Module):
         for i, att in enumerate(attention):
             if att in LINEAR_ATTENTIONS and grids[i] != trained_grids[i]:
                 raise UnsupportedInputError(
-                    f"stage {i + 1} uses {att!r} attention, whose positional encoding has one entry per token "
+                    f"stage {i + 1} uses {att!r} attention, "
+                    "whose positional encoding has one entry per token "
                     f"of the {trained} input: it cannot run at {size}"
                 )
         if cls_token and (attention[-1] != "softmax" or sr_ratios[-1] > 1):

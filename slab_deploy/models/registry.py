@@ -139,5 +139,6 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Build `name` with random initial weights (no checkpoint), in eval mode."""
     spec = get_spec(name)
     model = _REGISTRY[name].fn(**kwargs)
-    model.spec = spec if not kwargs.get("num_classes") else replace(spec, num_classes=kwargs["num_classes"])  # type: ignore[assignment]
+    model.spec = (spec if not kwargs.get("num_classes")  # type: ignore[assignment]
+                  else replace(spec, num_classes=kwargs["num_classes"]))
     return model.eval()

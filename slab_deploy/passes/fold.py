@@ -34,7 +34,8 @@ __all__ = ["FoldReport", "NormFold", "default_probe", "fold_model", "norm_kinds"
 
 
 def norm_kinds(model: nn.Module) -> dict[str, tuple[str, int]]:
-    """Every norm of `model` by name: (kind, channels), kind one of prepbn, repbn, affine, layernorm, batchnorm."""
+    """Every norm of `model` by name: (kind, channels), kind one of prepbn, repbn, affine, layernorm,
+    batchnorm."""
     kinds: dict[str, tuple[str, int]] = {}
     skip: tuple[str, ...] = ()
     for name, m in model.named_modules():
@@ -122,19 +123,23 @@ def fold_model(
         for fold in folds:
             kind, ch = kinds.get(fold.norm, ("affine", 0))
             delta = _local_delta(model, fold, affines[fold.norm], captured) if verify else None
-            entries[fold.norm] = NormFold(fold.norm, kind, ch, "folded", fold.side, fold.modules, fold.path, max_abs_delta=delta)
+            entries[fold.norm] = NormFold(fold.norm, kind, ch, "folded", fold.side, fold.modules, fold.path,
+                                          max_abs_delta=delta)
     for r in refusals:
         kind, ch = kinds.get(r.norm, ("affine", 0))
         entries[r.norm] = NormFold(r.norm, kind, ch, "kept-affine", reason=r.reason)
     for n, (kind, ch) in kinds.items():
         if kind == "layernorm" and n not in entries:
-            entries[n] = NormFold(n, kind, ch, "kept-layernorm", reason="LayerNorm statistics depend on the input: nothing fixed to fold")
+            entries[n] = NormFold(n, kind, ch, "kept-layernorm",
+                                  reason="LayerNorm statistics depend on the input: nothing fixed to fold")
         elif n not in entries and kind in ("prepbn", "repbn", "affine"):
             entries[n] = NormFold(n, kind, ch, "kept-affine", reason="not reached by the probe forward pass")
     order = list(kinds)
     max_abs_delta = float((final - reference).abs().max())
-    if verify and not max_abs_delta <= budget:  # the one-by-one path keeps only verified folds: a bug if reached
-        raise FoldError(f"folding {name} moved the probe logits by {max_abs_delta} (> {budget:.1e}) after reverting every bad fold")
+    # The one-by-one path keeps only verified folds: a bug if reached.
+    if verify and not max_abs_delta <= budget:
+        raise FoldError(f"folding {name} moved the probe logits by {max_abs_delta} (> {budget:.1e}) "
+                        "after reverting every bad fold")
     report = FoldReport(
         model=name,
         norms=[entries[n] for n in order if n in entries],
@@ -151,7 +156,8 @@ def fold_model(
     return model, report
 
 
-def _capture(model: nn.Module, folds: list[Fold], probe: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _capture(model: nn.Module, folds: list[Fold],
+             probe: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Input and output of every fold target on the probe, before folding."""
     got: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
@@ -218,12 +224,13 @@ def _fold_one_by_one(
             _restore(model, fold, saved, added)
             entries[fold.norm] = NormFold(
                 fold.norm, kind, ch, "kept-affine",
-                reason=f"folding into {', '.join(fold.modules)} moved the logits by {total:.2e} (> {budget:.1e}): "
-                "the path between norm and layer mixes channels",
+                reason=f"folding into {', '.join(fold.modules)} moved the logits by {total:.2e} "
+                f"(> {budget:.1e}): the path between norm and layer mixes channels",
             )
             continue
         entries[fold.norm] = NormFold(
-            fold.norm, kind, ch, "folded", fold.side, fold.modules, fold.path, max_abs_delta=float((cur - prev).abs().max())
+            fold.norm, kind, ch, "folded", fold.side, fold.modules, fold.path,
+            max_abs_delta=float((cur - prev).abs().max()),
         )
         added_all += added
         prev = cur

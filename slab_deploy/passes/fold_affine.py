@@ -11,7 +11,8 @@ outputs beyond the `fold` tolerance is reverted (defence in depth for channel-mi
 
 Fold math (a, b = affine weight, bias; y = a*x + b per channel):
   input side,  Linear W, c:  W' = W diag(a),   c' = W b + c
-  input side,  Conv   W, c:  W'[o,i] = W[o,i] a[i],  c'[o] = c[o] + sum_{i,k} W[o,i,k] b[i]   (no zero padding)
+  input side,  Conv   W, c:  W'[o,i] = W[o,i] a[i],  c'[o] = c[o] + sum_{i,k} W[o,i,k] b[i]
+                             (no zero padding)
   output side, Linear/Conv:  W'[o] = a[o] W[o],  c' = a * c + b
 """
 
@@ -79,7 +80,8 @@ class Refusal:
 
 def _call_records(model: nn.Module, probe: torch.Tensor) -> tuple[Any, dict[str, Any]]:
     """One probe forward with hooks recording, per module call, its input and output graph nodes."""
-    rec: dict[str, Any] = {"aff_in": defaultdict(list), "aff_out": defaultdict(list), "mod_in": defaultdict(list), "mod_out": defaultdict(list)}
+    rec: dict[str, Any] = {"aff_in": defaultdict(list), "aff_out": defaultdict(list),
+                           "mod_in": defaultdict(list), "mod_out": defaultdict(list)}
     handles = []
 
     def pre(name: str, kind: str) -> Any:
@@ -98,9 +100,11 @@ def _call_records(model: nn.Module, probe: torch.Tensor) -> tuple[Any, dict[str,
 
     for name, m in model.named_modules():
         if isinstance(m, ChannelAffine):
-            handles += [m.register_forward_pre_hook(pre(name, "aff_in")), m.register_forward_hook(post(name, "aff_out"))]
+            handles += [m.register_forward_pre_hook(pre(name, "aff_in")),
+                        m.register_forward_hook(post(name, "aff_out"))]
         elif isinstance(m, _FOLDABLE):
-            handles += [m.register_forward_pre_hook(pre(name, "mod_in")), m.register_forward_hook(post(name, "mod_out"))]
+            handles += [m.register_forward_pre_hook(pre(name, "mod_in")),
+                        m.register_forward_hook(post(name, "mod_out"))]
     try:
         with torch.enable_grad():
             out = model(probe)
@@ -154,7 +158,8 @@ def plan_folds(model: nn.Module, probe: torch.Tensor) -> tuple[list[Fold], list[
         for i, (o, t) in enumerate(zip(outs, ins, strict=True)):
             for n in _internal(o, t):
                 inside[n] = (name, i)
-    producer_of: dict[Any, tuple[str, int]] = {o: (name, i) for name, outs in rec["mod_out"].items() for i, o in enumerate(outs) if o is not None}
+    producer_of: dict[Any, tuple[str, int]] = {
+        o: (name, i) for name, outs in rec["mod_out"].items() for i, o in enumerate(outs) if o is not None}
 
     folds: list[Fold] = []
     refusals: list[Refusal] = []
@@ -203,7 +208,8 @@ def plan_folds(model: nn.Module, probe: torch.Tensor) -> tuple[list[Fold], list[
                     elif m.in_channels != c:
                         reason_in = f"{mname} has {m.in_channels} input channels, the norm {c}"
                     elif any(p != 0 for p in _padding(m)):
-                        reason_in = f"{mname} zero-pads its input (padding {m.padding}); padding does not commute with the affine"
+                        reason_in = (f"{mname} zero-pads its input (padding {m.padding}); "
+                                     "padding does not commute with the affine")
                 if reason_in:
                     break
         if not reason_in:
@@ -260,7 +266,8 @@ def _padding(m: _Conv) -> tuple[int, ...]:
 # The math: one small pure function per pattern, in float64.
 
 
-def fold_input_side(weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_input_side(weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                    b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Consumer y = W (a*x + b) + c  ->  W' = W diag(a) (per input channel), c' = c + W b."""
     w = weight.double()
     shape = [1, -1] + [1] * (w.dim() - 2)
@@ -270,7 +277,8 @@ def fold_input_side(weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Te
     return new_w.to(weight.dtype), new_b.to(weight.dtype)
 
 
-def fold_output_side(weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_output_side(weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                     b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Producer z = W x + c, then a*z + b  ->  W' = diag(a) W (per output channel), c' = a*c + b."""
     w = weight.double()
     shape = [-1] + [1] * (w.dim() - 1)

@@ -12,7 +12,8 @@ from slab_deploy.passes.base import PassResult, prepare, set_submodule
 
 
 def affine_from_repbn(norm: RepBN) -> ChannelAffine:
-    """`BN(x) + alpha*x` in eval mode == `a*x + b` with a = gamma/sqrt(var+eps) + alpha, b = beta - gamma*mean/sqrt(var+eps)."""
+    """`BN(x) + alpha*x` in eval mode == `a*x + b` with a = gamma/sqrt(var+eps) + alpha,
+    b = beta - gamma*mean/sqrt(var+eps)."""
     a, b = repbn_affine(norm)
     running_var = cast(torch.Tensor, norm.bn.running_var)  # tracked: RepBN's BatchNorm1d keeps running stats
     dtype = running_var.dtype

@@ -1,4 +1,5 @@
-"""Runners: one interface over torch, ONNX Runtime and TensorRT (see base.py); `make_runner` builds one by backend name.
+"""Runners: one interface over torch, ONNX Runtime and TensorRT (see base.py); `make_runner` builds one
+by backend name.
 
 Importing this package stays light: each runner module imports its runtime when it is used."""
 

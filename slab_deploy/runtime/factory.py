@@ -10,8 +10,8 @@ from slab_deploy.runtime.base import TimedRunner, UnsupportedBackend
 
 
 def make_runner(backend: str, model_or_onnx: Any, device: str, precision: str, *, sla_policy: str = "fp32",
-                compile_mode: str = "max-autotune-no-cudagraphs", threads: int | None = None, max_batch: int = 64,
-                profile_prefix: str | None = None) -> TimedRunner:
+                compile_mode: str = "max-autotune-no-cudagraphs", threads: int | None = None,
+                max_batch: int = 64, profile_prefix: str | None = None) -> TimedRunner:
     """The runner of `backend`: torch backends take an nn.Module (moved to `device` and
     `precision`), the others the path of an ONNX graph. Raises UnsupportedBackend for what this
     host or device cannot run (torch below fp32 on the CPU is not a deployment target), and
@@ -24,7 +24,8 @@ def make_runner(backend: str, model_or_onnx: Any, device: str, precision: str, *
         if device == "cpu" and precision != "fp32":
             raise UnsupportedBackend(f"torch {precision} on the CPU is not a deployment target")
         mode = {"torch": "eager", "torch-cudagraph": "cudagraph", "torch-compile": "compile"}[backend]
-        return TorchRunner(model_or_onnx, device, precision, sla_policy, mode=mode, compile_mode=compile_mode, threads=threads)
+        return TorchRunner(model_or_onnx, device, precision, sla_policy, mode=mode, compile_mode=compile_mode,
+                           threads=threads)
     path = Path(model_or_onnx)
     if backend == "tensorrt":
         from slab_deploy.runtime.tensorrt import TensorRTRunner

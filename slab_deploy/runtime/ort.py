@@ -11,8 +11,8 @@ import onnx
 from slab_deploy.runtime.base import Prepared
 
 
-def session(model: onnx.ModelProto | str | Path, providers: list[Any] | None = None, threads: int | None = None,
-            graph_opt: str = "all", profile_prefix: str | None = None) -> Any:
+def session(model: onnx.ModelProto | str | Path, providers: list[Any] | None = None,
+            threads: int | None = None, graph_opt: str = "all", profile_prefix: str | None = None) -> Any:
     """An InferenceSession on `model` (a path or an in-memory ModelProto)."""
     ort = _ort()
     so = ort.SessionOptions()
@@ -68,7 +68,8 @@ class ORTRunner:
         ort = _ort()
         if provider == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise UnsupportedBackend("ONNX Runtime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
+                raise UnsupportedBackend(
+                    "ONNX Runtime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
             opts = {"device_id": 0, **({"enable_cuda_graph": "1"} if cuda_graph else {})}
             providers: list[Any] = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
         elif cuda_graph:
@@ -80,20 +81,26 @@ class ORTRunner:
         except Exception as exc:
             text = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
             if "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text:
-                # This runtime build lacks a kernel (e.g. an fp16 op on the CPU provider): the host, not the graph.
-                raise UnsupportedBackend(f"ONNX Runtime {ort.__version__} ({provider}) has no kernel for this graph: {text}") from None
-            # Anything else is the graph's fault (truncated, invalid, not ONNX): a broken artefact, never a skip.
+                # This runtime build lacks a kernel (e.g. an fp16 op on the CPU provider):
+                # the host, not the graph.
+                raise UnsupportedBackend(
+                    f"ONNX Runtime {ort.__version__} ({provider}) has no kernel for this graph: {text}"
+                ) from None
+            # Anything else is the graph's fault (truncated, invalid, not ONNX): a broken artefact,
+            # never a skip.
             from slab_deploy.errors import ArtifactError
 
             raise ArtifactError(f"ONNX Runtime cannot load {model_path}: {text}") from None
         if provider == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
-            raise UnsupportedBackend("the CUDA execution provider failed to initialise (CUDA/cuDNN libraries?)")
+            raise UnsupportedBackend(
+                "the CUDA execution provider failed to initialise (CUDA/cuDNN libraries?)")
         self.provider = provider
         self.input = self.session.get_inputs()[0].name
         backend = f"ort-{provider}" + ("-graph" if cuda_graph else "")
         self.info = RunnerInfo(
             backend, provider, precision,
-            {"onnxruntime": ort.__version__, "graph_opt": graph_opt, "threads": threads, "providers": self.session.get_providers()},
+            {"onnxruntime": ort.__version__, "graph_opt": graph_opt, "threads": threads,
+             "providers": self.session.get_providers()},
         )
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -110,7 +117,8 @@ class ORTRunner:
         ort = _ort()
         out = sess.get_outputs()[0]
         x_dev = ort.OrtValue.ortvalue_from_numpy(images, "cuda", 0)
-        y_dev = ort.OrtValue.ortvalue_from_shape_and_type([images.shape[0], self.out_dim()], np.float32, "cuda", 0)
+        y_dev = ort.OrtValue.ortvalue_from_shape_and_type([images.shape[0], self.out_dim()], np.float32,
+                                                          "cuda", 0)
         binding = sess.io_binding()
         binding.bind_ortvalue_input(name, x_dev)
         binding.bind_ortvalue_output(out.name, y_dev)

@@ -23,7 +23,8 @@ def import_tensorrt() -> Any:
     for name in ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings"):
         if available(name):
             return require(name, "TensorRT engines")
-    raise UnsupportedBackend("TensorRT is not installed (pip install 'slab-deploy[tensorrt]' on a host with NVIDIA's index)")
+    raise UnsupportedBackend(
+        "TensorRT is not installed (pip install 'slab-deploy[tensorrt]' on a host with NVIDIA's index)")
 
 
 def build_serialized_engine(
@@ -76,14 +77,16 @@ class TensorRTRunner:
         self.runtime = self.trt.Runtime(logger)
         self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
-            raise UnsupportedBackend("TensorRT could not deserialize the engine on this GPU (see the TensorRT log)")
+            raise UnsupportedBackend(
+                "TensorRT could not deserialize the engine on this GPU (see the TensorRT log)")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = self.trt.TensorIOMode
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == mode.INPUT)
         self.output = next(n for n in names if self.engine.get_tensor_mode(n) == mode.OUTPUT)
         self.stream = torch.cuda.Stream()
-        self.info = RunnerInfo("tensorrt", "cuda", precision, {"tensorrt": getattr(self.trt, "__version__", "?")})
+        self.info = RunnerInfo("tensorrt", "cuda", precision,
+                               {"tensorrt": getattr(self.trt, "__version__", "?")})
 
     @classmethod
     def from_onnx(cls, onnx_path: str | Path, precision: str = "fp32", max_batch: int = 64) -> TensorRTRunner:
@@ -112,7 +115,8 @@ class TensorRTRunner:
 
         x = torch.from_numpy(images).cuda()
         out = self.bind(x)
-        return Prepared(self.execute, "cuda-events", stream=torch.cuda.ExternalStream(self.stream.cuda_stream),
+        return Prepared(self.execute, "cuda-events",
+                        stream=torch.cuda.ExternalStream(self.stream.cuda_stream),
                         output_elems=images.shape[0] * 1000, keep=(x, out))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

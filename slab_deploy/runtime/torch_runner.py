@@ -21,8 +21,9 @@ class TorchRunner:
     intra-op threads (process-wide) on the CPU when a batch is prepared. Prepare and time under
     `torch.inference_mode()`."""
 
-    def __init__(self, model: nn.Module, device: str = "cpu", precision: str = "fp32", sla_policy: str = "fp32", *,
-                 mode: str = "eager", compile_mode: str = "max-autotune-no-cudagraphs", threads: int | None = None) -> None:
+    def __init__(self, model: nn.Module, device: str = "cpu", precision: str = "fp32",
+                 sla_policy: str = "fp32", *, mode: str = "eager",
+                 compile_mode: str = "max-autotune-no-cudagraphs", threads: int | None = None) -> None:
         from slab_deploy.models.layers import set_sla_policy
 
         if mode not in MODES:

@@ -1,6 +1,7 @@
 """Weights that slab-deploy makes itself: seeded random weights (`random`), checkpoints in the SLAB
 authors' training-file format (`authors_format`), and the embedded default weights (trained demo
-models, seeded untrained for the rest) with `load_model` (`default`). Above `models/` (they are built from the registry), below `passes/`.
+models, seeded untrained for the rest) with `load_model` (`default`). Above `models/` (they are built
+from the registry), below `passes/`.
 The folded-checkpoint format is `models.folded`: `create_model` reads it.
 """
 

@@ -73,7 +73,8 @@ def authors_config(model_name: str, *, num_classes: int = 1000, img_size: int = 
     cfg = c.clone()
     cfg.defrost()
     cfg.merge_from_other_cfg(
-        CN({"MODEL": {"TYPE": model_name, "NAME": model_name, "NUM_CLASSES": num_classes}, "DATA": {"IMG_SIZE": img_size}})
+        CN({"MODEL": {"TYPE": model_name, "NAME": model_name, "NUM_CLASSES": num_classes},
+            "DATA": {"IMG_SIZE": img_size}})
     )
     cfg.merge_from_list(["TRAIN.CLIP_GRAD", None, "OUTPUT", f"output/{model_name}/default"])
     cfg.freeze()
@@ -85,7 +86,8 @@ def _param_names(model_name: str, state_dict: dict[str, torch.Tensor]) -> tuple[
     from slab_deploy.models.registry import build_model
 
     with torch.device("meta"):
-        model = build_model(model_name, num_classes=state_dict["head.weight"].shape[0]) if "head.weight" in state_dict else build_model(model_name)
+        model = (build_model(model_name, num_classes=state_dict["head.weight"].shape[0])
+                 if "head.weight" in state_dict else build_model(model_name))
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     names = [n for n, _ in model.named_parameters() if n in state_dict]
     no_decay = {n for n in names if state_dict[n].dim() == 1 or n.endswith(".bias") or n in skip}
@@ -144,7 +146,8 @@ def _cosine_scheduler_state(num_groups: int, *, epochs: int = 300, warmup_epochs
     }
 
 
-def ema_state_dict(state_dict: dict[str, torch.Tensor], *, seed: int = 0, decay: float = 0.99996) -> dict[str, torch.Tensor]:
+def ema_state_dict(state_dict: dict[str, torch.Tensor], *, seed: int = 0,
+                   decay: float = 0.99996) -> dict[str, torch.Tensor]:
     """EMA weights as timm 0.4.12's `ModelEma.update` (the authors' timm) leaves them after one update
     from an earlier state: `ema = ema * decay + (1 - decay) * model` for every entry, buffers and
     integer counters included (copy_ casts back to each entry's dtype)."""
@@ -152,7 +155,8 @@ def ema_state_dict(state_dict: dict[str, torch.Tensor], *, seed: int = 0, decay:
     ema = {}
     for k, v in state_dict.items():
         e = v.detach().clone()
-        if v.is_floating_point() and "running_var" not in k and not k.endswith(("attn_mask", "relative_position_index")):
+        if (v.is_floating_point() and "running_var" not in k
+                and not k.endswith(("attn_mask", "relative_position_index"))):
             e += torch.randn(v.shape, generator=g) * 0.05  # the earlier weights the average still remembers
         e.copy_(e * decay + (1.0 - decay) * v)
         ema[k] = e
@@ -206,7 +210,8 @@ def save_authors_checkpoint(
     ckpt = authors_checkpoint(state_dict, model_name=model_name, ema=ema, scaler=scaler)
     if with_config:
         head = state_dict.get("head.weight")
-        ckpt["config"] = authors_config(model_name, num_classes=int(head.shape[0]) if head is not None else 1000)
+        ckpt["config"] = authors_config(model_name,
+                                        num_classes=int(head.shape[0]) if head is not None else 1000)
     path = Path(path)
     with atomic_write(path) as tmp:
         torch.save(ckpt, tmp, pickle_protocol=pickle_protocol, _use_new_zipfile_serialization=not legacy)

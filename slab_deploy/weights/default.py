@@ -56,7 +56,8 @@ def _demo_checkpoint(model_name: str) -> Path:
     path = DATA / rec["file"]
     if not path.is_file() or sha256_file(path) != rec["sha256"]:
         raise CheckpointError(
-            f"the shipped demo weights {path.name} are missing or damaged (sha256 differs from demo_models.json); "
+            f"the shipped demo weights {path.name} are missing or damaged "
+            "(sha256 differs from demo_models.json); "
             "reinstall slab-deploy (pip install --force-reinstall slab-deploy) or pass --checkpoint"
         )
     return path

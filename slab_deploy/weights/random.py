@@ -53,7 +53,8 @@ def randomize_weights(
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     model.eval()
     if calibrate and bns:
-        size = getattr(model, "img_size", None) or getattr(getattr(model, "spec", None), "input_size", (3, 224, 224))[1]
+        size = (getattr(model, "img_size", None)
+                or getattr(getattr(model, "spec", None), "input_size", (3, 224, 224))[1])
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         for m in bns:
             m.reset_running_stats()
@@ -96,7 +97,8 @@ def random_checkpoint(
     from slab_deploy.models.registry import build_model
 
     kwargs = {"num_classes": num_classes} if num_classes else {}
-    model = randomize_weights(build_model(model_name, **kwargs), seed, prepbn_iter=prepbn_iter, prepbn_warm=prepbn_warm)
+    model = randomize_weights(build_model(model_name, **kwargs), seed, prepbn_iter=prepbn_iter,
+                              prepbn_warm=prepbn_warm)
     sd = model.state_dict()
     ema = ema_state_dict(sd, seed=seed + 1) if with_ema else None
     return save_authors_checkpoint(
