@@ -40,6 +40,7 @@ from slab_deploy.models.layers import (
     focused_kernel,
     head_merge,
     head_split,
+    init_weights,
     norm_factory,
     to_tokens,
 )
@@ -428,7 +429,7 @@ class CSWinTransformer(nn.Module):
         self.num_features = dim
         self.norm = norm_layer(dim)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> pooled features (B, num_features)."""
@@ -447,16 +448,6 @@ class CSWinTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from slab_deploy.models.layers import (
     SLACore,
     head_merge,
     head_split,
+    init_weights,
     norm_factory,
     to_tokens,
 )
@@ -216,7 +217,7 @@ class VisionTransformer(nn.Module):
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> pooled features (B, embed_dim)."""
@@ -229,16 +230,6 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -232,6 +232,18 @@ def focused_kernel(x: torch.Tensor, scale: torch.Tensor, focusing_factor: float)
     return ((x / x.norm(dim=-1, keepdim=True)) * x_norm).to(dtype)
 
 
+def init_weights(m: nn.Module) -> None:
+    """The initialisation every family of the zoo applies (timm's and the authors'): truncated
+    normal (std 0.02) Linear weights, zero biases, LayerNorm at identity."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class Mlp(nn.Module):
     """fc1 -> GELU -> fc2 (keys `fc1`, `fc2`, as in every family)."""
 

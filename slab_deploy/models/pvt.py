@@ -48,6 +48,7 @@ from slab_deploy.models.layers import (
     focused_kernel,
     head_merge,
     head_split,
+    init_weights,
     norm_factory,
     to_tokens,
 )
@@ -416,7 +417,7 @@ class PyramidVisionTransformer(nn.Module):
             nn.init.trunc_normal_(getattr(self, f"pos_embed{i + 1}"), std=0.02)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def _pos_embed(self, i: int) -> torch.Tensor:
         """Stage i's position embedding at the stage's grid; resized only when the grid differs
@@ -457,16 +458,6 @@ class PyramidVisionTransformer(nn.Module):
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # ----------------------------------------------------------------------------------------------

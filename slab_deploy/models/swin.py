@@ -42,6 +42,7 @@ from slab_deploy.models.layers import (
     focused_kernel,
     head_merge,
     head_split,
+    init_weights,
     norm_factory,
     to_tokens,
 )
@@ -512,7 +513,7 @@ class SwinTransformer(nn.Module):
                 resolution = stage.downsample.out_resolution
         self.norm = norm_layer(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> pooled features (B, num_features)."""
@@ -523,16 +524,6 @@ class SwinTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # ----------------------------------------------------------------------------------------------
