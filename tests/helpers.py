@@ -116,9 +116,10 @@ def read_keys(name: str) -> dict[str, str]:
     return dict(line.rsplit(" ", 1) for line in lines if line)
 
 
-def break_the_fold(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Make every `slab_deploy.passes.fold_model` call return a folded model with a fault (head
-    bias + 0.5), as a wrong fold formula would: the parity gates downstream must catch it."""
+def break_the_fold(monkeypatch, fault=None) -> None:  # type: ignore[no-untyped-def]
+    """Make every `slab_deploy.passes.fold_model` call return a folded model with a fault, as a
+    wrong fold formula would: the parity gates downstream must catch it. `fault(folded)` edits
+    the folded model under no_grad (default: head bias + 0.5)."""
     import slab_deploy.passes as passes
 
     real = passes.fold_model
@@ -126,7 +127,10 @@ def break_the_fold(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     def wrong_fold(model, **kw):  # type: ignore[no-untyped-def]
         folded, rep = real(model, **kw)
         with torch.no_grad():
-            folded.head.bias.add_(0.5)
+            if fault is None:
+                folded.head.bias.add_(0.5)
+            else:
+                fault(folded)
         return folded, rep
 
     monkeypatch.setattr(passes, "fold_model", wrong_fold)

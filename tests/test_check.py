@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import run_cli, tiny_slab_models
+from helpers import break_the_fold, run_cli, tiny_slab_models
 
 from slab_deploy.check import parse_tolerance_overrides, run_check
 from slab_deploy.errors import ConfigError
@@ -74,17 +74,7 @@ def test_corrupted_initializer_fails_at_its_rung(exported, tmp_path: Path, targe
 
 
 def test_wrong_fold_fails_at_fold(exported, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import slab_deploy.passes as passes
-
-    real = passes.fold_model
-
-    def wrong(model, **kw):  # type: ignore[no-untyped-def]
-        folded, rep = real(model, **kw)
-        with torch.no_grad():
-            folded.head.weight.mul_(1.1)
-        return folded, rep
-
-    monkeypatch.setattr(passes, "fold_model", wrong)
+    break_the_fold(monkeypatch, lambda folded: folded.head.weight.mul_(1.1))
     ckpt, art = exported
     code, out, err = run_cli(["check", "-m", NAME, "-c", str(ckpt), "-a", str(art), "--json"], capsys, monkeypatch)
     assert code == 3

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_cli
+from helpers import break_the_fold, run_cli
 
 from slab_deploy.check import run_check
 from slab_deploy.datasets import DATA, demo_heldout, demo_models, image_folder
@@ -145,19 +145,10 @@ def test_image_folder_layouts_and_refusals(tmp_path: Path) -> None:
 def test_an_accuracy_drop_fails_the_rung_with_exit_3(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A fold that favours class 0 (its logit + 4, as a wrong bias fold would): predictions flip to 0,
     and the failure names the accuracy it cost beside the logit criteria."""
-    import torch
+    def favour_class_0(folded):  # type: ignore[no-untyped-def]
+        folded.head.bias[0] += 4.0
 
-    import slab_deploy.passes as passes
-
-    real = passes.fold_model
-
-    def biased_fold(model, **kw):  # type: ignore[no-untyped-def]
-        folded, rep = real(model, **kw)
-        with torch.no_grad():
-            folded.head.bias[0] += 4.0
-        return folded, rep
-
-    monkeypatch.setattr(passes, "fold_model", biased_fold)
+    break_the_fold(monkeypatch, favour_class_0)
     code, out, err = run_cli(["check", "-m", DEMO, "--backends", "torch,ort-cpu", "--json", "--inputs", "120"],
                              capsys, monkeypatch)
     assert code == 3, err

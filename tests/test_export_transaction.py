@@ -17,7 +17,7 @@ import onnx
 import pytest
 import torch
 from filelock import FileLock
-from helpers import run_cli
+from helpers import break_the_fold, run_cli
 
 from slab_deploy.errors import ArtifactError, ExportError, ExportParityError, UnsupportedInputError
 from slab_deploy.export import onnx_export
@@ -46,21 +46,6 @@ def _leftovers(parent: Path) -> list[str]:
     )
 
 
-def _wrong_fold(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fault in the deployed model (the folded head's bias moves), so parity must fail."""
-    import slab_deploy.passes as passes
-
-    real = passes.fold_model
-
-    def wrong(model, **kw):  # type: ignore[no-untyped-def]
-        folded, rep = real(model, **kw)
-        with torch.no_grad():
-            folded.head.bias.add_(0.5)
-        return folded, rep
-
-    monkeypatch.setattr(passes, "fold_model", wrong)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return random_checkpoint(NAME, tmp_path_factory.mktemp("ckpt") / "c.pth", seed=5)
@@ -78,7 +63,7 @@ def test_failed_force_reexport_leaves_the_good_export_untouched(ckpt: Path, tmp_
     for name in ("model.onnx", "model.unsimplified.onnx"):
         assert m["files"][name] == {"sha256": sha256_file(out / name), "bytes": len(good[name])}
 
-    _wrong_fold(monkeypatch)
+    break_the_fold(monkeypatch)  # the folded head's bias moves: parity must fail
     with pytest.raises(ExportParityError) as ei:
         export_model(NAME, ckpt, out, ExportOptions(**FAST, seed=1), force=True)
     failed = tmp_path / "out.failed"
