@@ -127,9 +127,11 @@ def image_folder(folder: str | Path, preprocessing: dict[str, Any], *, limit: in
                 "classes; name class folders 0..N-1 (or in the order of the model's classes)"
             )
     if not files:
-        raise ConfigError(f"{option} {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files (nor class folders of them)")
+        raise ConfigError(
+            f"{option} {folder} holds no {'/'.join(IMAGE_SUFFIXES)} files (nor class folders of them)")
     if len(files) > MAX_IMAGES and limit is None:
-        raise ConfigError(f"{option} {folder} holds {len(files)} images; at most {MAX_IMAGES} are read at once")
+        raise ConfigError(
+            f"{option} {folder} holds {len(files)} images; at most {MAX_IMAGES} are read at once")
     if limit is not None and limit < len(files):
         # spread the limit over the classes, so a limited labelled read still sees every class
         keep = np.linspace(0, len(files) - 1, num=limit).round().astype(int) if labels else np.arange(limit)
@@ -148,11 +150,13 @@ def _preprocess_file(path: Path, preprocessing: dict[str, Any], option: str) -> 
     Image = require("PIL.Image", option)
     _, h, w = preprocessing["input_size"]
     short = preprocessing["resize_shorter_to"]
-    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}.get(preprocessing["interpolation"], Image.BICUBIC)
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}.get(
+        preprocessing["interpolation"], Image.BICUBIC)
     try:
         with Image.open(path) as im:
             if im.width * im.height > MAX_PIXELS:
-                raise ConfigError(f"image {path} is {im.width}x{im.height}; at most {MAX_PIXELS} pixels are read")
+                raise ConfigError(
+                    f"image {path} is {im.width}x{im.height}; at most {MAX_PIXELS} pixels are read")
             img = im.convert("RGB")
     except ConfigError:
         raise

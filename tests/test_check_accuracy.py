@@ -75,7 +75,8 @@ def test_demo_model_is_checked_on_its_labelled_held_out_set() -> None:
     rec = demo_models()[DEMO]
     rep = run_check(DEMO, None, backends=FAST)
     assert rep.passed, rep.verdict()
-    assert rep.weights == "demo" and not rep.untrained and "trained on scikit-learn digits" in rep.weights_label
+    assert (rep.weights == "demo" and not rep.untrained
+            and "trained on scikit-learn digits" in rep.weights_label)
     assert rep.inputs["labelled"] and rep.inputs["count"] == rec["heldout_count"]
     assert rep.reference_accuracy == pytest.approx(rec["heldout_top1"] / 100)
     ran = [r for r in rep.rungs if r.status == "pass"]
@@ -142,14 +143,16 @@ def test_image_folder_layouts_and_refusals(tmp_path: Path) -> None:
         image_folder(tmp_path / "missing", pre)
 
 
-def test_an_accuracy_drop_fails_the_rung_with_exit_3(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_an_accuracy_drop_fails_the_rung_with_exit_3(  # type: ignore[no-untyped-def]
+        capsys, monkeypatch) -> None:
     """A fold that favours class 0 (its logit + 4, as a wrong bias fold would): predictions flip to 0,
     and the failure names the accuracy it cost beside the logit criteria."""
     def favour_class_0(folded):  # type: ignore[no-untyped-def]
         folded.head.bias[0] += 4.0
 
     break_the_fold(monkeypatch, favour_class_0)
-    code, out, err = run_cli(["check", "-m", DEMO, "--backends", "torch,ort-cpu", "--json", "--inputs", "120"],
+    code, out, err = run_cli(["check", "-m", DEMO, "--backends", "torch,ort-cpu", "--json",
+                              "--inputs", "120"],
                              capsys, monkeypatch)
     assert code == 3, err
     fold = json.loads(out)["rungs"][0]
@@ -158,10 +161,12 @@ def test_an_accuracy_drop_fails_the_rung_with_exit_3(capsys, monkeypatch) -> Non
     assert any("points below the reference" in f for f in fold["failures"]), fold["failures"]
 
 
-def test_accuracy_bound_alone_decides_through_the_tolerance_override(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_accuracy_bound_alone_decides_through_the_tolerance_override(  # type: ignore[no-untyped-def]
+        capsys, monkeypatch) -> None:
     code, out, err = run_cli(["check", "-m", DEMO, "--backends", "ort-cpu", "--inputs", "36",
                               "--tolerance", "ort_cpu:max_accuracy_drop=-0.5"], capsys, monkeypatch)
-    assert code == 3 and "FAIL at rung ort_cpu (fp32)" in out and "points below the reference" in out, (out, err)
+    assert (code == 3 and "FAIL at rung ort_cpu (fp32)" in out
+            and "points below the reference" in out), (out, err)
     code, out, err = run_cli(["check", "-m", DEMO, "--backends", "ort-cpu", "--inputs", "36",
                               "--tolerance", "ort_cpu:max_accuracy_drop=nan"], capsys, monkeypatch)
     assert code == 1 and "finite number" in err and "Traceback" not in err
@@ -174,7 +179,8 @@ def test_replay_keeps_the_labels(tmp_path: Path) -> None:
     paths = write_reports(rep, tmp_path / "r", replay_base(DEMO, backends=("ort-cpu",)))
     x = read_replay(paths["npz"])
     y = read_replay_labels(paths["npz"], len(x))
-    assert y is not None and y.tolist() == demo_heldout(DEMO, _pre()).labels[:24].tolist()  # type: ignore[index]
+    assert y is not None and (
+        y.tolist() == demo_heldout(DEMO, _pre()).labels[:24].tolist())  # type: ignore[index]
     again = run_check(DEMO, None, backends=("ort-cpu",), replay=paths["npz"])
     assert again.inputs["labelled"] and again.reference_accuracy == rep.reference_accuracy
 
@@ -182,7 +188,8 @@ def test_replay_keeps_the_labels(tmp_path: Path) -> None:
 def test_a_seeded_check_of_a_zoo_model_has_no_labels() -> None:
     rep = run_check("test_slab_deit", None, backends=FAST)
     assert rep.passed and rep.untrained and rep.weights == "untrained" and rep.reference_accuracy is None
-    assert not rep.inputs["labelled"] and all(r.metrics is None or r.metrics["accuracy"] is None for r in rep.rungs)
+    assert not rep.inputs["labelled"] and all(r.metrics is None or r.metrics["accuracy"] is None
+                                              for r in rep.rungs)
 
 
 def test_damaged_demo_weights_are_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

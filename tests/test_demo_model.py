@@ -27,7 +27,8 @@ AUTHORS_KEYS = ["model", "optimizer", "lr_scheduler", "max_accuracy", "epoch", "
 
 @pytest.fixture(autouse=True)
 def one_thread():  # type: ignore[no-untyped-def]
-    """Training loops of tiny models: one thread is faster than two on a busy 2-core host (and as the script runs)."""
+    """Training loops of tiny models: one thread is faster than two on a busy 2-core host (and as the
+    script runs)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -57,7 +58,8 @@ def test_prepbn_schedule_reaches_its_end(warm: int) -> None:
     model = build_model("test_slab_deit")
     x, y = toy_data()
     # 24 images, batch 8: 3 iterations an epoch, 2 epochs; the schedule takes half: T = 3.
-    cfg = td.TrainConfig(epochs=2, batch=8, warmup_epochs=1, prepbn_fraction=0.5, prepbn_warm=warm, recal_epochs=1)
+    cfg = td.TrainConfig(epochs=2, batch=8, warmup_epochs=1, prepbn_fraction=0.5, prepbn_warm=warm,
+                         recal_epochs=1)
     res = td.train_model(model, x, y, cfg, fill=torch.zeros(3))
     assert res.iterations == 6 and res.prepbn_steps == 3
     # lam = iter / T at each training forward: 1 through the LayerNorm-only warm-up, then linear to 0.
@@ -138,7 +140,8 @@ def test_shipped_files_match_the_summary() -> None:
     for f in files:
         data = (DATA / f).read_bytes()
         assert len(data) <= 5 * 1024 * 1024, f
-        sha = s["heldout"]["sha256"] if f == s["heldout"]["file"] else s["models"][f.removesuffix(".pth")]["sha256"]
+        sha = (s["heldout"]["sha256"] if f == s["heldout"]["file"]
+               else s["models"][f.removesuffix(".pth")]["sha256"])
         assert hashlib.sha256(data).hexdigest() == sha, f
     images, labels = heldout()
     assert images.dtype == np.uint8 and images.shape == (s["heldout"]["count"], 32, 32, 3)

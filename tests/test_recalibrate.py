@@ -67,7 +67,7 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
-# ------------------------------------------------------------------------------------------------ the statistics
+# --------------------------------------------------------------------------------------------- the statistics
 
 
 @pytest.mark.parametrize("name", ["test_slab_deit", "test_slab_swin", "test_slab_pvt", "test_deit_prepbn"])
@@ -78,17 +78,20 @@ def test_running_stats_equal_the_statistics_of_the_bn_inputs(name: str) -> None:
     seen: dict[str, list[torch.Tensor]] = {n: [] for n, _ in batchnorms(model)}
     hooks = [m.register_forward_hook(lambda mod, a, out, n=n: seen[n].append(a[0].detach().double()))
              for n, m in batchnorms(model)]
-    before = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in batchnorms(model)}  # type: ignore[union-attr]
+    before = {n: (m.running_mean.clone(), m.running_var.clone())  # type: ignore[union-attr]
+              for n, m in batchnorms(model)}
     RecalibrateBN(model, x, batch_size=4, seed=0, inplace=True)
     for h in hooks:
         h.remove()
     for n, m in batchnorms(model):
         batches = seen[n]
         assert [b.shape[0] for b in batches] == [4, 4, 2]
-        tokens = torch.cat([b.transpose(0, 1).reshape(b.shape[1], -1) for b in batches], dim=1)  # (C, all tokens)
+        # (C, all tokens)
+        tokens = torch.cat([b.transpose(0, 1).reshape(b.shape[1], -1) for b in batches], dim=1)
         mean = tokens.mean(1)  # every image has the same token count, so this is the image-weighted mean
         weights = torch.tensor([b.shape[0] for b in batches], dtype=torch.float64) / len(x)
-        var = sum(w * b.transpose(0, 1).reshape(b.shape[1], -1).var(1) for w, b in zip(weights, batches, strict=True))
+        var = sum(w * b.transpose(0, 1).reshape(b.shape[1], -1).var(1)
+                  for w, b in zip(weights, batches, strict=True))
         # float32 bound: each of the 3 cumulative updates and the batch reductions round at a few eps of
         # the largest input (x 32 for headroom); before recalibration the statistics are far outside it
         scale = float(tokens.abs().max())
@@ -173,17 +176,20 @@ def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 @pytest.mark.parametrize("ema", [False, True], ids=["model", "ema"])
-def test_output_is_the_input_file_with_new_bn_buffers_and_folds(tmp_path: Path, legacy: bool, ema: bool) -> None:
+def test_output_is_the_input_file_with_new_bn_buffers_and_folds(tmp_path: Path, legacy: bool,
+                                                                ema: bool) -> None:
     src = random_checkpoint("test_slab_deit", tmp_path / "in.pth", seed=2, with_ema=True, legacy=legacy)
     imgs = write_images(tmp_path / "imgs", classes=3, level=200)
-    rep = recalibrate_checkpoint("test_slab_deit", src, tmp_path / "out.pth", images=imgs, batch_size=4, ema=ema)
+    rep = recalibrate_checkpoint("test_slab_deit", src, tmp_path / "out.pth", images=imgs, batch_size=4,
+                                 ema=ema)
     state, other = ("state_dict_ema", "model") if ema else ("model", "state_dict_ema")
     assert rep.state == state and any(other in n for n in rep.notes)
     # read as the authors' code reads it: torch.load executing the pickle (yacs is installed here)
     a, b = torch.load(src, weights_only=False), torch.load(tmp_path / "out.pth", weights_only=False)
     assert type(b["config"]).__module__ == "yacs.config" and b["config"] == a["config"]
     assert list(a) == list(b) and all(a[k] == b[k] for k in ("epoch", "max_accuracy", "lr_scheduler"))
-    ta, tb = dict(_tensors({k: v for k, v in a.items() if k != state})), dict(_tensors({k: v for k, v in b.items() if k != state}))
+    ta, tb = (dict(_tensors({k: v for k, v in a.items() if k != state})),
+              dict(_tensors({k: v for k, v in b.items() if k != state})))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)  # optimizer, other weights
     bn_keys = {f"{n}.{x}" for n, _ in batchnorms(build_model("test_slab_deit")) for x in BN_BUFFERS}
     for k, v in a[state].items():
@@ -254,7 +260,8 @@ def test_interrupt_while_writing_leaves_nothing(tmp_path: Path, monkeypatch: pyt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "in.pth", "out.pth"]  # no .partial left
 
 
-def test_written_file_that_does_not_read_back_is_not_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_written_file_that_does_not_read_back_is_not_kept(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import slab_deploy.weights.patch as patch
 
     src = random_checkpoint("test_slab_deit", tmp_path / "in.pth", seed=0)
@@ -271,7 +278,8 @@ def test_written_file_that_does_not_read_back_is_not_kept(tmp_path: Path, monkey
 def _one_line_error(code: int, err: str, match: str) -> None:
     assert code == 1, err
     assert match in err and "Traceback" not in err, err
-    assert len([ln for ln in err.strip().splitlines() if ln.strip()]) <= 3, err  # one message (rich may wrap it)
+    # one message (rich may wrap it)
+    assert len([ln for ln in err.strip().splitlines() if ln.strip()]) <= 3, err
 
 
 def test_cli_refusals(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -286,13 +294,17 @@ def test_cli_refusals(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ign
         (base, "pass --images DIR"),
         ([*base, "--images", str(tmp_path / "empty")], "holds no"),
         ([*base, "--images", str(tmp_path / "nowhere")], "is not a directory"),
-        (["recalibrate", "-m", "test_deit", "-c", str(ln), "-o", str(out), "--images", str(imgs)], "no BatchNorm"),
-        (["recalibrate", "-m", "test_slab_deit", "-c", str(unfinished), "-o", str(out), "--images", str(imgs)],
+        (["recalibrate", "-m", "test_deit", "-c", str(ln), "-o", str(out), "--images", str(imgs)],
+         "no BatchNorm"),
+        (["recalibrate", "-m", "test_slab_deit", "-c", str(unfinished), "-o", str(out),
+          "--images", str(imgs)],
          "saved before PRepBN finished"),
-        ([*base, "--images", str(imgs), "--eval-images", str(write_images(tmp_path / "flat"))], "has no class folders"),
+        ([*base, "--images", str(imgs), "--eval-images", str(write_images(tmp_path / "flat"))],
+         "has no class folders"),
         ([*base, "--images", str(imgs), "--batch-size", "0"], "--batch-size 0"),
         ([*base, "--images", str(imgs), "--img-size", "48"], "this checkpoint fits --img-size 32"),
-        (["recalibrate", "-m", "test_slab_deit", "-c", str(src), "-o", str(src), "--images", str(imgs), "--force"],
+        (["recalibrate", "-m", "test_slab_deit", "-c", str(src), "-o", str(src), "--images", str(imgs),
+          "--force"],
          "is the input checkpoint"),
     ]
     for args, match in cases:
@@ -309,12 +321,14 @@ def test_cli_refusals(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ign
     assert out.read_bytes() == b"keep me"
     code, _, err = run_cli([*base, "--images", str(imgs), "--force"], capsys, monkeypatch)
     assert code == 0, err
-    code, _, err = run_cli(["recalibrate", "-m", "test_slab_deit", "-c", str(unfinished), "-o", str(tmp_path / "u.pth"),
-                            "--images", str(imgs), "--allow-unfinished-prepbn", "--json"], capsys, monkeypatch)
+    code, _, err = run_cli(["recalibrate", "-m", "test_slab_deit", "-c", str(unfinished),
+                            "-o", str(tmp_path / "u.pth"), "--images", str(imgs),
+                            "--allow-unfinished-prepbn", "--json"], capsys, monkeypatch)
     assert code == 0, err
 
 
-def test_cli_on_the_demo_model_and_its_held_out_digits(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_cli_on_the_demo_model_and_its_held_out_digits(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch) -> None:
     recorded = datasets.demo_models()[DEMO]
     out = tmp_path / "demo.pth"
     t0 = time.perf_counter()
@@ -342,8 +356,9 @@ def test_cli_on_the_demo_model_and_its_held_out_digits(tmp_path: Path, capsys, m
     for i, (p, y) in enumerate(zip(pics, labels, strict=True)):
         (tmp_path / "digits" / str(y)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(p).save(tmp_path / "digits" / str(y) / f"{i}.png")
-    code, stdout, err = run_cli(["recalibrate", "-m", DEMO, "-c", str(DEMO_CKPT), "-o", str(tmp_path / "b.pth"),
-                                 "--images", str(tmp_path / "digits"), "--eval-images", str(tmp_path / "digits")],
+    code, stdout, err = run_cli(["recalibrate", "-m", DEMO, "-c", str(DEMO_CKPT),
+                                 "-o", str(tmp_path / "b.pth"), "--images", str(tmp_path / "digits"),
+                                 "--eval-images", str(tmp_path / "digits")],
                                 capsys, monkeypatch)
     assert code == 0, err
     assert "top-1" in stdout and "calibration images themselves" not in stdout and "BatchNorm" in stdout
@@ -354,4 +369,5 @@ def test_help_needs_no_torch() -> None:
             "import atexit; atexit.register(lambda: print('torch' in sys.modules))\n"
             "from slab_deploy.cli import main\nmain()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "--eval-images" in r.stdout and r.stdout.strip().endswith("False"), r.stdout + r.stderr
+    assert (r.returncode == 0 and "--eval-images" in r.stdout
+            and r.stdout.strip().endswith("False")), r.stdout + r.stderr

@@ -115,7 +115,8 @@ def set_prepbn_schedule(model: nn.Module, total_step: int, warm: int = 0) -> int
 
 
 def prepbn_lambda(model: nn.Module) -> float | None:
-    """The LayerNorm weight `lam = iter / total_step` that the next training forward uses (None: no PRepBN)."""
+    """The LayerNorm weight `lam = iter / total_step` that the next training forward uses
+    (None: no PRepBN)."""
     norms = linear_norms(model)
     if not norms:
         return None
@@ -128,7 +129,8 @@ def prepbn_finished(model: nn.Module) -> bool:
     return all(int(m.iter) == 0 and int(m.warm) == 0 for m in linear_norms(model))
 
 
-def recalibrate_bn(model: nn.Module, images: torch.Tensor, *, epochs: int, batch: int, gen: torch.Generator) -> int:
+def recalibrate_bn(model: nn.Module, images: torch.Tensor, *, epochs: int, batch: int,
+                   gen: torch.Generator) -> int:
     """The paper's final phase: weights frozen, only the BatchNorm running statistics re-estimated.
 
     As in the authors' `update_model`: the model in eval mode (so every LinearNorm uses its RepBN
@@ -205,7 +207,8 @@ def warmup_cosine(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], flo
         if t < warm:
             lr = cfg.warmup_lr + (cfg.base_lr - cfg.warmup_lr) * t / warm
         else:
-            lr = cfg.min_lr + 0.5 * (cfg.base_lr - cfg.min_lr) * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
+            lr = cfg.min_lr + 0.5 * (cfg.base_lr - cfg.min_lr) * (
+                1 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
         return lr / cfg.base_lr
 
     return factor
@@ -230,9 +233,11 @@ def train_model(
         prepbn_steps = max(1, round(cfg.prepbn_fraction * iterations))
         set_prepbn_schedule(model, prepbn_steps, warm=cfg.prepbn_warm)
         if prepbn_steps + cfg.prepbn_warm > iterations:
-            raise ValueError(f"PRepBN needs {prepbn_steps + cfg.prepbn_warm} iterations but training has {iterations}")
+            raise ValueError(
+                f"PRepBN needs {prepbn_steps + cfg.prepbn_warm} iterations but training has {iterations}")
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.base_lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        param_groups(model, cfg.weight_decay), lr=cfg.base_lr, betas=cfg.betas, eps=cfg.eps,
+        weight_decay=cfg.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg, steps_per_epoch))
     result = TrainResult(model, optimizer, scheduler, iterations, prepbn_steps)
@@ -265,14 +270,16 @@ def train_model(
         if before_recal is not None:
             result.before_recal = before_recal(model)
         t0 = time.perf_counter()
-        result.recal_batches = recalibrate_bn(model, images, epochs=cfg.recal_epochs, batch=cfg.batch, gen=gen)
+        result.recal_batches = recalibrate_bn(model, images, epochs=cfg.recal_epochs, batch=cfg.batch,
+                                              gen=gen)
         result.recal_seconds = time.perf_counter() - t0
     model.eval()
     return result
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 120) -> tuple[int, int, float]:
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             batch: int = 120) -> tuple[int, int, float]:
     """(correct, total, smallest top-1 logit margin) on normalised images, in eval mode. The margin
     says how far the closest call is from flipping (e.g. under another CPU's rounding)."""
     model.eval()
@@ -286,7 +293,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 # The authors' checkpoint format
 
 
-def authors_config(name: str, cfg: TrainConfig, *, prepbn_steps: int | None, threads: int, heldout: float) -> Any:
+def authors_config(name: str, cfg: TrainConfig, *, prepbn_steps: int | None, threads: int,
+                   heldout: float) -> Any:
     """A frozen yacs CfgNode with the sections of the authors' config.py (DATA, MODEL, TRAIN, AUG, TEST,
     and the top-level switches), filled with this run's values."""
     from yacs.config import CfgNode as CN
@@ -368,7 +376,8 @@ def authors_config(name: str, cfg: TrainConfig, *, prepbn_steps: int | None, thr
     return c
 
 
-def save_authors_checkpoint(path: Path, res: TrainResult, *, max_accuracy: float, epoch: int, config: Any) -> None:
+def save_authors_checkpoint(path: Path, res: TrainResult, *, max_accuracy: float, epoch: int,
+                            config: Any) -> None:
     """`torch.save` of the dict the authors' `save_checkpoint` writes, keys in their order."""
     torch.save(
         {
@@ -400,10 +409,12 @@ def _correct(model: nn.Module, *, images: torch.Tensor, labels: torch.Tensor) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=DATA_DIR, help="where the checkpoints, held-out set and summary go")
+    ap.add_argument("--out", type=Path, default=DATA_DIR,
+                    help="where the checkpoints, held-out set and summary go")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (results are bitwise reproducible per count)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (results are bitwise reproducible per count)")
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     ap.add_argument("--prepbn-fraction", type=float, default=TrainConfig.prepbn_fraction)
     ap.add_argument("--recal-epochs", type=int, default=TrainConfig.recal_epochs)
@@ -425,15 +436,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"train {len(data['train_labels'])} / held-out {len(data['test_labels'])} images; "
           f"train mean {train_f.mean():.4f} std {train_f.std():.4f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"seed": args.seed, "threads": args.threads, "torch": torch.__version__, "models": {}}
+    summary: dict[str, Any] = {"seed": args.seed, "threads": args.threads, "torch": torch.__version__,
+                               "models": {}}
     if not args.no_save:
         heldout = args.out / HELDOUT_FILE
         np.savez_compressed(
             heldout, images=data["test_images"], labels=data["test_labels"].astype(np.uint8),
             sklearn_indices=data["test_indices"].astype(np.uint16),
         )
-        summary["heldout"] = {"file": HELDOUT_FILE, "sha256": sha256(heldout), "count": len(data["test_labels"]),
-                              "split": f"sklearn train_test_split(test_size={args.heldout}, stratify=y, random_state={args.seed})"}
+        summary["heldout"] = {"file": HELDOUT_FILE, "sha256": sha256(heldout),
+                              "count": len(data["test_labels"]),
+                              "split": f"sklearn train_test_split(test_size={args.heldout}, stratify=y, "
+                                       f"random_state={args.seed})"}
     for name in args.models:
         spec = get_spec(name)
         torch.manual_seed(args.seed)
@@ -449,9 +463,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         acc = 100.0 * correct / total
         train_correct, train_total, _ = evaluate(model, x_train, torch.from_numpy(data["train_labels"]))
         if res.prepbn_steps is not None and res.prepbn_steps != spec.prepbn_steps:
-            print(f"[{name}] note: T={res.prepbn_steps} differs from the registered prepbn_steps={spec.prepbn_steps}")
-        before = "" if res.before_recal is None else f" ({100.0 * res.before_recal / total:.2f}% before the BN re-estimation)"
-        print(f"[{name}] held-out top-1 {acc:.2f}% ({correct}/{total}){before}; smallest margin {margin:.3f}; "
+            print(f"[{name}] note: T={res.prepbn_steps} differs from the registered "
+                  f"prepbn_steps={spec.prepbn_steps}")
+        before = ("" if res.before_recal is None
+                  else f" ({100.0 * res.before_recal / total:.2f}% before the BN re-estimation)")
+        print(f"[{name}] held-out top-1 {acc:.2f}% ({correct}/{total}){before}; "
+              f"smallest margin {margin:.3f}; "
               f"train {100.0 * train_correct / train_total:.2f}%; "
               f"train {res.train_seconds:.0f} s, recalibration {res.recal_seconds:.0f} s; "
               f"PRepBN T={res.prepbn_steps} finished={prepbn_finished(model)}", flush=True)
@@ -460,12 +477,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "heldout_min_margin": round(margin, 4),
             "heldout_correct_before_recal": res.before_recal,
             "train_top1": 100.0 * train_correct / train_total,
-            "iterations": res.iterations, "prepbn_steps": res.prepbn_steps, "recal_batches": res.recal_batches,
+            "iterations": res.iterations, "prepbn_steps": res.prepbn_steps,
+            "recal_batches": res.recal_batches,
             "train_seconds": round(res.train_seconds, 1), "recal_seconds": round(res.recal_seconds, 1),
             "params": sum(p.numel() for p in model.parameters()),
         }
         if not args.no_save:
-            config = authors_config(name, cfg, prepbn_steps=res.prepbn_steps, threads=args.threads, heldout=args.heldout)
+            config = authors_config(name, cfg, prepbn_steps=res.prepbn_steps, threads=args.threads,
+                                    heldout=args.heldout)
             path = args.out / f"{name}.pth"
             epoch = cfg.epochs + (cfg.recal_epochs - 1 if res.prepbn_steps else 0)
             save_authors_checkpoint(path, res, max_accuracy=acc, epoch=epoch, config=config)

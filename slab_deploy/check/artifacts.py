@@ -41,17 +41,20 @@ class ArtifactManifest:
 def _member(folder: Path, manifest: Path, key: str, name: Any) -> Path:
     """`folder / name`, refusing names that are not a plain relative path inside `folder`."""
     if not isinstance(name, str) or not name or not name.isprintable():
-        raise ArtifactError(f"{manifest}: {key!r} must name a file inside {folder}, not {short_repr(name)}; export again")
+        raise ArtifactError(
+            f"{manifest}: {key!r} must name a file inside {folder}, not {short_repr(name)}; export again")
     pure = PurePath(name)
     if pure.is_absolute() or ".." in pure.parts or name.startswith(("/", "\\")):
-        raise ArtifactError(f"{manifest}: {key} {short_repr(name)} points outside {folder}; a manifest names files in its own folder: export again")
+        raise ArtifactError(f"{manifest}: {key} {short_repr(name)} points outside {folder}; "
+                            "a manifest names files in its own folder: export again")
     path = folder / name
     try:
         inside = path.resolve().is_relative_to(folder.resolve())
     except (OSError, RuntimeError, ValueError):
         inside = False
     if not inside:
-        raise ArtifactError(f"{manifest}: {key} {short_repr(name)} resolves outside {folder} (a link?); export again")
+        raise ArtifactError(
+            f"{manifest}: {key} {short_repr(name)} resolves outside {folder} (a link?); export again")
     return path
 
 
@@ -61,7 +64,8 @@ def read_manifest(folder: str | Path) -> ArtifactManifest:
 
     d = Path(folder)
     if not d.is_dir():
-        raise ArtifactError(f"--artifacts {d} is not a directory; pass the output directory of `slab-deploy export`")
+        raise ArtifactError(
+            f"--artifacts {d} is not a directory; pass the output directory of `slab-deploy export`")
     mp = d / "manifest.json"
     if not mp.exists():
         raise ArtifactError(f"{d} has no manifest.json; pass the output directory of `slab-deploy export`")
@@ -73,13 +77,15 @@ def read_manifest(folder: str | Path) -> ArtifactManifest:
     except OSError as exc:
         raise ArtifactError(f"cannot read {mp}: {first_line(exc)}") from None
     if len(raw) > MAX_MANIFEST_BYTES:
-        raise ArtifactError(f"{mp} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest `slab-deploy export` writes; export again")
+        raise ArtifactError(f"{mp} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: "
+                            "not a manifest `slab-deploy export` writes; export again")
     try:
         m = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ArtifactError(f"{mp} is not valid JSON ({first_line(exc, 120)}); export again") from None
     if not isinstance(m, dict):
-        raise ArtifactError(f"{mp} holds a JSON {type(m).__name__}, not the object `slab-deploy export` writes; export again")
+        raise ArtifactError(f"{mp} holds a JSON {type(m).__name__}, "
+                            "not the object `slab-deploy export` writes; export again")
     model = m.get("model")
     if not isinstance(model, str) or not model:
         raise ArtifactError(f"{mp} names no model (its 'model' is {short_repr(model)}); export again")
@@ -97,7 +103,8 @@ def read_manifest(folder: str | Path) -> ArtifactManifest:
     return ArtifactManifest(d, model, deployed, unsimplified, mode, block or None)
 
 
-def check_graph(path: Path, manifest: ArtifactManifest, input_size: Sequence[int], num_classes: int) -> int | None:
+def check_graph(path: Path, manifest: ArtifactManifest, input_size: Sequence[int],
+                num_classes: int) -> int | None:
     """Refuse a graph that is missing, not a file, empty, not ONNX, or another model's. Returns its
     static batch size (None when the batch is dynamic)."""
     import onnx
@@ -111,22 +118,28 @@ def check_graph(path: Path, manifest: ArtifactManifest, input_size: Sequence[int
     try:
         g = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends: a damaged file, whatever the exception
-        raise ArtifactError(f"{path} is not a readable ONNX model ({first_line(exc, 120)}): truncated or damaged; export again") from None
+        raise ArtifactError(f"{path} is not a readable ONNX model ({first_line(exc, 120)}): "
+                            "truncated or damaged; export again") from None
     graph = g.graph
     if not graph.node or not graph.output:
-        raise ArtifactError(f"{path} holds no complete graph ({len(graph.node)} nodes, {len(graph.output)} outputs): truncated? export again")
+        raise ArtifactError(f"{path} holds no complete graph ({len(graph.node)} nodes, "
+                            f"{len(graph.output)} outputs): truncated? export again")
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer):
-        raise ArtifactError(f"{path} keeps weights in external files; slab-deploy exports embed them: export again")
+        raise ArtifactError(
+            f"{path} keeps weights in external files; slab-deploy exports embed them: export again")
     meta = {p.key: p.value for p in g.metadata_props}
     if meta.get("slab_deploy.model", manifest.model) != manifest.model:
-        raise ArtifactError(f"{path} is the graph of {short_repr(meta['slab_deploy.model'])}, but {manifest.folder}/manifest.json "
+        raise ArtifactError(f"{path} is the graph of {short_repr(meta['slab_deploy.model'])}, "
+                            f"but {manifest.folder}/manifest.json "
                             f"says {manifest.model!r}: the folder mixes exports; export again")
     if meta.get("slab_deploy.precision", manifest.precision) != manifest.precision:
-        raise ArtifactError(f"{path} is a {short_repr(meta['slab_deploy.precision'])} graph, but the manifest says {manifest.precision}; export again")
+        raise ArtifactError(f"{path} is a {short_repr(meta['slab_deploy.precision'])} graph, "
+                            f"but the manifest says {manifest.precision}; export again")
     inits = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in inits]
     if len(inputs) != 1 or len(graph.output) != 1:
-        raise ArtifactError(f"{path} has {len(inputs)} inputs and {len(graph.output)} outputs; a slab-deploy graph has one of each")
+        raise ArtifactError(f"{path} has {len(inputs)} inputs and {len(graph.output)} outputs; "
+                            "a slab-deploy graph has one of each")
 
     def dims(v: Any) -> list[int | None]:
         return [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
@@ -137,7 +150,8 @@ def check_graph(path: Path, manifest: ArtifactManifest, input_size: Sequence[int
         raise ArtifactError(f"{path} takes images of shape {di}, but {manifest.model} takes {want}: "
                             "it is not this model's graph (or not at this input size); export again")
     if len(do) != 2 or (do[1] is not None and do[1] != num_classes):
-        raise ArtifactError(f"{path} gives outputs of shape {do}, but {manifest.model} gives [batch, {num_classes}]: "
+        raise ArtifactError(f"{path} gives outputs of shape {do}, "
+                            f"but {manifest.model} gives [batch, {num_classes}]: "
                             "it is not this model's graph; export again")
     return di[0] if di[0] else None
 
@@ -152,11 +166,14 @@ def _zip_directory_ok(path: Path, what: str) -> None:
         tail = fh.read(tail_len)
     i = tail.rfind(b"PK\x05\x06")
     if i < 0 or len(tail) - i < 22:
-        raise ArtifactError(f"{what} is not an .npz (zip) archive; pass the io.npz that `check --report` wrote")
-    _sig, _disk, _cd_disk, _n_disk, n_total, cd_size, _cd_offset, _clen = struct.unpack("<4s4H2LH", tail[i : i + 22])
+        raise ArtifactError(
+            f"{what} is not an .npz (zip) archive; pass the io.npz that `check --report` wrote")
+    _sig, _disk, _cd_disk, _n_disk, n_total, cd_size, _cd_offset, _clen = struct.unpack(
+        "<4s4H2LH", tail[i : i + 22])
     zip64 = i >= 20 and tail[i - 20 : i - 16] == b"PK\x06\x07"
     if zip64 or n_total > _MAX_ZIP_ENTRIES or cd_size > _MAX_ZIP_ENTRIES * 1024:
-        raise ArtifactError(f"{what} has {'a zip64' if zip64 else f'{n_total} entries in a'} directory: not an io.npz that `check --report` writes")
+        raise ArtifactError(f"{what} has {'a zip64' if zip64 else f'{n_total} entries in a'} directory: "
+                            "not an io.npz that `check --report` writes")
 
 
 def _read_npy(fh: BinaryIO, limit: int, what: str, *, labels: bool = False) -> np.ndarray:
@@ -178,7 +195,8 @@ def _read_npy(fh: BinaryIO, limit: int, what: str, *, labels: bool = False) -> n
         raise ArtifactError(f"{what}: {member} have shape {short_repr(shape)}, not {want}")
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > limit:
-        raise ArtifactError(f"{what}: {member} of shape {shape} need {nbytes} bytes, more than the file holds ({limit})")
+        raise ArtifactError(
+            f"{what}: {member} of shape {shape} need {nbytes} bytes, more than the file holds ({limit})")
     data = fh.read(nbytes)
     if len(data) != nbytes:
         raise ArtifactError(f"{what}: {member} are truncated ({len(data)} of {nbytes} bytes)")
@@ -201,24 +219,29 @@ def read_replay(path: str | Path) -> np.ndarray:
             try:
                 info = z.getinfo("inputs.npy")
             except KeyError:
-                raise ArtifactError(f"{what} holds no 'inputs' array; pass the io.npz that `check --report` wrote") from None
+                raise ArtifactError(
+                    f"{what} holds no 'inputs' array; pass the io.npz that `check --report` wrote") from None
             if info.file_size > MAX_REPLAY_BYTES:
-                raise ArtifactError(f"{what}: its inputs take {info.file_size} bytes, more than the {MAX_REPLAY_BYTES} check reads")
+                raise ArtifactError(f"{what}: its inputs take {info.file_size} bytes, "
+                                    f"more than the {MAX_REPLAY_BYTES} check reads")
             with z.open(info) as fh:
                 x = _read_npy(fh, info.file_size, what)  # type: ignore[arg-type]
     except ArtifactError:
         raise
     except MemoryError:
         raise  # not reachable through the bounds above; if it is, that is a bug worth its traceback
-    except Exception as exc:  # zipfile, zlib and numpy's header parser (ast, tokenize) raise many types on damaged bytes
-        raise ArtifactError(f"{what} is not a readable io.npz ({first_line(exc, 160)}); pass the io.npz that `check --report` wrote") from None
+    except Exception as exc:
+        # zipfile, zlib and numpy's header parser (ast, tokenize) raise many types on damaged bytes
+        raise ArtifactError(f"{what} is not a readable io.npz ({first_line(exc, 160)}); "
+                            "pass the io.npz that `check --report` wrote") from None
     if x.shape[0] < 1 or x.shape[0] > MAX_INPUTS:
         raise ArtifactError(f"{what} holds {x.shape[0]} images; check runs 1 to {MAX_INPUTS}")
     with np.errstate(over="ignore"):
         x = x.astype(np.float32)
     bad = int((~np.isfinite(x)).sum())
     if bad:
-        raise ArtifactError(f"{what}: its inputs hold {bad} NaN/Inf values (as float32); nothing can be judged on them")
+        raise ArtifactError(
+            f"{what}: its inputs hold {bad} NaN/Inf values (as float32); nothing can be judged on them")
     return np.ascontiguousarray(x)
 
 
@@ -234,13 +257,16 @@ def read_replay_labels(path: str | Path, count: int) -> np.ndarray | None:
             except KeyError:
                 return None
             if info.file_size > MAX_REPLAY_BYTES:
-                raise ArtifactError(f"{what}: its labels take {info.file_size} bytes, more than the {MAX_REPLAY_BYTES} check reads")
+                raise ArtifactError(f"{what}: its labels take {info.file_size} bytes, "
+                                    f"more than the {MAX_REPLAY_BYTES} check reads")
             with z.open(info) as fh:
                 y = _read_npy(fh, info.file_size, what, labels=True)  # type: ignore[arg-type]
     except ArtifactError:
         raise
     except Exception as exc:
-        raise ArtifactError(f"{what} has unreadable labels ({first_line(exc, 160)}); pass the io.npz that `check --report` wrote") from None
+        raise ArtifactError(f"{what} has unreadable labels ({first_line(exc, 160)}); "
+                            "pass the io.npz that `check --report` wrote") from None
     if y.shape != (count,) or (y < 0).any():
-        raise ArtifactError(f"{what}: {y.shape[0]} labels for {count} inputs, or negative labels; pass the io.npz that `check --report` wrote")
+        raise ArtifactError(f"{what}: {y.shape[0]} labels for {count} inputs, or negative labels; "
+                            "pass the io.npz that `check --report` wrote")
     return y.astype(np.int64)

@@ -48,7 +48,8 @@ def select_inputs(model_name: str, preprocessing: dict[str, Any], *, count: int 
         src = {"source": "seeded random normal images", "count": n, "seed": seed}
     src["labelled"] = labels is not None
     if tuple(x.shape[1:]) != tuple(preprocessing["input_size"]):
-        raise ConfigError(f"inputs have shape {tuple(x.shape[1:])}, {model_name} expects {tuple(preprocessing['input_size'])}")
+        raise ConfigError(f"inputs have shape {tuple(x.shape[1:])}, "
+                          f"{model_name} expects {tuple(preprocessing['input_size'])}")
     if labels is not None and num_classes is not None and int(labels.max()) >= num_classes:
         raise ConfigError(f"the labels go up to {int(labels.max())}, {model_name} has {num_classes} classes")
     return Inputs(x, labels, src)

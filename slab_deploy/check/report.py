@@ -80,7 +80,8 @@ class CheckReport:
 
     @property
     def outcome(self) -> str:
-        """pass | fail (parity, exit 3) | error (broken artefact, exit 1) | unjudged (nothing ran on the deployed graph, exit 1)."""
+        """pass | fail (parity, exit 3) | error (broken artefact, exit 1) | unjudged (nothing ran on the
+        deployed graph, exit 1)."""
         if self.first_error is not None:
             return "error"
         if self.first_failure is not None:
@@ -93,7 +94,8 @@ class CheckReport:
 
     @property
     def exit_code(self) -> int:
-        return {"pass": 0, "fail": ParityError.exit_code, "error": ArtifactError.exit_code, "unjudged": ConfigError.exit_code}[self.outcome]
+        return {"pass": 0, "fail": ParityError.exit_code, "error": ArtifactError.exit_code,
+                "unjudged": ConfigError.exit_code}[self.outcome]
 
     def verdict(self) -> str:
         outcome = self.outcome
@@ -101,13 +103,15 @@ class CheckReport:
         if outcome == "pass":
             return f"PASS: {ran} rungs agree with the checkpoint model ({len(self.rungs) - ran} skipped)"
         if outcome == "unjudged":
-            why = "; ".join(f"{r.label}: {r.reason}" for r in self.rungs if r.rung in DEPLOYED_RUNGS) or "no graph to run"
+            why = ("; ".join(f"{r.label}: {r.reason}" for r in self.rungs if r.rung in DEPLOYED_RUNGS)
+                   or "no graph to run")
             return (f"NOT JUDGED: no rung ran on the deployed graph ({why}); a pass needs at least one of "
                     f"{', '.join(DEPLOYED_RUNGS)}: select a backend this host has")
         if outcome == "error":
             e = self.first_error
             assert e is not None
-            own = (" (on the graph check exported itself: a bug in slab-deploy, please report it with report.json)"
+            own = (" (on the graph check exported itself: a bug in slab-deploy, "
+                   "please report it with report.json)"
                    if self.exported_here else " (the artefact is broken: export again)")
             text = f"ERROR at rung {e.label}: could not run: {e.reason}{own}"
             f = self.first_failure
@@ -116,7 +120,8 @@ class CheckReport:
             return text
         f = self.first_failure
         assert f is not None
-        return f"FAIL at rung {f.label}: {'; '.join(f.failures)} (first rung that broke; earlier rungs passed)"
+        return (f"FAIL at rung {f.label}: {'; '.join(f.failures)} "
+                "(first rung that broke; earlier rungs passed)")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,14 +153,18 @@ class CheckReport:
             "",
             f"**{self.verdict()}**",
             "",
-            f"- checkpoint: `{self.checkpoint or 'embedded default'}` (sha256 `{(self.checkpoint_sha256 or '')[:16]}`)",
+            f"- checkpoint: `{self.checkpoint or 'embedded default'}` "
+            f"(sha256 `{(self.checkpoint_sha256 or '')[:16]}`)",
             f"- weights: {self.weights_label}",
-            f"- inputs: {self.inputs.get('source')} ({self.inputs.get('count')} images, seed {self.inputs.get('seed')})",
+            f"- inputs: {self.inputs.get('source')} "
+            f"({self.inputs.get('count')} images, seed {self.inputs.get('seed')})",
             "- reference: checkpoint model in eval mode, torch fp32 on the CPU"
-            + ("" if self.reference_accuracy is None else f"; top-1 accuracy against the labels {100 * self.reference_accuracy:.2f}%"),
+            + ("" if self.reference_accuracy is None
+               else f"; top-1 accuracy against the labels {100 * self.reference_accuracy:.2f}%"),
             "- top-1 / top-5: agreement with the reference's top-1; accuracy: against the labels",
             "",
-            "| rung | precision | status | max abs | max rel | mean abs | cosine | SQNR dB | top-1 | top-5 | accuracy | tolerance | needed to pass |",
+            "| rung | precision | status | max abs | max rel | mean abs | cosine | SQNR dB "
+            "| top-1 | top-5 | accuracy | tolerance | needed to pass |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rungs:
@@ -168,23 +177,29 @@ class CheckReport:
             tol = ", ".join(f"{k}={v:g}" for k, v in r.tolerance.items()) or "-"
             need = ", ".join(f"{k}={v:.3g}" for k, v in r.needed.items()) or "-"
             status = f"{r.status}: {r.reason}" if r.status in ("skipped", "error") else r.status
-            if r.status == "fail" and r.metrics and (r.metrics.get("nonfinite") or r.metrics.get("nonfinite_reference")):
+            if r.status == "fail" and r.metrics and (
+                    r.metrics.get("nonfinite") or r.metrics.get("nonfinite_reference")):
                 status += f": {'; '.join(r.failures)}"
             lines.append(
-                f"| {r.rung} | {r.precision} | {status.replace('|', '/')} | {f('max_abs', '.2e')} | {f('max_rel', '.2e')} | {f('mean_abs', '.2e')} "
-                f"| {f('cosine', '.6f')} | {f('sqnr_db', '.1f')} | {f('top1', '.3f')} | {f('top5', '.3f')} | {acc(m)} | {tol} | {need} |"
+                f"| {r.rung} | {r.precision} | {status.replace('|', '/')} "
+                f"| {f('max_abs', '.2e')} | {f('max_rel', '.2e')} | {f('mean_abs', '.2e')} "
+                f"| {f('cosine', '.6f')} | {f('sqnr_db', '.1f')} | {f('top1', '.3f')} | {f('top5', '.3f')} "
+                f"| {acc(m)} | {tol} | {need} |"
             )
         if self.replay_command:
             lines += ["", "Replay locally:", "", f"    {self.replay_command}"]
         return "\n".join(lines) + "\n"
 
 
-def replay_base(model_name: str, checkpoint: str | Path | None = None, *, artifacts: str | Path | None = None,
+def replay_base(model_name: str, checkpoint: str | Path | None = None, *,
+                artifacts: str | Path | None = None,
                 backends: Sequence[str] = CHECK_BACKENDS, precisions: Sequence[str] = ("fp32",),
-                tolerance: Sequence[str] = (), ema: bool = False, allow_unfinished_prepbn: bool = False) -> str:
+                tolerance: Sequence[str] = (), ema: bool = False,
+                allow_unfinished_prepbn: bool = False) -> str:
     """The `slab-deploy check` command line that reruns a check (`write_reports` appends
     `--replay io.npz`): the same model, weights, artefacts or precisions, backends and tolerance
-    overrides, shell-quoted. Seed, input count and images are not repeated: a replay feeds the saved inputs."""
+    overrides, shell-quoted. Seed, input count and images are not repeated: a replay feeds the saved
+    inputs."""
     from shlex import quote
 
     words = ["slab-deploy", "check", "--model", model_name]
@@ -194,7 +209,8 @@ def replay_base(model_name: str, checkpoint: str | Path | None = None, *, artifa
         words.append("--ema")
     if allow_unfinished_prepbn:
         words.append("--allow-unfinished-prepbn")
-    words += ["--artifacts", str(artifacts)] if artifacts is not None else ["--precision", ",".join(precisions)]
+    words += (["--artifacts", str(artifacts)] if artifacts is not None
+              else ["--precision", ",".join(precisions)])
     if tuple(backends) != tuple(CHECK_BACKENDS):
         words += ["--backends", ",".join(backends)]
     for t in tolerance:
@@ -207,7 +223,8 @@ def write_reports(report: CheckReport, out_dir: str | Path, replay_base: str) ->
     from slab_deploy.utils import atomic_write
 
     if report.io_inputs is None:
-        raise ValueError("write_reports needs the report run_check returns: it holds the inputs and outputs io.npz keeps")
+        raise ValueError(
+            "write_reports needs the report run_check returns: it holds the inputs and outputs io.npz keeps")
     out = check_report_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     npz = out / "io.npz"

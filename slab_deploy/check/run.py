@@ -35,5 +35,6 @@ def check_and_report(model_name: str, checkpoint: str | Path | None = None, *,
     if report_dir is None:
         return CheckOutcome(rep)
     keep = ("artifacts", "backends", "precisions", "ema", "allow_unfinished_prepbn")
-    base = replay_base(model_name, checkpoint, tolerance=tolerance, **{k: options[k] for k in keep if k in options})
+    base = replay_base(model_name, checkpoint, tolerance=tolerance,
+                       **{k: options[k] for k in keep if k in options})
     return CheckOutcome(rep, write_reports(rep, report_dir, base))

@@ -37,7 +37,8 @@ def batchnorms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchN
 
 
 @torch.no_grad()
-def reestimate_bn_statistics(model: nn.Module, batches: Iterable[torch.Tensor], *, cumulative: bool = True) -> int:
+def reestimate_bn_statistics(model: nn.Module, batches: Iterable[torch.Tensor], *,
+                             cumulative: bool = True) -> int:
     """Run `model` over `batches` with only its BatchNorms in training mode (the rest in eval mode,
     no grad), in place; returns the number of batches. `cumulative`: reset the statistics and average
     them over all images (momentum `images in the batch / images so far`: BatchNorm's momentum=None
@@ -66,7 +67,8 @@ def reestimate_bn_statistics(model: nn.Module, batches: Iterable[torch.Tensor], 
     return steps
 
 
-def _batches(images: torch.Tensor, batch_size: int, seed: int, device: torch.device) -> Iterable[torch.Tensor]:
+def _batches(images: torch.Tensor, batch_size: int, seed: int,
+             device: torch.device) -> Iterable[torch.Tensor]:
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     for i in range(0, len(order), batch_size):
         yield images[order[i : i + batch_size]].to(device)
@@ -80,13 +82,15 @@ def RecalibrateBN(model: nn.Module, images: torch.Tensor, *, batch_size: int = 6
     model = prepare(model, inplace)
     bns = batchnorms(model)
     if not bns:
-        raise ConfigError("the model has no BatchNorm (a LayerNorm model): there are no statistics to re-estimate")
+        raise ConfigError(
+            "the model has no BatchNorm (a LayerNorm model): there are no statistics to re-estimate")
     if batch_size < 1 or len(images) < 1:
         raise ConfigError(f"need at least one image and a batch size >= 1 (got {len(images)}, {batch_size})")
     p = next(model.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     steps = reestimate_bn_statistics(model, _batches(images, batch_size, seed, device))
-    note = f"re-estimated {len(bns)} BatchNorms over {len(images)} images in {steps} batches of <= {batch_size}"
+    note = (f"re-estimated {len(bns)} BatchNorms over {len(images)} images in {steps} batches "
+            f"of <= {batch_size}")
     return PassResult(model, True, [note])
 
 
@@ -154,8 +158,9 @@ class RecalibrationReport:
             acc = getattr(self, k)
             d[k] = None if acc is None else {**asdict(acc), "top1": acc.top1}
         m, v = self.largest("mean_shift"), self.largest("var_change")
-        d["statistics"] = {"count": len(self.norms), "max_mean_shift": m.mean_shift, "max_mean_shift_at": m.name,
-                           "max_var_change": v.var_change, "max_var_change_at": v.name}
+        d["statistics"] = {"count": len(self.norms), "max_mean_shift": m.mean_shift,
+                           "max_mean_shift_at": m.name, "max_var_change": v.var_change,
+                           "max_var_change_at": v.name}
         return d
 
 
@@ -164,7 +169,8 @@ def _changes(before: nn.Module, after: nn.Module) -> list[NormChange]:
     out = []
     for name, old in batchnorms(before):
         om, ov = cast(torch.Tensor, old.running_mean).double(), cast(torch.Tensor, old.running_var).double()
-        nm, nv = cast(torch.Tensor, new[name].running_mean).double(), cast(torch.Tensor, new[name].running_var).double()
+        nm, nv = (cast(torch.Tensor, new[name].running_mean).double(),
+                  cast(torch.Tensor, new[name].running_var).double())
         if not (torch.isfinite(nm).all() and torch.isfinite(nv).all()):
             raise ArtifactError(
                 f"re-estimating gave non-finite statistics in {name} (the model overflows on these images); "
@@ -190,7 +196,8 @@ def _check_output(output: Path, checkpoint: Path, force: bool) -> None:
     if not same and output.exists() and checkpoint.exists():
         same = os.path.samefile(output, checkpoint)  # a hard link or another spelling of the input
     if same:
-        raise ArtifactError(f"--output {output} is the input checkpoint; write the recalibrated one elsewhere")
+        raise ArtifactError(
+            f"--output {output} is the input checkpoint; write the recalibrated one elsewhere")
     if output.is_dir():
         raise ArtifactError(f"--output {output} is a directory; name the checkpoint file to write")
     if output.exists() and not force:
@@ -247,8 +254,9 @@ def recalibrate_checkpoint(
     spec = get_spec(model_name)
     checkpoint, output = Path(checkpoint), Path(output)
     if not spec.is_slab:
-        raise ConfigError(f"{model_name} is a {spec.norm} model with no BatchNorm: there are no statistics to "
-                          "re-estimate (recalibrate applies to SLAB models with RepBN/PRepBN)")
+        raise ConfigError(f"{model_name} is a {spec.norm} model with no BatchNorm: "
+                          "there are no statistics to re-estimate "
+                          "(recalibrate applies to SLAB models with RepBN/PRepBN)")
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: give a batch size of at least 1")
     if limit is not None and limit < 1:
@@ -264,9 +272,11 @@ def recalibrate_checkpoint(
     info = checkpoint_info(model)
     assert info is not None  # a checkpoint was given
     if info.folded is not None:
-        raise ConfigError(f"{checkpoint} is folded (no BatchNorm left); recalibrate the unfolded checkpoint, then fold")
+        raise ConfigError(
+            f"{checkpoint} is folded (no BatchNorm left); recalibrate the unfolded checkpoint, then fold")
     if not batchnorms(model):
-        raise ConfigError(f"{checkpoint} loads as {model_name} without a BatchNorm: there are no statistics to re-estimate")
+        raise ConfigError(f"{checkpoint} loads as {model_name} without a BatchNorm: "
+                          "there are no statistics to re-estimate")
     pre = preprocessing(model)
     classes = info.num_classes or spec.num_classes
     say("reading images")
@@ -276,10 +286,12 @@ def recalibrate_checkpoint(
         calib = datasets.image_folder(images, pre, limit=limit, num_classes=classes)
     judged = calib
     if eval_images is not None:
-        judged = datasets.image_folder(eval_images, pre, limit=limit, option="--eval-images", num_classes=classes)
+        judged = datasets.image_folder(eval_images, pre, limit=limit, option="--eval-images",
+                                       num_classes=classes)
         if judged.labels is None:
-            raise ConfigError(f"--eval-images {eval_images} has no class folders: top-1 needs one sub-folder per "
-                              "class (drop --eval-images to judge on the calibration images)")
+            raise ConfigError(f"--eval-images {eval_images} has no class folders: "
+                              "top-1 needs one sub-folder per class "
+                              "(drop --eval-images to judge on the calibration images)")
     dev = torch.device(device)
     model.to(dev)
     x = torch.from_numpy(calib.x)
@@ -300,7 +312,8 @@ def recalibrate_checkpoint(
         changed = int((pred_before != pred_after).sum())
     say("writing")
     sd_keys = set(read_checkpoint(checkpoint, ema=ema)[0])
-    keys = {f"{name}.{b}": _file_key(f"{name}.{b}", sd_keys) for name, _ in batchnorms(new) for b in BN_BUFFERS}
+    keys = {f"{name}.{b}": _file_key(f"{name}.{b}", sd_keys)
+            for name, _ in batchnorms(new) for b in BN_BUFFERS}
     new_sd = {k: v.detach().cpu() for k, v in new.state_dict().items()}
     old_sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_write(output) as tmp:
@@ -310,21 +323,26 @@ def recalibrate_checkpoint(
                            img_size=img_size).state_dict()
         want = {**old_sd, **{k: written[f].to(old_sd[k].dtype) for k, f in keys.items()}}
         if set(again) != set(want) or any(not torch.equal(v, want[k]) for k, v in again.items()):
-            raise ArtifactError(f"{output.name} does not load back as the recalibrated model; nothing was written")
+            raise ArtifactError(
+                f"{output.name} does not load back as the recalibrated model; nothing was written")
     notes = list(result.notes)
     state = "state_dict_ema" if ema else "model"
     if info.has_ema:
-        notes.append("recalibrated the EMA weights (state_dict_ema); the model weights are unchanged" if ema else
+        notes.append("recalibrated the EMA weights (state_dict_ema); the model weights are unchanged"
+                     if ema else
                      "recalibrated the model weights; the EMA weights (state_dict_ema) are unchanged: "
                      "pass --ema to recalibrate those instead")
     if calib.labels is None and eval_images is None:
         notes.append("no labels: accuracy not measured (give one sub-folder per class, or --eval-images)")
     elif eval_images is None:
-        notes.append("top-1 was measured on the calibration images themselves (pass --eval-images for held-out images)")
+        notes.append("top-1 was measured on the calibration images themselves "
+                     "(pass --eval-images for held-out images)")
     if limit is not None and len(calib) == limit:
-        notes.append(f"read {limit} images, the --limit; if the folder holds more, raise --limit to use them")
+        notes.append(
+            f"read {limit} images, the --limit; if the folder holds more, raise --limit to use them")
     if any(not s.finished for s in info.prepbn):
-        notes.append("the PRepBN schedule had not finished (--allow-unfinished-prepbn); its counters are unchanged")
+        notes.append(
+            "the PRepBN schedule had not finished (--allow-unfinished-prepbn); its counters are unchanged")
     return RecalibrationReport(
         model=model_name, checkpoint=str(checkpoint), checkpoint_sha256=info.sha256, output=str(output),
         output_sha256=sha256_file(output), state=state, images=len(calib), images_source=calib.source,

@@ -117,7 +117,8 @@ def _locate(f: BinaryIO, path: Path) -> Any:
     except CheckpointError:
         raise
     except Exception as exc:  # the reader accepted this pickle; anything here means it is not what it read
-        raise CheckpointError(f"{path}: cannot tell where its tensors are stored ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"{path}: cannot tell where its tensors are stored ({type(exc).__name__}: {exc})") from None
 
 
 def _tensor_refs(obj: Any) -> Iterator[_TensorRef]:
@@ -140,7 +141,8 @@ def _tensor_refs(obj: Any) -> Iterator[_TensorRef]:
 def _entry_refs(top: Any, entry: str, path: Path) -> dict[str, _TensorRef]:
     sd = top[entry] if entry else top
     if not isinstance(sd, dict) or not all(isinstance(v, _TensorRef) for v in sd.values()):
-        raise CheckpointError(f"{path}: entry {entry or '(top level)'!r} is not a plain state_dict of tensors")
+        raise CheckpointError(
+            f"{path}: entry {entry or '(top level)'!r} is not a plain state_dict of tensors")
     return {str(k): v for k, v in sd.items()}
 
 
@@ -179,8 +181,9 @@ def _check_unshared(refs: list[_TensorRef], targets: dict[str, _TensorRef], path
     for name, r in targets.items():
         if counts.get(r.storage.key, 0) > 1:
             raise ArtifactError(
-                f"{path}: tensor {name} shares its storage with other tensors of the file, so it cannot be changed "
-                "alone; re-save the checkpoint with torch.save after `.clone()` of each tensor"
+                f"{path}: tensor {name} shares its storage with other tensors of the file, "
+                "so it cannot be changed alone; "
+                "re-save the checkpoint with torch.save after `.clone()` of each tensor"
             )
 
 
@@ -337,7 +340,8 @@ def replace_tensors(src: str | Path, dst: str | Path, values: dict[str, torch.Te
         raise ArtifactError(f"{src} has no tensor {unknown[0]}")
     for k, v in values.items():
         if tuple(v.shape) != tuple(before[k].shape):
-            raise ArtifactError(f"{k}: new value is {list(v.shape)}, the file's tensor {list(before[k].shape)}")
+            raise ArtifactError(
+                f"{k}: new value is {list(v.shape)}, the file's tensor {list(before[k].shape)}")
     file_values = {info.stripped_prefix + k: v for k, v in values.items()}
     fmt = info.format.split(" ")[0]
     others = [not ema] if info.has_ema or ema else []  # the other state of a training file (EMA or model)
@@ -351,12 +355,14 @@ def replace_tensors(src: str | Path, dst: str | Path, values: dict[str, torch.Te
     else:  # pragma: no cover - read_checkpoint knows no other format
         raise ArtifactError(f"{src}: cannot write a {info.format} checkpoint")
     after, info_after = read_checkpoint(dst, ema=ema)
-    want = {k: (values[k].detach().to("cpu", v.dtype).reshape(v.shape) if k in values else v) for k, v in before.items()}
+    want = {k: (values[k].detach().to("cpu", v.dtype).reshape(v.shape) if k in values else v)
+            for k, v in before.items()}
     wrong = _same(want, after) + [k for e, ob in zip(others, other_before, strict=True)
                                   for k in _same(ob, read_checkpoint(dst, ema=e)[0])]
     if wrong or info_after.top_level_keys != info.top_level_keys:
         raise ArtifactError(
-            f"writing {dst.name} changed more (or less) than asked: {', '.join(wrong[:3]) or 'its top-level entries'}; "
+            f"writing {dst.name} changed more (or less) than asked: "
+            f"{', '.join(wrong[:3]) or 'its top-level entries'}; "
             "nothing was written"
         )
     return {k: after[k] for k in values}
