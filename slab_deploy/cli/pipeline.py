@@ -1,0 +1,221 @@
+"""The pipeline commands: models, inspect, fold, recalibrate, export, check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from slab_deploy.choices import CHECK_BACKENDS, EXPORT_PRECISIONS, describe
+from slab_deploy.cli.app import (
+    CkptOpt,
+    EmaOpt,
+    JsonOpt,
+    ModelOpt,
+    UnfinishedOpt,
+    app,
+    console,
+    csv,
+    echo_json,
+    print_all,
+)
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@app.command()
+def models(
+    pattern: Annotated[str, typer.Argument(help="Shell-style filter, e.g. 'slab_*'.")] = "*",
+    all_: Annotated[bool, typer.Option("--all", help="Include the tiny test variants.")] = False,
+    measure: Annotated[
+        bool, typer.Option("--measure/--no-measure", help="Count params and GMACs from the model itself.")
+    ] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the model zoo: family, norm, attention per stage, params, GMACs, released weights."""
+    from slab_deploy.models import zoo_rows
+
+    rows = zoo_rows(pattern, include_test=all_, measure=measure)
+    if as_json:
+        echo_json(rows)
+        return
+    from slab_deploy.render import models_table
+
+    print_all(models_table(rows))
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+
+
+@app.command()
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file to inspect.")],
+    ema: EmaOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Report a checkpoint's format, layout, variant(s), PRepBN state, EMA, params and sha256."""
+    from slab_deploy.models.checkpoint import detect_variants, read_checkpoint
+
+    sd, info = read_checkpoint(checkpoint, ema=ema)
+    variants = detect_variants(sd)
+    if as_json:
+        echo_json({**info.to_dict(), "variants": variants})
+        return
+    from slab_deploy.render import inspect_table
+
+    print_all(inspect_table(checkpoint, info, variants))
+
+
+# ------------------------------------------------------------------------------------------------ fold
+
+
+@app.command()
+def fold(
+    model: ModelOpt,
+    checkpoint: CkptOpt = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folded checkpoint to write.")] = Path("folded.pt"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    ema: EmaOpt = False,
+    allow_unfinished_prepbn: UnfinishedOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fold every PRepBN/RepBN into its neighbouring Linear/Conv and write a folded checkpoint."""
+    from slab_deploy.errors import ArtifactError
+    from slab_deploy.passes import fold_model, save_folded
+    from slab_deploy.weights import load_model
+
+    if output.exists() and not force:
+        raise ArtifactError(f"{output} exists; pass --force to overwrite it or choose another --output")
+    m = load_model(model, checkpoint, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn)
+    folded, report = fold_model(m)
+    info = getattr(m, "checkpoint_info", None)
+    save_folded(folded, output, source_sha256=info.sha256 if info else None)
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    from slab_deploy.render import fold_summary
+
+    print_all(*fold_summary(report, output))
+
+
+# ------------------------------------------------------------------------------------------------ recalibrate
+
+
+@app.command()
+def recalibrate(
+    model: ModelOpt,
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="Unfolded checkpoint whose BatchNorm statistics are re-estimated.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (same file format and entries as the input).")],
+    images: Annotated[Path | None, typer.Option("--images", help="Folder of images (flat, or one sub-folder per class for top-1); default: the held-out digits, demo models only.")] = None,
+    eval_images: Annotated[Path | None, typer.Option("--eval-images", help="Labelled folder (one sub-folder per class) to measure top-1 on (default: the calibration images).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+    limit: Annotated[int, typer.Option("--limit", help="Most images read from each folder (spread over the classes).")] = 2048,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the order the images are batched in.")] = 0,
+    img_size: Annotated[int | None, typer.Option("--img-size", metavar="PX", help="Input resolution (default: the model's); must fit the checkpoint's positional encodings.")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file (never the input).")] = False,
+    ema: Annotated[bool, typer.Option("--ema", help="Recalibrate the EMA weights (state_dict_ema) instead of the model weights.")] = False,
+    allow_unfinished_prepbn: UnfinishedOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-estimate the RepBN (BatchNorm) statistics of an unfolded SLAB checkpoint on your images, before folding."""
+    from slab_deploy.passes.recalibrate import recalibrate_checkpoint
+
+    with console(stderr=True).status("recalibrating", spinner="dots") as status:
+        report = recalibrate_checkpoint(
+            model, checkpoint, output, images=images, eval_images=eval_images, batch_size=batch_size, limit=limit,
+            seed=seed, img_size=img_size, device=device, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn,
+            force=force, progress=lambda s: status.update(f"{model}: {s}"),
+        )
+    if as_json:
+        echo_json(report.to_dict())
+        return
+    from slab_deploy.render import recalibrate_summary
+
+    print_all(*recalibrate_summary(report))
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+@app.command()
+def export(
+    model: ModelOpt,
+    checkpoint: CkptOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory (default: ./<model>).")] = None,
+    batch: Annotated[str | None, typer.Option("--batch", metavar="N", help="Static batch size (default: dynamic batch).")] = None,
+    dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Dynamic batch dimension (the default).")] = False,
+    opset: Annotated[str, typer.Option("--opset", metavar="N", help="ONNX opset: 18-25 with the torch.export exporter (18 is its native one), 7-20 with TorchScript.")] = "18",
+    precision: Annotated[str, typer.Option("--precision", help=f"{describe(EXPORT_PRECISIONS)}: one value, as an export holds one precision (`check --precision` takes a comma list and exports each); fp16 keeps SLA's normaliser and k^T v in fp32.")] = "fp32",
+    simplifier: Annotated[str, typer.Option("--simplifier", help="onnxslim, onnxsim, none or auto (onnxslim, else onnxsim).")] = "auto",
+    exporter: Annotated[str, typer.Option("--exporter", help="dynamo (torch.export), torchscript, or auto (dynamo, falling back).")] = "auto",
+    img_size: Annotated[str | None, typer.Option("--img-size", metavar="PX", help="Input resolution (default: the model's, 224); must be the checkpoint's for models with positional encodings.")] = None,
+    sla_policy: Annotated[str, typer.Option("--sla-policy", help="fp16 only: SLA in fp32 (the authors' island) or mixed (fp16 matmuls, fp32 normaliser).")] = "fp32",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the parity inputs.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in the output directory (it is replaced whole, and only once the new one passed).")] = False,
+    ema: EmaOpt = False,
+    allow_unfinished_prepbn: UnfinishedOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fold, export to ONNX, simplify and parity-check: writes DIR/model.onnx and DIR/manifest.json.
+
+    DIR is written whole or not at all: a failed export leaves it as it was and puts the failed
+    artefacts in DIR.failed."""
+    from slab_deploy.export.api import ExportOptions, export_model
+
+    opts = ExportOptions.from_text(batch=batch, dynamic_batch=dynamic_batch, opset=opset, img_size=img_size,
+                                   precision=precision, simplifier=simplifier, exporter=exporter, seed=seed,
+                                   sla_policy=sla_policy)
+    with console(stderr=True).status("exporting", spinner="dots") as status:
+        result = export_model(
+            model, checkpoint, output, opts, force=force, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn,
+            progress=lambda s: status.update(f"{model}: {s}"),
+        )
+    if as_json:
+        echo_json(result.manifest)
+        return
+    from slab_deploy.render import export_summary
+
+    print_all(export_summary(result.manifest, result.onnx_path))
+
+
+# ------------------------------------------------------------------------------------------------ check
+
+
+@app.command()
+def check(
+    model: ModelOpt,
+    checkpoint: CkptOpt = None,
+    artifacts: Annotated[Path | None, typer.Option("--artifacts", "-a", help="Output directory of `export` (default: export now, in a temporary directory).")] = None,
+    backends: Annotated[str, typer.Option("--backends", help=f"Comma list of {', '.join(CHECK_BACKENDS)}.")] = ",".join(CHECK_BACKENDS),
+    precision: Annotated[str, typer.Option("--precision", help=f"Comma list of {', '.join(EXPORT_PRECISIONS)}, each exported and checked (without --artifacts, which hold one).")] = "fp32",
+    inputs: Annotated[int | None, typer.Option("--inputs", help="Number of images (default: the whole demo set of a demo model, up to 1000 of --images spread over its classes, else 8 seeded random images).", show_default=False)] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Folder of real images through the model's preprocessing; one sub-folder per class gives labels, and every rung's top-1 accuracy is judged too.")] = None,
+    replay: Annotated[Path | None, typer.Option("--replay", help="io.npz of an earlier report: rerun its exact inputs.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")] = 0,
+    tolerance: Annotated[list[str] | None, typer.Option("--tolerance", help="Override RUNG:METRIC=VALUE (repeatable), e.g. ort_cuda:min_cosine=0.995.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", "--output", "-o", help="Directory for report.json, report.md and io.npz (--output/-o, as in the other commands, are the same option).")] = None,
+    ema: EmaOpt = False,
+    allow_unfinished_prepbn: UnfinishedOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the parity ladder; exit 0 on pass, 3 naming the first rung that broke, 1 on bad input or a broken artefact."""
+    from slab_deploy.check import check_and_report, raise_for_verdict
+
+    with console(stderr=True).status("checking", spinner="dots") as status:
+        done = check_and_report(
+            model, checkpoint, report_dir=report, tolerance=tolerance or [], artifacts=artifacts,
+            backends=csv(backends), precisions=csv(precision), inputs=inputs, images=images, replay=replay,
+            seed=seed, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn,
+            progress=lambda s: status.update(f"{model}: {s}"),
+        )
+    if as_json:
+        echo_json(done.report.to_dict())
+    else:
+        from slab_deploy.render import check_summary
+
+        print_all(*check_summary(done.report, done.paths))
+    raise_for_verdict(done.report)
+
+
