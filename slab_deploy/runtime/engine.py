@@ -223,7 +223,7 @@ def sla_normaliser_nodes(onnx_path: Path, max_hops: int = 6) -> frozenset[str]:
 
 @dataclass
 class EngineResult:
-    """What `build_engine` wrote: the plan, its record, and how long the build took."""
+    """What `build_engine` wrote: the plan and its record (with the build time), and notes."""
 
     plan_path: Path
     record_path: Path
@@ -242,8 +242,28 @@ def build_engine(artifact_dir: str | Path, options: EngineOptions | None = None,
     a broken export, an existing plan without `force`, and an option this TensorRT lacks, all
     before parsing; raises MissingDependencyError without TensorRT."""
     opts = (options or EngineOptions()).validate()
-    say = progress or (lambda _m: None)
     folder = Path(os.path.abspath(artifact_dir))
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder} is not an export directory; pass the output directory of `slab-deploy export`")
+    from filelock import FileLock, Timeout
+
+    from slab_deploy.export.target import LOCK_TIMEOUT_S
+
+    lock = FileLock(str(folder.parent / f".{folder.name}.lock"), timeout=LOCK_TIMEOUT_S)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ArtifactError(f"{folder} is being written by an export or another build; wait for it to finish") from None
+    try:
+        return _build_locked(folder, opts, trt, progress or (lambda _m: None))
+    finally:
+        lock.release()
+
+
+def _build_locked(folder: Path, opts: EngineOptions, trt: TensorRT | None, say: Callable[[str], None]) -> EngineResult:
+    """`build_engine` holding the directory's lock: nothing can swap the export underneath."""
+    from slab_deploy.runtime.tensorrt import build_serialized_engine
+
     export = read_export(folder)
     lo, op, hi = batch_range(opts, export)
     if (folder / PLAN_NAME).exists() and not opts.force:
@@ -263,46 +283,33 @@ def build_engine(artifact_dir: str | Path, options: EngineOptions | None = None,
                           "to fp32; export with --precision fp16 and build that graph instead")
     cache_in = _read_timing_cache(opts.timing_cache)
     settings = BuildSettings(min_batch=lo, opt_batch=op, max_batch=hi, workspace_gib=opts.workspace_gib,
-                             opt_level=opts.opt_level, timing_cache=cache_in, version_compatible=opts.version_compatible,
-                             hardware_compat=opts.hardware_compat,
+                             opt_level=opts.opt_level, timing_cache=None if opts.timing_cache is None else cache_in or b"",
+                             version_compatible=opts.version_compatible, hardware_compat=opts.hardware_compat,
                              compute_capability=opts.compute_capability or (("current",) if trt.rtx else ()),
                              weak_fp16=opts.weak_fp16, pin_fp32=pin)
-    from filelock import FileLock, Timeout
-
-    from slab_deploy.export.target import LOCK_TIMEOUT_S
-    from slab_deploy.runtime.tensorrt import build_serialized_engine
-
-    lock = FileLock(str(folder.parent / f".{folder.name}.lock"), timeout=LOCK_TIMEOUT_S)
     try:
-        lock.acquire()
-    except Timeout:
-        raise ArtifactError(f"{folder} is being written by an export or another build; wait for it to finish") from None
-    try:
-        try:
-            built = build_serialized_engine(export.onnx, settings, trt=trt, progress=say)
-        except UnsupportedBackend as exc:  # a graph this TensorRT cannot parse or build: the artefact's fault here
-            raise ArtifactError(str(exc)) from None
-        if export.batch is None and built.input_shape[:1] != [-1]:
-            raise ArtifactError(f"{export.onnx} parses with input shape {built.input_shape}, but its manifest says dynamic batch; export again")
-        say("inspecting the engine")
-        inspector, note = inspect_engine(trt, built.plan)
-        rest = [int(v) for v in built.input_shape[1:]]
-        record = EngineRecord(
-            model=export.model, precision=export.precision, typing="weak-fp16" if opts.weak_fp16 else "strong",
-            onnx={"file": export.onnx.name, "sha256": export.onnx_sha256},
-            plan={"file": PLAN_NAME, "sha256": _sha256(built.plan), "bytes": len(built.plan)},
-            tensorrt={"flavour": trt.flavour, "module": trt.name, "version": trt.version}, gpu=gpu,
-            targets={"compute_capabilities": targets, "hardware_compat": opts.hardware_compat,
-                     "version_compatible": opts.version_compatible},
-            profile={"input": built.input_name, "min": [lo, *rest], "opt": [op, *rest], "max": [hi, *rest],
-                     "static": export.batch is not None},
-            flags={"workspace_gib": opts.workspace_gib, "opt_level": opts.opt_level,
-                   "timing_cache": str(opts.timing_cache) if opts.timing_cache else None, "pinned_fp32_layers": built.pinned},
-            build_seconds=round(built.seconds, 3), network=built.network, inspector=inspector, inspector_note=note,
-        )
-        plan_path, record_path = commit_engine(folder, built.plan, record)
-    finally:
-        lock.release()
+        built = build_serialized_engine(export.onnx, settings, trt=trt, progress=say)
+    except UnsupportedBackend as exc:  # a graph this TensorRT cannot parse or build: the artefact's fault here
+        raise ArtifactError(str(exc)) from None
+    if export.batch is None and built.input_shape[:1] != [-1]:
+        raise ArtifactError(f"{export.onnx} parses with input shape {built.input_shape}, but its manifest says dynamic batch; export again")
+    say("inspecting the engine")
+    inspector, note = inspect_engine(trt, built.plan)
+    rest = [int(v) for v in built.input_shape[1:]]
+    record = EngineRecord(
+        model=export.model, precision=export.precision, typing="weak-fp16" if opts.weak_fp16 else "strong",
+        onnx={"file": export.onnx.name, "sha256": export.onnx_sha256},
+        plan={"file": PLAN_NAME, "sha256": _sha256(built.plan), "bytes": len(built.plan)},
+        tensorrt={"flavour": trt.flavour, "module": trt.name, "version": trt.version}, gpu=gpu,
+        targets={"compute_capabilities": targets, "hardware_compat": opts.hardware_compat,
+                 "version_compatible": opts.version_compatible},
+        profile={"input": built.input_name, "min": [lo, *rest], "opt": [op, *rest], "max": [hi, *rest],
+                 "static": export.batch is not None},
+        flags={"workspace_gib": opts.workspace_gib, "opt_level": opts.opt_level,
+               "timing_cache": str(opts.timing_cache) if opts.timing_cache else None, "pinned_fp32_layers": built.pinned},
+        build_seconds=round(built.seconds, 3), network=built.network, inspector=inspector, inspector_note=note,
+    )
+    plan_path, record_path = commit_engine(folder, built.plan, record)
     notes = []
     if opts.timing_cache is not None and built.timing_cache is not None:
         from slab_deploy.utils import atomic_write

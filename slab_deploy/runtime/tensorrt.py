@@ -149,7 +149,7 @@ class BuildSettings:
     max_batch: int = 64
     workspace_gib: float | None = None  # None: TensorRT's default (the device's memory)
     opt_level: int | None = None  # builder optimisation level 0-5 (None: TensorRT's default, 3)
-    timing_cache: bytes | None = None  # an earlier build's timing cache to start from
+    timing_cache: bytes | None = None  # a timing cache to start from and return (b"": a new one); None: none
     version_compatible: bool = False
     hardware_compat: str = "none"
     compute_capability: tuple[str, ...] = ()  # TensorRT-RTX targets ("8.9", "current"); () = the GPU here
