@@ -1,23 +1,35 @@
-# GPU image for slab-deploy: CUDA runtime + cuDNN, torch with CUDA, onnxruntime-gpu.
-# Build:  docker build -t slab-deploy .
-# Run:    docker run --gpus all --rm -v $PWD:/work -w /work slab-deploy bench --device cuda --compare slab_swin_tiny --profile h200
-FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+# GPU image for slab-deploy on NVIDIA's TensorRT container (TensorRT, CUDA and cuDNN preinstalled).
+#
+# Base nvcr.io/nvidia/tensorrt:25.11-py3: TensorRT 10.14.1 on CUDA 13.0, Ubuntu 24.04, Python 3.12.
+#  - CUDA 13.0 matches torch's cu130 wheels and onnxruntime-gpu's CUDA 13 build, and runs on R580
+#    drivers (CUDA 13.0) without a forward-compatibility package;
+#  - TensorRT 10 builds both ways: strongly typed (precision from the graph, the only way TensorRT 11
+#    has) and `build --weak-fp16`.
+# For TensorRT 11 pass a 26.x release (--build-arg TRT_TAG=26.08-py3 is reported to carry TensorRT 11.2;
+# check NVIDIA's container release notes) on a host whose driver runs that release's CUDA.
+#
+# Build: docker build -t slab-deploy .
+# Use:   docker run --gpus all --rm slab-deploy slab-deploy bench --device cuda --compare slab_swin_tiny
+#        (add -v "$PWD/out:/home/slab/out" and -o out to keep the reports; the user is uid 10001)
+ARG TRT_TAG=25.11-py3
+FROM nvcr.io/nvidia/tensorrt:${TRT_TAG}
 
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
-    && rm -rf /var/lib/apt/lists/*
-RUN python3 -m venv /opt/venv
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+# The venv sees the base image's TensorRT Python package (system site-packages), and is filled by the
+# image's own pip run from the venv's interpreter (no ensurepip needed).
+RUN python3 -m venv --without-pip --system-site-packages /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# torch built for CUDA 12.6, then onnxruntime-gpu (its CUDA 12 build) instead of the CPU onnxruntime.
-RUN pip install torch --index-url https://download.pytorch.org/whl/cu126
+RUN python -m pip install torch==2.11.0 --index-url https://download.pytorch.org/whl/cu130
 COPY pyproject.toml README.md /src/
 COPY slab_deploy /src/slab_deploy
 COPY profiles /src/profiles
-RUN pip install -e '/src[gpu,simplify,plot,safetensors]'
-# TensorRT is optional and comes from NVIDIA's index:
-#   RUN pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu12
+# GPU extras; onnxruntime-gpu 1.31.1 is its CUDA 13 build. The last line fails the build when the
+# image's TensorRT or the CUDA execution provider cannot be imported.
+RUN python -m pip install '/src[gpu,simplify,plot,safetensors,images]' onnxruntime-gpu==1.31.1 \
+    && python -c "import tensorrt, onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers(); print('tensorrt', tensorrt.__version__)"
 
-WORKDIR /work
-ENTRYPOINT ["slab-deploy"]
-CMD ["--help"]
+RUN groupadd --gid 10001 slab && useradd --create-home --uid 10001 --gid 10001 --shell /bin/bash slab
+USER 10001:10001
+WORKDIR /home/slab
+CMD ["slab-deploy", "--help"]

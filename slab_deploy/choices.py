@@ -32,6 +32,10 @@ EXPORTERS = ("auto", "dynamo", "torchscript")
 SIMPLIFIERS = ("auto", "onnxslim", "onnxsim", "none")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
+# TensorRT's hardware-compatibility levels of an engine (`build --hardware-compat`); TensorRT-RTX
+# names target compute capabilities instead.
+HARDWARE_COMPAT = ("none", "ampere-plus", "same-compute-capability")
+
 
 def describe(allowed: Sequence[str]) -> str:
     """`a, b or c`, for messages."""

@@ -204,6 +204,33 @@ def export_summary(manifest: dict[str, Any], onnx_path: Any) -> Any:
     return _key_value(f"export: {m['model']} ({m['precision']['mode']})", rows)
 
 
+def build_summary(result: Any) -> list[Any]:
+    """What `build` wrote: the engine's provenance (TensorRT, GPU, targets, profile, flags), the
+    precision of its layers, its size and build time, and the notes."""
+    r = result.record
+    prof = r.profile
+    batch = f"static batch {prof['min'][0]}" if prof["static"] else f"batch {prof['min'][0]}/{prof['opt'][0]}/{prof['max'][0]} (min/opt/max)"
+    gpu = f"{r.gpu['name']} (compute capability {r.gpu['compute_capability']})" if r.gpu else "none (ahead-of-time build)"
+    flags = {k: v for k, v in r.flags.items() if v not in (None, 0, False)}
+    net = r.network
+    precisions = ", ".join(f"{k.lower()} {v}" for k, v in sorted(net["by_dtype"].items(), key=lambda kv: -kv[1]))
+    heavy = ", ".join(f"{k.lower()} {v}" for k, v in sorted(net["matmul_conv_by_dtype"].items(), key=lambda kv: -kv[1]))
+    rows = [
+        ("TensorRT", f"{r.tensorrt['flavour']} {r.tensorrt['version']}, {'weakly typed FP16 (SLA normaliser pinned to fp32)' if r.typing == 'weak-fp16' else 'strongly typed'}"),
+        ("graph", f"{r.onnx['file']} ({r.precision}, sha256 {r.onnx['sha256'][:12]})"),
+        ("GPU", gpu),
+        ("runs on", f"compute capability {', '.join(r.targets['compute_capabilities'])}"
+                    + ("; version compatible" if r.targets["version_compatible"] else "")),
+        ("profile", f"{prof['input']}: {batch}"),
+        ("flags", ", ".join(f"{k} {v}" for k, v in flags.items()) or "defaults"),
+        ("layers", f"{net['layers']}: {precisions}; matmul/conv: {heavy or '-'}"),
+        ("engine", f"{result.plan_path} ({r.plan['bytes'] / (1 << 20):.1f} MiB), record {result.record_path.name}"),
+        ("build time", f"{r.build_seconds:.1f}s"),
+    ]
+    out: list[Any] = [_key_value(f"build: {r.model}", [(k, escape(v)) for k, v in rows])]
+    return out + [escape(f"note: {n}") for n in result.notes]
+
+
 def check_summary(report: Any, paths: dict[str, Path] | None = None) -> list[Any]:
     """The parity ladder, the verdict line and, when reports were written, where (and the replay)."""
     style = "green" if report.passed else "red"

@@ -153,12 +153,13 @@ def ort_cuda_rung(graph: Graph, x: np.ndarray) -> Ran:
 
 
 def tensorrt_rung(graph: Graph, x: np.ndarray) -> Ran:
-    """A TensorRT engine built from the deployed graph."""
+    """A TensorRT engine of the deployed graph: the export's model.plan when its record matches the
+    graph, this TensorRT and this GPU (`slab-deploy build`), else one built now."""
     from slab_deploy.runtime.tensorrt import TensorRTRunner
 
     path = graph.manifest.deployed
     r = TensorRTRunner.from_onnx(path, precision=graph.manifest.precision)
-    return Ran(f"tensorrt {r.info.details.get('tensorrt')}", path.name, batched(r, x, graph.batch))
+    return Ran(f"{r.info.details.get('tensorrt')}", r.source, batched(r, x, graph.batch))
 
 
 # The rungs on an export's graphs, in order, with what the progress line says before a rung.

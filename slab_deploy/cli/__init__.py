@@ -1,5 +1,5 @@
 """The `slab-deploy` command line: `app.py` (the typer app, shared options, `main`), one module per
-group of commands (`pipeline.py`: models, inspect, fold, recalibrate, export, check; `measure.py`:
+group of commands (`pipeline.py`: models, inspect, fold, recalibrate, export, build, check; `measure.py`:
 bench, trace, profiles). Each command parses its options, makes one library call and hands the
 result to `slab_deploy.render`. Importing a command module registers its commands on `app`."""
 

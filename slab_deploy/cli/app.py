@@ -15,7 +15,7 @@ from slab_deploy.errors import SlabDeployError
 
 app = typer.Typer(
     name="slab-deploy",
-    help="Take SLAB vision transformers from checkpoint to production: inspect, fold, export, check, bench.",
+    help="Take SLAB vision transformers from checkpoint to production: inspect, fold, export, build, check, bench.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -1,4 +1,4 @@
-"""The pipeline commands: models, inspect, fold, recalibrate, export, check."""
+"""The pipeline commands: models, inspect, fold, recalibrate, export, build, check."""
 
 from __future__ import annotations
 
@@ -178,6 +178,49 @@ def export(
     from slab_deploy.render import export_summary
 
     print_all(export_summary(result.manifest, result.onnx_path))
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+
+@app.command()
+def build(
+    artifacts: Annotated[Path, typer.Argument(help="Output directory of `export` (holds manifest.json and model.onnx).")],
+    min_batch: Annotated[int | None, typer.Option("--min-batch", metavar="N", help="Smallest batch of the engine's profile (dynamic-batch exports; default: 1, or the --profile's smallest).", show_default=False)] = None,
+    opt_batch: Annotated[int | None, typer.Option("--opt-batch", metavar="N", help="Batch the engine is tuned for (default: --min-batch, or the --profile's median).", show_default=False)] = None,
+    max_batch: Annotated[int | None, typer.Option("--max-batch", metavar="N", help="Largest batch of the engine's profile (default: 64, or the --profile's largest).", show_default=False)] = None,
+    profile: Annotated[str | None, typer.Option("--profile", help="CUDA device profile (see `slab-deploy profiles`) whose batches give min/median/max.")] = None,
+    workspace: Annotated[float | None, typer.Option("--workspace", metavar="GIB", help="Builder workspace limit in GiB (default: TensorRT's, the device memory).", show_default=False)] = None,
+    opt_level: Annotated[int | None, typer.Option("--opt-level", metavar="0-5", help="Builder optimisation level (default: TensorRT's, 3).", show_default=False)] = None,
+    timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Timing cache file: loaded when present, saved after the build (TensorRT; reused across builds).")] = None,
+    version_compatible: Annotated[bool, typer.Option("--version-compatible", help="Version-compatible engine with TensorRT's lean runtime (later TensorRT releases of the same major load it).")] = False,
+    hardware_compat: Annotated[str, typer.Option("--hardware-compat", help="TensorRT hardware compatibility: none, ampere-plus or same-compute-capability.")] = "none",
+    compute_capability: Annotated[str | None, typer.Option("--compute-capability", metavar="LIST", help="TensorRT-RTX targets, e.g. 8.9,12.0 (default: current, the GPU here; with a list no GPU is needed).")] = None,
+    weak_fp16: Annotated[bool, typer.Option("--weak-fp16", help="TensorRT 10 only: build an fp32 export weakly typed with the FP16 flag, SLA's normaliser pinned to fp32.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing model.plan and engine.json.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a TensorRT engine from an export: writes DIR/model.plan and its record DIR/engine.json (both or neither).
+
+    Strongly typed (precision from the graph: fp16 export, INT8 Q/DQ export) on TensorRT 11 and TensorRT-RTX; TensorRT 10 also takes --weak-fp16. Without TensorRT it exits 1 naming the extra and the Docker image."""
+    from slab_deploy.runtime.engine import EngineOptions, build_engine, compute_capabilities
+
+    opts = EngineOptions(min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, profile=profile,
+                         workspace_gib=workspace, opt_level=opt_level, timing_cache=timing_cache,
+                         version_compatible=version_compatible, hardware_compat=hardware_compat,
+                         compute_capability=compute_capabilities(compute_capability), weak_fp16=weak_fp16, force=force)
+    with console(stderr=True).status("building", spinner="dots") as status:
+        result = build_engine(artifacts, opts, progress=lambda s: status.update(f"{artifacts}: {s}"))
+    if as_json:
+        echo_json(result.record.to_dict())
+        return
+    from slab_deploy.render import build_summary
+
+    print_all(*build_summary(result))
+
+
+ # ------------------------------------------------------------------------------------------------ check
+
 
 
 # ------------------------------------------------------------------------------------------------ check

@@ -17,7 +17,11 @@ UNSIMPLIFIED_NAME = "model.unsimplified.onnx"  # kept beside model.onnx so `chec
 FAILED_ONNX_NAME = "model.parity-failed.onnx"  # the deployed graph of a failed set (in DIR.failed)
 # What an export directory may hold: anything else is the user's, and such a directory is never
 # replaced (earlier releases also left `.NAME.*.partial` files of interrupted writes).
-ARTIFACT_NAMES = frozenset({ONNX_NAME, MANIFEST_NAME, UNSIMPLIFIED_NAME, FAILED_ONNX_NAME})
+# What `slab-deploy build` adds to an export (runtime/engine_record.py): the engine and its record.
+# An export with --force replaces them with the rest: the new graph has no engine yet.
+PLAN_NAME = "model.plan"
+RECORD_NAME = "engine.json"
+ARTIFACT_NAMES = frozenset({ONNX_NAME, MANIFEST_NAME, UNSIMPLIFIED_NAME, FAILED_ONNX_NAME, PLAN_NAME, RECORD_NAME})
 LOCK_TIMEOUT_S = 0.5
 
 
