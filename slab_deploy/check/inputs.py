@@ -11,17 +11,51 @@ import numpy as np
 from slab_deploy.errors import ConfigError
 
 
+def check_int8_inputs(model_name: str, *, images: str | Path | None, replay: str | Path | None,
+                      exporting: bool = False) -> None:
+    """An INT8 graph is judged on in-distribution images: its scales were fitted to real ones, and on
+    random normal inputs they clip (measured in docs/int8.md). The demo models bring their held-out
+    digits; any other model needs --images (or --replay of such a run), and an export of its own made
+    with --calibration (`exporting`: check would export it now, and has no images to calibrate on).
+    Refused before any work."""
+    from slab_deploy.datasets import is_demo_model
+
+    if is_demo_model(model_name):
+        return
+    if exporting:
+        raise ConfigError(
+            "check exports INT8 itself only for the demo models (they ship calibration images); export "
+            f"{model_name} with `slab-deploy export --precision int8 --calibration DIR` and pass its "
+            "directory as --artifacts"
+        )
+    if images is None and replay is None:
+        raise ConfigError(
+            f"check --precision int8 of {model_name} needs in-distribution inputs: pass --images DIR "
+            "(INT8 scales are calibrated on real images; random normal inputs fall outside their range)"
+        )
+
+
 def select_inputs(model_name: str, preprocessing: dict[str, Any], *, count: int, seed: int,
                   images: str | Path | None = None, replay: str | Path | None = None,
-                  replayed: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                  replayed: np.ndarray | None = None, int8: bool = False
+                  ) -> tuple[np.ndarray, dict[str, Any]]:
     """The (N, 3, H, W) float32 inputs of a check and the report's `inputs` block. `replayed` is
-    what `read_replay(replay)` returned (read before the checkpoint, so a bad file costs nothing)."""
+    what `read_replay(replay)` returned (read before the checkpoint, so a bad file costs nothing).
+    With `int8` and neither images nor a replay, a demo model's held-out digits (check_int8_inputs)."""
     if replayed is not None:
         x = replayed
         src: dict[str, Any] = {"source": f"replay of {replay}", "count": int(x.shape[0]), "seed": None}
     elif images is not None:
         x, names = load_images(images, preprocessing, limit=count)
         src = {"source": f"images from {images}", "count": len(names), "files": names, "seed": None}
+    elif int8:
+        from slab_deploy.datasets import demo_heldout
+
+        check_int8_inputs(model_name, images=images, replay=replay)
+        data = demo_heldout(model_name, preprocessing).head(count)
+        x = data.x
+        src = {"source": f"{data.source} (int8: in-distribution inputs)", "count": len(data),
+               "files": data.names, "seed": None}
     else:
         x = seeded_inputs(count, preprocessing["input_size"], seed)
         src = {"source": "seeded random normal images", "count": count, "seed": seed}

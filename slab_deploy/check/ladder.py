@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from slab_deploy.check.artifacts import ArtifactManifest, check_graph, read_manifest, read_replay
-from slab_deploy.check.inputs import select_inputs
+from slab_deploy.check.inputs import check_int8_inputs, select_inputs
 from slab_deploy.check.options import first_line, validate_options
 from slab_deploy.check.report import CheckReport, RungResult
 from slab_deploy.choices import CHECK_BACKENDS, RUNG_BACKEND
@@ -279,12 +279,16 @@ def run_check(
     say = progress or _quiet
     validate_options(backends, precisions, inputs, images=images, replay=replay)
     manifest = given_manifest(artifacts, model_name)
+    int8 = "int8" in ([manifest.precision] if manifest is not None else precisions)
+    if int8:
+        check_int8_inputs(model_name, images=images, replay=replay, exporting=manifest is None)
     replayed = read_replay(replay) if replay is not None else None
     say("loading checkpoint")
     ref = load_model(model_name, checkpoint, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn)
     info = checkpoint_info(ref)
     pre = preprocessing(ref)
-    x, src = select_inputs(model_name, pre, count=inputs, seed=seed, images=images, replay=replay, replayed=replayed)
+    x, src = select_inputs(model_name, pre, count=inputs, seed=seed, images=images, replay=replay,
+                           replayed=replayed, int8=int8)
     say("reference forward")
     ladder = Ladder(x, reference_outputs(ref, x), backends, tolerance)
     say("folding")
