@@ -18,6 +18,7 @@ from typing import Any
 
 from slab_deploy import __version__
 from slab_deploy.errors import ArtifactError, ExportLintError, ExportParityError
+from slab_deploy.export.calibration import INT8_PARITY_FEED
 from slab_deploy.export.manifest import (
     build_manifest,
     onnx_metadata,
@@ -167,7 +168,8 @@ def _export_into(
             final, steps["quantize"] = int8.result.model, int8.result.seconds
         say("checking ONNX Runtime parity (deployed graph)")
         judged_on = int8.reference if int8 else probe
-        rungs["ort_cpu"] = parity(final, judged_on, "ort_cpu", opts.precision, opts.batch)
+        rungs["ort_cpu"] = parity(final, judged_on, "ort_cpu", opts.precision, opts.batch,
+                                  chunk=INT8_PARITY_FEED if int8 else None)
         if int8 is not None:
             rungs["ort_cpu"]["inputs"] = int8.calibration.parity_source
 

@@ -27,6 +27,7 @@ DEFAULT_CALIBRATION_SAMPLES = 128
 DEFAULT_RANDOM_CALIBRATION_SAMPLES = 8  # latency-only artefacts: the count changes no timing
 MAX_CALIBRATION_SAMPLES = 1024  # 1024 images of 3x224x224 float32 are 0.6 GB, read at once
 PARITY_IMAGES = 64
+INT8_PARITY_FEED = 8  # images per run of the INT8 parity rung (and of its torch reference): bounded memory
 RANDOM_LABEL = "seeded random normal images: INT8 scales for LATENCY ONLY, meaningless for accuracy"
 
 

@@ -232,6 +232,10 @@ def estimate_footprint(model_name: str, opts: ExportOptions) -> Footprint:
         raise UnsupportedInputError(f"--img-size {opts.img_size} does not fit {model_name} ({exc})") from None
     weights = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
     images = opts.batch or max(opts.parity_batch, 2)
+    if opts.precision == "int8":
+        from slab_deploy.export.calibration import INT8_PARITY_FEED
+
+        images = max(images, INT8_PARITY_FEED)  # the INT8 parity rung runs its images in feeds of 8
     # the input images themselves count even where the model's largest activation is smaller
     per_image = MEMORY_ACTIVATION_FACTOR * max(largest.bytes, 3 * size[0] * size[1] * 4)
     needed = MEMORY_BASE_BYTES + MEMORY_WEIGHT_COPIES * weights + images * per_image

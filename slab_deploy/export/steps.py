@@ -80,7 +80,7 @@ def reference(ref: nn.Module, opts: ExportOptions, input_size: list[int]) -> Ref
 
 
 def reference_on(ref: nn.Module, images: np.ndarray, generator: torch.Generator,
-                 batch: int = 32) -> Reference:
+                 batch: int = 8) -> Reference:
     """The reference model's fp32 logits on given images (in batches: bounded memory)."""
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     with torch.no_grad():
@@ -130,22 +130,22 @@ def check_model(raw: onnx.ModelProto) -> None:
 
 
 def parity(model: onnx.ModelProto, ref: Reference, rung: str, precision: str,
-           static_batch: int | None = None) -> dict[str, Any]:
+           static_batch: int | None = None, chunk: int | None = None) -> dict[str, Any]:
     """One parity rung: `model` on ONNX Runtime CPU against the reference logits, judged by the
     tolerance of (`rung`, `precision`). A graph this host's ORT has no kernel for is a skip; one
-    ORT cannot run otherwise is an ExportError. A graph of a static batch runs the images in
-    batches."""
-    from slab_deploy.runtime.ort import run_onnx
+    ORT cannot run otherwise is an ExportError. The images run in feeds of the static batch (the
+    last padded with repeated images whose outputs are dropped) or of `chunk` (bounded memory)."""
+    from slab_deploy.runtime.ort import session
 
     tol = tolerance_for(rung, precision)
+    n = ref.images.shape[0]
+    step = static_batch or chunk or n
     try:
-        if static_batch is None or ref.images.shape[0] == static_batch:
-            got = run_onnx(model, ref.images)
-        else:  # whole static batches, the last padded with repeated images whose outputs are dropped
-            n = ref.images.shape[0]
-            xp = ref.images[np.arange(-(-n // static_batch) * static_batch) % n]
-            parts = [run_onnx(model, xp[i : i + static_batch]) for i in range(0, xp.shape[0], static_batch)]
-            got = np.concatenate(parts)[:n]
+        sess = session(model)
+        name = sess.get_inputs()[0].name
+        xp = ref.images[np.arange(-(-n // step) * step) % n] if static_batch else ref.images
+        parts = [sess.run(None, {name: xp[i : i + step]})[0] for i in range(0, xp.shape[0], step)]
+        got = np.concatenate(parts)[:n].astype(np.float32)
     except Exception as exc:
         text = str(exc)
         if "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text:
@@ -189,7 +189,7 @@ def quantize(model_name: str, fp32: onnx.ModelProto, ref: nn.Module, opts: Expor
              num_classes: int | None) -> Int8Step:
     """Calibrate on the export's calibration images and quantise the simplified fp32 graph; the
     result must pass the explicit-precision audit (else ExportError: nothing would judge it)."""
-    from slab_deploy.export.calibration import calibration_set
+    from slab_deploy.export.calibration import INT8_PARITY_FEED, calibration_set
     from slab_deploy.export.quantize import audit, feed_size, quantize_int8
 
     cal = calibration_set(model_name, opts, pre, num_classes=num_classes)
@@ -199,7 +199,7 @@ def quantize(model_name: str, fp32: onnx.ModelProto, ref: nn.Module, opts: Expor
     if report["problems"]:
         raise ExportError("the INT8 graph is not the explicit-precision Q/DQ graph TensorRT builds: "
                           + report["problems"][0])
-    return Int8Step(res, cal, reference_on(ref, cal.parity, generator), report)
+    return Int8Step(res, cal, reference_on(ref, cal.parity, generator, INT8_PARITY_FEED), report)
 
 
 def check_opset(final: onnx.ModelProto, exp: ExportInfo, sres: SimplifyResult) -> None:
