@@ -25,8 +25,10 @@ RUNG_BACKEND = {"fold": "torch", "onnx": "onnx", "simplified": "onnx", "ort_cpu"
                 "tensorrt": "tensorrt"}
 DEPLOYED_RUNGS = ("simplified", "ort_cpu", "ort_cuda", "tensorrt")  # rungs that run the deployed graph
 
-PRECISIONS = ("fp32", "fp16", "bf16")  # what a backend may run at (bf16: torch only)
-EXPORT_PRECISIONS = ("fp32", "fp16")  # what an exported artefact holds
+# what a backend may run at (bf16: torch only; int8: Q/DQ ONNX graphs)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8")  # what an exported artefact holds
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # how INT8 activation ranges are calibrated
 SLA_POLICIES = ("fp32", "mixed")  # half precision SLA: fp32 island, or fp16 matmuls with an fp32 normaliser
 EXPORTERS = ("auto", "dynamo", "torchscript")
 SIMPLIFIERS = ("auto", "onnxslim", "onnxsim", "none")

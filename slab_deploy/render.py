@@ -190,6 +190,15 @@ def export_summary(manifest: dict[str, Any], onnx_path: Any) -> Any:
         ("simplifier", f"{simp['used']}: {simp['nodes_before']} -> {simp['nodes_after']} nodes" + (f" ({simp['note']})" if simp["note"] else "")),
         ("norm-free graph", "yes" if m["norm_free"] else f"no: {m['lint']['norm_nodes']}"),
     ]
+    i8 = m["precision"].get("int8")
+    if i8:
+        cal = i8["calibration"]
+        where = f"[yellow]{escape(cal['source'])}[/yellow]" if cal["latency_only"] else escape(cal["source"])
+        weights = "per-channel" if i8["per_channel"] else "per-tensor"
+        rows.append(("int8", f"{i8['method']}, {weights} weights; calibrated on {cal['count']} images: "
+                             f"{where}; "
+                             f"{len(i8['float_nodes'])} nodes kept float; "
+                             f"{i8['qdq']['QuantizeLinear']} Q / {i8['qdq']['DequantizeLinear']} DQ"))
     for rung in ("onnx", "ort_cpu"):
         p = m["parity"].get(rung)
         if not p:

@@ -50,20 +50,34 @@ class Tolerance:
 #   ort_cuda    deployed ONNX on ORT CUDA vs checkpoint model
 #   tensorrt    TensorRT engine vs checkpoint model
 #   torch_cuda  torch on CUDA (eager/compile) vs checkpoint model on CPU
+# INT8 (the deployed Q/DQ graph against the fp32 checkpoint model, on in-distribution images: the
+# export's parity images, or check's --images / a demo model's held-out digits). Measured with the
+# default recipe and every method x per-channel/per-tensor (docs/int8.md): on the trained demo models
+# (64 held-out digits) cosine >= 0.990, SQNR >= 25.6 dB, top-1 agreement 1.0; on the tiny test models
+# with random weights and randomised BN statistics, calibrated on digits, cosine >= 0.994, SQNR >= 24.6
+# dB, top-1 agreement >= 0.81. Broken quantisation is far below: SLA's normaliser in INT8 gave SQNR
+# -0.1 dB (cosine 0.38), its products alone in INT8 12 dB. So SQNR >= 20 dB (4.6 dB under the worst
+# good graph, 8 dB over the partly broken one) and cosine >= 0.98 gate; top-1 agreement is loose
+# (0.75) because untrained 1000-class models have near-tied logits that INT8 noise reorders (trained
+# ones did not flip). The `onnx` rung of an int8 export runs its unsimplified graph, which is fp32:
+# judged as an exact rewrite.
+INT8 = Tolerance(min_cosine=0.98, min_sqnr_db=20.0, min_top1=0.75)
+FP16 = Tolerance(min_cosine=0.999, min_sqnr_db=30.0, min_top1=0.99)
+
 TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "fold": {"fp32": Tolerance(max_rel=1e-4)},
-    "onnx": {"fp32": Tolerance(max_rel=1e-4), "fp16": Tolerance(min_cosine=0.999, min_sqnr_db=30.0, min_top1=0.99)},
-    "simplified": {"fp32": Tolerance(max_rel=1e-4), "fp16": Tolerance(min_cosine=0.999, min_sqnr_db=30.0, min_top1=0.99)},
-    "ort_cpu": {"fp32": Tolerance(max_rel=1e-4), "fp16": Tolerance(min_cosine=0.999, min_sqnr_db=30.0, min_top1=0.99)},
+    "onnx": {"fp32": Tolerance(max_rel=1e-4), "fp16": FP16, "int8": Tolerance(max_rel=1e-4)},
+    "simplified": {"fp32": Tolerance(max_rel=1e-4), "fp16": FP16, "int8": INT8},
+    "ort_cpu": {"fp32": Tolerance(max_rel=1e-4), "fp16": FP16, "int8": INT8},
     "ort_cuda": {
         "fp32": Tolerance(max_rel=1e-3),  # cuBLAS/cuDNN may use TF32-free but reordered reductions
         "fp16": Tolerance(min_cosine=0.999, min_sqnr_db=30.0, min_top1=0.99),
-        "int8": Tolerance(min_cosine=0.98, min_sqnr_db=15.0, min_top1=0.9),
+        "int8": INT8,  # not measured on a GPU: the CPU rows' bounds
     },
     "tensorrt": {
         "fp32": Tolerance(max_rel=1e-3),
         "fp16": Tolerance(min_cosine=0.999, min_sqnr_db=30.0, min_top1=0.99),
-        "int8": Tolerance(min_cosine=0.98, min_sqnr_db=15.0, min_top1=0.9),
+        "int8": INT8,  # not measured (no TensorRT here): the CPU rows' bounds
     },
     "torch_cuda": {
         "fp32": Tolerance(max_rel=1e-3),

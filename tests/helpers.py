@@ -134,3 +134,24 @@ def break_the_fold(monkeypatch, fault=None) -> None:  # type: ignore[no-untyped-
         return folded, rep
 
     monkeypatch.setattr(passes, "fold_model", wrong_fold)
+
+
+def digit_folder(folder, count: int | None = None):  # type: ignore[no-untyped-def]
+    """The demo models' held-out digits written by PIL as PNG files, one folder per class (the
+    first `count` images): real images to calibrate INT8 on, at any model's input size (the
+    preprocessing resizes them)."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from slab_deploy.datasets import DATA, DEMO_SUMMARY
+
+    folder = Path(folder)
+    with np.load(DATA / json.loads(DEMO_SUMMARY.read_text())["heldout"]["file"], allow_pickle=False) as f:
+        images, labels = f["images"][:count], f["labels"][:count]
+    for i, (im, label) in enumerate(zip(images, labels, strict=True)):
+        (folder / str(int(label))).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(folder / str(int(label)) / f"{i:03d}.png")
+    return folder

@@ -179,3 +179,40 @@ def test_resolve_profile_defaults_and_overrides() -> None:
         resolve_profile("cpu", None, {"batches": "1,x"})
     with pytest.raises(ConfigError, match="device cannot be overridden"):
         resolve_profile("cpu", None, {"device": "cuda"})
+
+
+def test_bench_int8_cases_are_labelled_and_cached_by_quantisation(tmp_path: Path) -> None:
+    """fp32 and int8 on ort-cpu: the demo model's int8 graph is calibrated on its held-out digits, a
+    model without shipped images on seeded random ones, and its case says that is for latency only;
+    the cached graph is keyed by the quantisation options (a record for others is not reused)."""
+    from slab_deploy.bench import CACHE_RECORD, Target, build_targets, checkpoint_identity
+
+    prof = _profile(backends=("ort-cpu",), precisions=("fp32", "int8"), batches=(1,), iters=2, warmup=1)
+    rep = run_bench(build_targets(models=["slab_deit_demo", "test_slab_deit"]), prof, tmp_path)
+    got = {(r.case.model, r.case.precision): r for r in rep.results}
+    assert all(r.status == "ok" for r in got.values()), [r.reason for r in got.values()]
+    demo = got["slab_deit_demo", "int8"].note
+    assert "held-out digits" in demo and "LATENCY ONLY" not in demo
+    assert "LATENCY ONLY" in got["test_slab_deit", "int8"].note and got["test_slab_deit", "fp32"].note == ""
+    assert any("test_slab_deit" in n and "LATENCY ONLY" in n for n in rep.notes)
+    assert {s["other"] for s in rep.speedups if s["precision"] == "int8 vs fp32"} == {
+        "slab_deit_demo (folded, fp32)", "test_slab_deit (folded, fp32)"}
+    paths = write_outputs(rep, tmp_path)
+    assert "LATENCY ONLY" in paths["markdown"].read_text() and "LATENCY ONLY" in paths["csv"].read_text()
+    ck = checkpoint_identity(Target("test_slab_deit", "folded"))[:12]
+    d = tmp_path / "onnx" / f"test_slab_deit-folded-int8-minmax-pc-random-ck{ck}"
+    record = json.loads((d / CACHE_RECORD).read_text())
+    assert record["int8"]["calibration"] == "random" and record["int8"]["method"] == "minmax"
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["precision"]["int8"]["calibration"]["latency_only"]
+    from slab_deploy.bench.cache import cache_problem, onnx_for
+
+    notes: list[str] = []
+    got_path = onnx_for(Target("test_slab_deit", "folded"), "int8", tmp_path / "onnx", notes=notes)
+    assert got_path == d / "model.onnx"
+    assert notes == []  # the same request: reused
+    keys = ("model", "variant", "precision", "sla_policy", "exporter", "checkpoint_sha256", "int8")
+    want = {k: record[k] for k in keys}
+    assert cache_problem(d / "model.onnx", d / CACHE_RECORD, want) is None
+    other = {**want, "int8": {**want["int8"], "method": "entropy"}}
+    assert "written for another int8" in str(cache_problem(d / "model.onnx", d / CACHE_RECORD, other))

@@ -80,7 +80,7 @@ GOOD = "name: p\ndescription: d\ndevice: cpu\nbackends: [ort-cpu]\nprecisions: [
         ("backends: ort-cpu", "backends", "a non-empty list of torch"),
         ("backends: [ort-cpu, ort-cpu]", "backends", "lists 'ort-cpu' twice"),
         ("precisions: []", "precisions", "a non-empty list"),
-        ("precisions: [fp8]", "precisions[0]", "one of fp32, fp16, bf16, not 'fp8'"),
+        ("precisions: [fp8]", "precisions[0]", "one of fp32, fp16, bf16, int8, not 'fp8'"),
     ],
 )
 def test_profile_values_are_type_checked(tmp_path: Path, line: str, key: str, expected: str) -> None:

@@ -230,7 +230,7 @@ def test_manifest_of_another_model(  # type: ignore[no-untyped-def]
     (["--tolerance", "fold:max_rel=nan"], "must be a finite number"),
     (["--tolerance", "warp:max_rel=1"], "unknown rung 'warp'"),
     (["--precision", ","], "--precision is empty"),
-    (["--precision", "int8"], "unknown precision 'int8'"),
+    (["--precision", "fp8"], "unknown precision 'fp8'"),
 ])
 def test_bad_options(  # type: ignore[no-untyped-def]
         exports, tmp_path: Path, capsys, monkeypatch, extra: list[str], match: str) -> None:

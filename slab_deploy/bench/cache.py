@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from slab_deploy.bench.cases import Target
+from slab_deploy.choices import EXPORT_PRECISIONS
 from slab_deploy.errors import ArtifactError, CheckpointError
 
 CACHE_RECORD = "bench-cache.json"
@@ -42,17 +43,23 @@ def onnx_for(t: Target, precision: str, cache: Path, sla_policy: str = "fp32", e
     exporter, checkpoint sha256) and the file's sha256; otherwise exported afresh (and `notes`
     says why). The directory name carries the checkpoint's identity, so another checkpoint gets
     its own graph."""
-    from slab_deploy.export.api import ExportOptions, export_model
+    from slab_deploy.export.api import export_model
     from slab_deploy.runtime.base import UnsupportedBackend
 
-    if precision not in ("fp32", "fp16"):
-        raise UnsupportedBackend(f"ONNX artefacts are exported in fp32 or fp16, not {precision}")
+    if precision not in EXPORT_PRECISIONS:
+        raise UnsupportedBackend(
+            f"ONNX artefacts are exported in {', '.join(EXPORT_PRECISIONS)}, not {precision}")
+    if precision == "int8" and t.variant == "unfolded":
+        raise UnsupportedBackend(
+            "int8 quantises the folded graph; the unfolded variant runs in fp32 and fp16 only")
+    opts = export_options(t, precision, sla_policy, exporter)
     ck = checkpoint_identity(t)
     want = {"model": t.model, "variant": t.variant, "precision": precision,
             "sla_policy": sla_policy if precision == "fp16" else None, "exporter": exporter,
-            "checkpoint_sha256": ck}
-    name = f"{t.model}-{t.variant}-{precision}" + (f"-sla_{sla_policy}" if precision == "fp16" else "") + (
-        f"-{exporter}" if exporter != "auto" else "") + f"-ck{ck[:12]}"
+            "checkpoint_sha256": ck, "int8": opts.int8_key()}
+    name = (f"{t.model}-{t.variant}-{precision}" + (f"-sla_{sla_policy}" if precision == "fp16" else "")
+            + (f"-{exporter}" if exporter != "auto" else "")
+            + (f"-{int8_tag(opts)}" if precision == "int8" else "") + f"-ck{ck[:12]}")
     d = cache / name
     if d.exists() and not d.is_dir():
         raise ArtifactError(
@@ -64,12 +71,39 @@ def onnx_for(t: Target, precision: str, cache: Path, sla_policy: str = "fp32", e
     if problem and notes is not None:
         notes.append(f"re-exported {d}: {problem}")
     record.unlink(missing_ok=True)  # a failed export below must not leave a record behind
-    export_model(t.model, t.checkpoint, d,
-                 ExportOptions(precision=precision, fold=t.variant != "unfolded", simplifier="auto",
-                               sla_policy=sla_policy, exporter=exporter),
-                 force=True)
+    export_model(t.model, t.checkpoint, d, opts, force=True)
     _write_cache_record(path, record, want)
     return path
+
+
+def export_options(t: Target, precision: str, sla_policy: str = "fp32", exporter: str = "auto") -> Any:
+    """The export a bench case runs on. INT8: the demo models calibrate on their held-out digits; any
+    other model on seeded random images, which is good for latency and nothing else (`calibration_note`)."""
+    from slab_deploy.datasets import is_demo_model
+    from slab_deploy.export.api import ExportOptions
+
+    random = precision == "int8" and not is_demo_model(t.model)
+    return ExportOptions(precision=precision, fold=t.variant != "unfolded", simplifier="auto",
+                         sla_policy=sla_policy, exporter=exporter, random_calibration=random)
+
+
+def int8_tag(opts: Any) -> str:
+    key = opts.int8_key()
+    weights = "pc" if key["per_channel"] else "pt"
+    return f"{key['method']}-{weights}-{'random' if opts.random_calibration else 'cal'}"
+
+
+def calibration_note(model: str, precision: str) -> str:
+    """What a bench result says about where its INT8 scales came from ("" for other precisions)."""
+    if precision != "int8":
+        return ""
+    from slab_deploy.datasets import is_demo_model
+
+    if is_demo_model(model):
+        return "int8 calibrated on the demo model's held-out digits"
+    from slab_deploy.export.calibration import RANDOM_LABEL
+
+    return f"int8 calibrated on {RANDOM_LABEL}"
 
 
 def cache_problem(path: Path, record: Path, want: dict[str, Any]) -> str | None:

@@ -11,9 +11,9 @@ from typing import Any
 
 from slab_deploy.bench.results import BenchReport
 
-COLUMNS = ("model", "variant", "backend", "precision", "batch", "threads", "status", "median_ms", "p90_ms",
-           "p95_ms", "p99_ms", "mean_ms", "cv", "throughput", "h2d_ms", "d2h_ms", "peak_mem_mib", "compile_s",
-           "tflops", "mfu", "samples", "unstable", "timer", "reason")
+COLUMNS = ("model", "variant", "backend", "precision", "batch", "threads", "status", "median_ms", "p90_ms", "p95_ms",
+           "p99_ms", "mean_ms", "cv", "throughput", "h2d_ms", "d2h_ms", "peak_mem_mib", "compile_s", "tflops", "mfu",
+           "samples", "unstable", "timer", "reason", "note")
 
 
 def write_outputs(report: BenchReport, out: Path) -> dict[str, Path]:
@@ -75,6 +75,8 @@ def to_markdown(report: BenchReport) -> str:
     for r in report.results:
         c = r.case
         note = r.reason if r.status != "ok" else ("unstable (CV > 10%)" if r.unstable else "")
+        if r.note:
+            note = (note + "; " + r.note).strip("; ")
         if r.compile_s:
             note = (note + f"; compile {r.compile_s:.0f} s").strip("; ")
         lines.append(

@@ -33,6 +33,7 @@ class Result:
     mfu: float | None = None
     unstable: bool = False
     timer: str = ""
+    note: str = ""  # e.g. where an int8 graph's scales came from (random ones: latency only)
 
     def flat(self) -> dict[str, Any]:
         d = asdict(self)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from slab_deploy.bench.cache import checkpoint_identity, onnx_for
+from slab_deploy.bench.cache import calibration_note, checkpoint_identity, onnx_for
 from slab_deploy.bench.cases import Case, Target, load_target, reason, target_key
 from slab_deploy.bench.environment import environment
 from slab_deploy.bench.gate import check_threshold, compare_against, judge, load_baseline
@@ -112,6 +112,9 @@ def run_bench(
                 graph = (t.model, t.variant, t.checkpoint, case.precision)
                 if graph in export_failed:
                     raise ExportError(f"{export_failed[graph]} (the export failed for an earlier case of this run)")
+                res.note = calibration_note(t.model, case.precision)
+                if res.note and "LATENCY ONLY" in res.note and f"{t.model}: {res.note}" not in notes:
+                    notes.append(f"{t.model}: {res.note}")
                 try:
                     source = onnx_for(t, case.precision, cache, profile.sla_policy, profile.exporter, notes=notes)
                 except UnsupportedBackend:

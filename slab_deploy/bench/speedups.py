@@ -9,7 +9,9 @@ from slab_deploy.bench.results import Result
 
 
 def speedups(results: Sequence[Result]) -> list[dict[str, Any]]:
-    """For each (backend, precision, batch, threads): SLAB folded vs each baseline and vs unfolded."""
+    """For each (backend, precision, batch, threads): SLAB folded vs each baseline and vs unfolded.
+    An int8 SLAB case is also set against the fp32 cases of its baselines and of itself, on the same
+    backend, batch and threads (precision "int8 vs fp32"): what deploying INT8 buys over fp32."""
     ok = [r for r in results if r.status == "ok" and r.median_ms]
     out = []
     for r in ok:
@@ -17,16 +19,21 @@ def speedups(results: Sequence[Result]) -> list[dict[str, Any]]:
             continue
         for o in ok:
             c, d = r.case, o.case
-            if o is r or ((d.backend, d.precision, d.batch, d.threads)
-                          != (c.backend, c.precision, c.batch, c.threads)):
+            if o is r or (d.backend, d.batch, d.threads) != (c.backend, c.batch, c.threads):
                 continue
-            if d.variant in ("baseline", "unfolded"):
-                out.append({
-                    "slab": c.model, "other": d.model if d.variant == "baseline" else f"{d.model} (unfolded)",
-                    "backend": c.backend, "precision": c.precision, "batch": c.batch, "threads": c.threads,
-                    "slab_ms": r.median_ms, "other_ms": o.median_ms,
-                    "speedup": o.median_ms / r.median_ms,  # type: ignore[operator]
-                })
+            if d.precision == c.precision and d.variant in ("baseline", "unfolded"):
+                other = d.model if d.variant == "baseline" else f"{d.model} (unfolded)"
+                precision = c.precision
+            elif (c.precision, d.precision) == ("int8", "fp32") and (
+                    d.variant == "baseline" or d.model == c.model):
+                other, precision = f"{d.model} ({d.variant}, fp32)", "int8 vs fp32"
+            else:
+                continue
+            out.append({
+                "slab": c.model, "other": other, "backend": c.backend, "precision": precision,
+                "batch": c.batch, "threads": c.threads, "slab_ms": r.median_ms, "other_ms": o.median_ms,
+                "speedup": o.median_ms / r.median_ms,  # type: ignore[operator]
+            })
     return out
 
 

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from slab_deploy.check.options import MAX_INPUTS, first_line, short_repr
-from slab_deploy.choices import EXPORT_PRECISIONS
+from slab_deploy.choices import EXPORT_PRECISIONS, describe
 from slab_deploy.errors import ArtifactError
 
 MAX_MANIFEST_BYTES = 4 << 20  # manifests are tens of kB; refuse anything that would cost memory to parse
@@ -99,7 +99,8 @@ def read_manifest(folder: str | Path) -> ArtifactManifest:
         raise ArtifactError(f"{mp}: 'precision' is {short_repr(block)}, not an object; export again")
     mode = block.get("mode", "fp32")
     if mode not in EXPORT_PRECISIONS:
-        raise ArtifactError(f"{mp}: precision mode {short_repr(mode)} is not fp32 or fp16; export again")
+        raise ArtifactError(
+            f"{mp}: precision mode {short_repr(mode)} is not {describe(EXPORT_PRECISIONS)}; export again")
     return ArtifactManifest(d, model, deployed, unsimplified, mode, block or None)
 
 

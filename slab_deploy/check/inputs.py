@@ -16,6 +16,30 @@ SEEDED_INPUTS = 8  # images of a check on seeded random inputs unless --inputs s
 FOLDER_INPUTS = 1000  # at most this many images of an --images folder unless --inputs says otherwise
 
 
+def check_int8_inputs(model_name: str, *, images: str | Path | None, replay: str | Path | None,
+                      exporting: bool = False) -> None:
+    """An INT8 graph is judged on in-distribution images: its scales were fitted to real ones, and on
+    random normal inputs they clip (measured in docs/int8.md). The demo models bring their held-out
+    digits; any other model needs --images (or --replay of such a run), and an export of its own made
+    with --calibration (`exporting`: check would export it now, and has no images to calibrate on).
+    Refused before any work."""
+    from slab_deploy.datasets import is_demo_model
+
+    if is_demo_model(model_name):
+        return
+    if exporting:
+        raise ConfigError(
+            "check exports INT8 itself only for the demo models (they ship calibration images); export "
+            f"{model_name} with `slab-deploy export --precision int8 --calibration DIR` and pass its "
+            "directory as --artifacts"
+        )
+    if images is None and replay is None:
+        raise ConfigError(
+            f"check --precision int8 of {model_name} needs in-distribution inputs: pass --images DIR "
+            "(INT8 scales are calibrated on real images; random normal inputs fall outside their range)"
+        )
+
+
 class Inputs(NamedTuple):
     """(N, 3, H, W) float32 inputs, (N,) int64 labels or None, and the report's `inputs` block."""
 

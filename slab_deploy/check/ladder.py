@@ -27,7 +27,7 @@ from slab_deploy.check.artifacts import (
     read_replay,
     read_replay_labels,
 )
-from slab_deploy.check.inputs import select_inputs
+from slab_deploy.check.inputs import check_int8_inputs, select_inputs
 from slab_deploy.check.options import first_line, validate_options
 from slab_deploy.check.report import CheckReport, RungResult
 from slab_deploy.choices import CHECK_BACKENDS, RUNG_BACKEND
@@ -288,6 +288,9 @@ def run_check(
     say = progress or _quiet
     validate_options(backends, precisions, inputs, images=images, replay=replay)
     manifest = given_manifest(artifacts, model_name)
+    int8 = "int8" in ([manifest.precision] if manifest is not None else precisions)
+    if int8:
+        check_int8_inputs(model_name, images=images, replay=replay, exporting=manifest is None)
     replayed = read_replay(replay) if replay is not None else None
     replay_labels = read_replay_labels(replay, len(replayed)) if replay is not None and replayed is not None else None
     say("loading checkpoint")

@@ -11,7 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from slab_deploy.choices import CHECK_BACKENDS, DEPLOYED_RUNGS, EXPORT_PRECISIONS, RUNG_BACKEND, RUNGS
+from slab_deploy.choices import (
+    CHECK_BACKENDS,
+    DEPLOYED_RUNGS,
+    EXPORT_PRECISIONS,
+    RUNG_BACKEND,
+    RUNGS,
+    describe,
+)
 from slab_deploy.errors import ConfigError
 
 MAX_INPUTS = 4096  # images per check (the exporter's dynamic batch goes up to 4096 too)
@@ -44,11 +51,13 @@ def validate_options(backends: Sequence[str], precisions: Sequence[str], inputs:
             "add onnx, ort-cpu, ort-cuda or tensorrt"
         )
     if not precisions:
-        raise ConfigError("--precision is empty; pass fp32, fp16 or fp32,fp16")
+        raise ConfigError("--precision is empty; pass fp32, fp16, int8 or a comma list such as fp32,int8")
     for p in precisions:
         if p not in EXPORT_PRECISIONS:
-            raise ConfigError(f"unknown precision {short_repr(p)}; check supports fp32 and fp16")
-    if inputs is not None and (isinstance(inputs, bool) or not isinstance(inputs, int) or not 1 <= inputs <= MAX_INPUTS):
+            raise ConfigError(
+                f"unknown precision {short_repr(p)}; check supports {describe(EXPORT_PRECISIONS)}")
+    if inputs is not None and (isinstance(inputs, bool) or not isinstance(inputs, int)
+                               or not 1 <= inputs <= MAX_INPUTS):
         raise ConfigError(f"--inputs must be between 1 and {MAX_INPUTS}, not {short_repr(inputs)}")
     if images is not None and replay is not None:
         raise ConfigError("--images and --replay exclude each other: a replay reruns the inputs it saved")

@@ -42,7 +42,9 @@ def bench(
     compare: Annotated[str | None, typer.Option("--compare", help="A SLAB model: benchmark it folded with its LayerNorm and FLatten baselines.")] = None,
     unfolded: Annotated[bool, typer.Option("--unfolded", help="Also benchmark SLAB models unfolded (as trained).")] = False,
     backends: Annotated[str | None, typer.Option("--backends", help="Comma list: torch, torch-cudagraph, torch-compile, ort-cpu, ort-cuda, ort-cuda-graph, tensorrt.")] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="Comma list of fp32, fp16, bf16.")] = None,
+    precision: Annotated[str | None, typer.Option(
+        "--precision",
+        help="Comma list of fp32, fp16, bf16, int8 (int8: Q/DQ graphs on the ONNX backends).")] = None,
     batch: Annotated[str | None, typer.Option("--batch", help="Comma list of batch sizes, e.g. 1,8,64.")] = None,
     threads: Annotated[str | None, typer.Option("--threads", help="Comma list of CPU thread counts (CPU backends).")] = None,
     profile: Annotated[str | None, typer.Option("--profile", help="Named target in profiles/ (see `slab-deploy profiles`) or a .yaml path.")] = None,
@@ -112,7 +114,9 @@ def trace(
     compare: Annotated[str | None, typer.Option("--compare", help="A SLAB model: trace it folded with its LayerNorm and FLatten baselines.")] = None,
     unfolded: Annotated[bool, typer.Option("--unfolded", help="Also trace SLAB models unfolded (as trained).")] = False,
     backends: Annotated[str | None, typer.Option("--backends", "--backend", help="One of torch, torch-cudagraph, torch-compile, ort-cpu, ort-cuda, ort-cuda-graph (default: torch with --device cuda, ort-cpu with --device cpu); --backend is the earlier spelling.")] = None,
-    precision: Annotated[str, typer.Option("--precision", help="One of fp32, fp16, bf16 (trace profiles one backend and one precision per run).")] = "fp32",
+    precision: Annotated[str, typer.Option(
+        "--precision",
+        help="One of fp32, fp16, bf16, int8 (trace profiles one backend and precision per run).")] = "fp32",
     batch: Annotated[int, typer.Option("--batch", help="Batch size.")] = 1,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (CPU backends).")] = None,
     iters: Annotated[int, typer.Option("--iters", help="Profiled iterations (figures are per iteration).")] = 10,

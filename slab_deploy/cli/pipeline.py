@@ -147,11 +147,25 @@ def export(
     batch: Annotated[str | None, typer.Option("--batch", metavar="N", help="Static batch size (default: dynamic batch).")] = None,
     dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch", help="Dynamic batch dimension (the default).")] = False,
     opset: Annotated[str, typer.Option("--opset", metavar="N", help="ONNX opset: 18-25 with the torch.export exporter (18 is its native one), 7-20 with TorchScript.")] = "18",
-    precision: Annotated[str, typer.Option("--precision", help=f"{describe(EXPORT_PRECISIONS)}: one value, as an export holds one precision (`check --precision` takes a comma list and exports each); fp16 keeps SLA's normaliser and k^T v in fp32.")] = "fp32",
+    precision: Annotated[str, typer.Option("--precision", help=(
+        f"{describe(EXPORT_PRECISIONS)}: one value, as an export holds one precision (`check "
+        "--precision` takes a comma list and exports each); fp16 keeps SLA's normaliser and k^T v in fp32; "
+        "int8 is a Q/DQ graph quantised from the fp32 one (docs/int8.md)."))] = "fp32",
     simplifier: Annotated[str, typer.Option("--simplifier", help="onnxslim, onnxsim, none or auto (onnxslim, else onnxsim).")] = "auto",
     exporter: Annotated[str, typer.Option("--exporter", help="dynamo (torch.export), torchscript, or auto (dynamo, falling back).")] = "auto",
     img_size: Annotated[str | None, typer.Option("--img-size", metavar="PX", help="Input resolution (default: the model's, 224); must be the checkpoint's for models with positional encodings.")] = None,
     sla_policy: Annotated[str, typer.Option("--sla-policy", help="fp16 only: SLA in fp32 (the authors' island) or mixed (fp16 matmuls, fp32 normaliser).")] = "fp32",
+    calibration: Annotated[Path | None, typer.Option("--calibration", metavar="DIR", help=(
+        "int8: folder of calibration images (flat, or one folder per class); the demo models default to "
+        "their held-out digits, any other model needs it."))] = None,
+    calibration_samples: Annotated[str | None, typer.Option(
+        "--calibration-samples", metavar="N",
+        help="int8: images to calibrate on (default 128, at most 1024).")] = None,
+    calibration_method: Annotated[str | None, typer.Option(
+        "--calibration-method", help="int8: minmax (default), entropy or percentile (99.999%).")] = None,
+    per_channel: Annotated[bool | None, typer.Option(
+        "--per-channel/--per-tensor",
+        help="int8: one weight scale per output channel (default) or per tensor.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the parity inputs.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in the output directory (it is replaced whole, and only once the new one passed).")] = False,
     ema: EmaOpt = False,
@@ -166,7 +180,9 @@ def export(
 
     opts = ExportOptions.from_text(batch=batch, dynamic_batch=dynamic_batch, opset=opset, img_size=img_size,
                                    precision=precision, simplifier=simplifier, exporter=exporter, seed=seed,
-                                   sla_policy=sla_policy)
+                                   sla_policy=sla_policy, calibration=calibration,
+                                   calibration_samples=calibration_samples,
+                                   calibration_method=calibration_method, per_channel=per_channel)
     with console(stderr=True).status("exporting", spinner="dots") as status:
         result = export_model(
             model, checkpoint, output, opts, force=force, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn,

@@ -1,4 +1,5 @@
-"""`export`: checkpoint -> folded model -> ONNX (fp32 or fp16) -> simplified -> parity-checked, with a manifest.
+"""`export`: checkpoint -> folded model -> ONNX (fp32, fp16, or int8 quantised from the fp32 graph) ->
+simplified -> parity-checked, with a manifest.
 
 An export is a transaction on its output directory DIR: the options are checked first (values,
 the image size against the model, a memory estimate), then DIR is locked, the whole artefact set
@@ -17,6 +18,7 @@ from typing import Any
 
 from slab_deploy import __version__
 from slab_deploy.errors import ArtifactError, ExportLintError, ExportParityError
+from slab_deploy.export.calibration import INT8_PARITY_FEED
 from slab_deploy.export.manifest import (
     build_manifest,
     onnx_metadata,
@@ -33,6 +35,7 @@ from slab_deploy.export.options import (
     estimate_footprint,
 )
 from slab_deploy.export.steps import (
+    base_precision,
     check_model,
     check_opset,
     export_onnx,
@@ -40,6 +43,7 @@ from slab_deploy.export.steps import (
     load,
     parity,
     prepare_precision,
+    quantize,
     reference,
     simplify_checked,
 )
@@ -107,10 +111,12 @@ def export_model(
     out_dir = Path(output_dir) if output_dir is not None else Path(model_name)
     if out_dir.exists() and not out_dir.is_dir():
         raise ArtifactError(f"--output {out_dir} is a file; pass a directory")
-    opts.validate(model_name)
+    footprint = opts.validate(model_name)
+    largest = footprint.activation_bytes if footprint is not None else 0
     with ExportTarget(out_dir, force=force) as target:
         return _export_into(target, model_name, checkpoint, opts, say, ema=ema,
-                            allow_unfinished_prepbn=allow_unfinished_prepbn, keep_unsimplified=keep_unsimplified)
+                            allow_unfinished_prepbn=allow_unfinished_prepbn,
+                            keep_unsimplified=keep_unsimplified, largest_activation=largest)
 
 @contextmanager
 def _timed(steps: dict[str, float], name: str, minus: Callable[[], float] = lambda: 0.0) -> Iterator[None]:
@@ -122,6 +128,7 @@ def _timed(steps: dict[str, float], name: str, minus: Callable[[], float] = lamb
 def _export_into(
     target: ExportTarget, model_name: str, checkpoint: str | Path | None, opts: ExportOptions,
     say: Callable[[str], None], *, ema: bool, allow_unfinished_prepbn: bool, keep_unsimplified: bool,
+    largest_activation: int = 0,
 ) -> ExportResult:
     """The steps, in order, writing into `target.staging`; commits or diverts `target` at the end."""
     from slab_deploy.models import checkpoint_info, model_spec
@@ -137,29 +144,41 @@ def _export_into(
         folded, report = fold(ref, opts)
     pre = preprocessing(ref)
     probe = reference(ref, opts, pre["input_size"])
+    base = base_precision(opts.precision)
     with _timed(steps, "export"):
-        say(f"exporting ONNX ({opts.precision})")
-        deploy = prepare_precision(folded, opts.precision, opts.sla_policy)
+        say(f"exporting ONNX ({base})")
+        deploy = prepare_precision(folded, base, opts.sla_policy)
         raw, exp = export_onnx(deploy, probe, opts, pre["input_size"], target.staging)
     check_model(raw)
 
     rungs: dict[str, Any] = {}
-    with _timed(steps, "parity", minus=lambda: steps["simplify"]):
+    int8 = None
+    with _timed(steps, "parity", minus=lambda: steps["simplify"] + steps.get("quantize", 0.0)):
         say("checking ONNX Runtime parity (unsimplified)")
-        rungs["onnx"] = parity(raw, probe, "onnx", opts.precision)
+        rungs["onnx"] = parity(raw, probe, "onnx", base)
         say("simplifying")
         sres = simplify_checked(raw, probe, opts, rungs["onnx"])
         final = sres.model
         steps["simplify"] = sres.seconds
+        check_opset(final, exp, sres)
+        if opts.precision == "int8":
+            say("calibrating and quantising (int8)")
+            int8 = quantize(model_name, final, ref, opts, pre, target.staging, probe.generator,
+                            largest_activation, info.num_classes if info else None)
+            final, steps["quantize"] = int8.result.model, int8.result.seconds
         say("checking ONNX Runtime parity (deployed graph)")
-        rungs["ort_cpu"] = parity(final, probe, "ort_cpu", opts.precision)
-    check_opset(final, exp, sres)
+        judged_on = int8.reference if int8 else probe
+        rungs["ort_cpu"] = parity(final, judged_on, "ort_cpu", opts.precision, opts.batch,
+                                  chunk=INT8_PARITY_FEED if int8 else None)
+        if int8 is not None:
+            rungs["ort_cpu"]["inputs"] = int8.calibration.parity_source
 
     lint_res = lint(final)
     weights = str(getattr(ref, "weights", "checkpoint"))
-    meta = onnx_metadata(model_name, opts, pre, info, weights)
+    meta = onnx_metadata(model_name, opts, pre, info, weights, int8.calibration if int8 else None)
     set_metadata(final, meta)
-    final.doc_string = f"{model_name} exported by slab-deploy {__version__} ({opts.precision}, folded)"
+    final.doc_string = f"{model_name} exported by slab-deploy {__version__} ({opts.precision}, folded)" + (
+        f"; {int8.calibration.source}" if int8 and int8.calibration.latency_only else "")
     spec = model_spec(ref)
     passed = all(r.get("passed", True) for r in rungs.values())
     norm_ok = lint_res.norm_free or not spec.is_slab or report.kept > 0 or not opts.fold
@@ -167,7 +186,7 @@ def _export_into(
     manifest = build_manifest(
         status=status, model_name=model_name, spec=spec, weights=weights, info=info, ema=ema, report=report,
         exp=exp, sres=sres, final=final, lint_res=lint_res, opts=opts, pre=pre, parity=rungs,
-        parity_batch=opts.batch or opts.parity_batch, steps=steps,
+        parity_batch=opts.batch or opts.parity_batch, steps=steps, int8=int8,
     )
     write_artifacts(target.staging, manifest, raw, final, meta, keep_unsimplified=keep_unsimplified)
     return _commit(target, model_name, manifest, steps, lint_res.norm_nodes, rungs, final)

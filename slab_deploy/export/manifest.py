@@ -15,9 +15,11 @@ import onnx
 import torch
 
 from slab_deploy import __version__
+from slab_deploy.export.calibration import CalibrationSet
 from slab_deploy.export.onnx_export import INPUT_NAME, OUTPUT_NAME, ExportInfo, file_opset
 from slab_deploy.export.onnx_passes import LintResult, SimplifyResult, op_counts, set_metadata
 from slab_deploy.export.options import ExportOptions
+from slab_deploy.export.steps import Int8Step
 from slab_deploy.export.target import FAILED_ONNX_NAME, MANIFEST_NAME, ONNX_NAME, UNSIMPLIFIED_NAME
 from slab_deploy.models.checkpoint import CheckpointInfo
 from slab_deploy.models.folded import FoldReport
@@ -43,9 +45,10 @@ def tool_versions() -> dict[str, str | None]:
 
 
 def onnx_metadata(model_name: str, opts: ExportOptions, pre: dict[str, Any], info: CheckpointInfo | None,
-                  weights: str) -> dict[str, str]:
-    """The `slab_deploy.*` metadata both ONNX files carry (the preprocessing among them)."""
-    return {
+                  weights: str, calibration: CalibrationSet | None = None) -> dict[str, str]:
+    """The `slab_deploy.*` metadata both ONNX files carry (the preprocessing among them; for INT8, the
+    calibration, so a latency-only artefact says so wherever the graph goes)."""
+    meta = {
         "slab_deploy.version": __version__,
         "slab_deploy.model": model_name,
         "slab_deploy.precision": opts.precision,
@@ -53,6 +56,30 @@ def onnx_metadata(model_name: str, opts: ExportOptions, pre: dict[str, Any], inf
         "slab_deploy.checkpoint_sha256": info.sha256 if info else "",
         "slab_deploy.untrained": str(weights == "untrained").lower(),
         "slab_deploy.weights": weights,
+    }
+    if calibration is not None:
+        record = calibration.to_dict()
+        meta["slab_deploy.calibration"] = json.dumps(
+            {k: record[k] for k in ("kind", "source", "count", "sha256", "latency_only")})
+    return meta
+
+
+def int8_block(opts: ExportOptions, step: Int8Step) -> dict[str, Any]:
+    """The manifest's record of an INT8 quantisation: how, on what, with which tool, and what stayed
+    float and why."""
+    from slab_deploy._deps import module_version
+
+    res = step.result
+    return {
+        "method": opts.method,
+        "per_channel": opts.channelwise,
+        "calibration": step.calibration.to_dict(),
+        "onnxruntime": module_version("onnxruntime"),
+        **res.settings,
+        "calibration_feed_images": res.feed,
+        "seconds": {"calibration": round(res.calibration_seconds, 3), "total": round(res.seconds, 3)},
+        "float_nodes": [f.to_dict() for f in res.float_nodes],
+        "qdq": step.audit,
     }
 
 
@@ -74,6 +101,7 @@ def build_manifest(
     parity: dict[str, Any],
     parity_batch: int,
     steps: dict[str, float],
+    int8: Int8Step | None = None,
 ) -> dict[str, Any]:
     """The manifest of one export, without its file entries (`write_artifacts` adds them)."""
     fp16 = opts.precision == "fp16"
@@ -125,7 +153,10 @@ def build_manifest(
             "fp32_islands": (
                 "SLA normaliser, reciprocal and k^T v product (policy fp32); FLatten focused kernel" if opts.sla_policy == "fp32"
                 else "SLA token mean of k, normaliser and reciprocal, final scaling (policy mixed; matmuls fp16 with fp32 accumulation); FLatten focused kernel"
-            ) if fp16 else "",
+            ) if fp16 else (
+                "linear-attention normaliser and products (see int8.float_nodes); everything but the inputs "
+                "of Conv, MatMul and Gemm" if int8 is not None else ""),
+            **({"int8": int8_block(opts, int8)} if int8 is not None else {}),
         },
         "io": {
             "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": [batch_dim, *pre["input_size"]]}],

@@ -4,11 +4,12 @@ export will need, estimated on the meta device before anything is read or writte
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from slab_deploy.choices import EXPORT_PRECISIONS, EXPORTERS, SIMPLIFIERS, SLA_POLICIES
+from slab_deploy.choices import CALIBRATION_METHODS, EXPORT_PRECISIONS, EXPORTERS, SIMPLIFIERS, SLA_POLICIES
 from slab_deploy.errors import UnsupportedInputError
 from slab_deploy.export.onnx_export import DEFAULT_OPSET, exporter_plan
 from slab_deploy.utils import available_memory
@@ -38,6 +39,29 @@ class ExportOptions:
     img_size: int | None = None
     fold: bool = True  # False exports the checkpoint model as is (for unfolded benchmarks)
     sla_policy: str = "fp32"  # fp16 only: SLA's half-precision policy (fp32 island or mixed; see SLACore)
+    # int8 only (None: not given; see export/calibration.py and export/quantize.py)
+    calibration: str | Path | None = None  # image folder (the demo models default to their held-out set)
+    calibration_samples: int | None = None
+    calibration_method: str | None = None  # minmax (default), entropy or percentile
+    per_channel: bool | None = None  # per-output-channel weight scales (default) or one per tensor
+    random_calibration: bool = False  # seeded random images: for latency only (bench), and labelled so
+
+    @property
+    def method(self) -> str:
+        return self.calibration_method or "minmax"
+
+    @property
+    def channelwise(self) -> bool:
+        return True if self.per_channel is None else self.per_channel
+
+    def int8_key(self) -> dict[str, Any] | None:
+        """What an INT8 artefact depends on beyond the model (None for other precisions): bench keys
+        its cache by it."""
+        if self.precision != "int8":
+            return None
+        source = "random" if self.random_calibration else str(self.calibration or "demo-heldout")
+        return {"method": self.method, "per_channel": self.channelwise, "calibration": source,
+                "calibration_samples": self.calibration_samples, "seed": self.seed}
 
     def validate(self, model_name: str | None = None) -> Footprint | None:
         """Refuse bad values before any work: every option's type and range, the opset against
@@ -54,6 +78,7 @@ class ExportOptions:
         _choice("--simplifier", self.simplifier, SIMPLIFIERS)
         _choice("--exporter", self.exporter, EXPORTERS)
         exporter_plan(self.exporter, self.opset)
+        self._validate_int8(model_name)
         if self.simplifier in ("onnxsim", "onnxslim"):
             from slab_deploy._deps import available, require
 
@@ -61,9 +86,37 @@ class ExportOptions:
                 require(self.simplifier, f"--simplifier {self.simplifier}")  # raises with the install line
         return estimate_footprint(model_name, self) if model_name is not None else None
 
+    def _validate_int8(self, model_name: str | None) -> None:
+        """INT8 options only with --precision int8; their values; a calibration source that exists."""
+        flags = (("--calibration", self.calibration), ("--calibration-samples", self.calibration_samples),
+                 ("--calibration-method", self.calibration_method),
+                 ("--per-channel/--per-tensor", self.per_channel))
+        given = [flag for flag, v in flags if v is not None]
+        if self.precision != "int8":
+            if given or self.random_calibration:
+                what = given[0] if given else "random calibration"
+                raise UnsupportedInputError(
+                    f"{what} applies to --precision int8 only; drop it or pass --precision int8")
+            return
+        from slab_deploy._deps import require
+        from slab_deploy.export.calibration import check_source, requested_samples
+
+        if self.calibration_method is not None:
+            _choice("--calibration-method", self.calibration_method, CALIBRATION_METHODS)
+        if self.per_channel is not None and not isinstance(self.per_channel, bool):
+            raise UnsupportedInputError(f"per_channel must be true or false, not {self.per_channel!r}")
+        if not self.fold:
+            raise UnsupportedInputError(
+                "--precision int8 quantises the folded graph; it cannot be combined with an unfolded export")
+        requested_samples(self)
+        require("onnxruntime", "--precision int8")
+        if model_name is not None:
+            check_source(model_name, self)
+
     @classmethod
     def from_text(cls, *, batch: str | None = None, dynamic_batch: bool = False, opset: str = str(DEFAULT_OPSET),
-                  img_size: str | None = None, **rest: Any) -> ExportOptions:
+                  img_size: str | None = None, calibration_samples: str | None = None,
+                  **rest: Any) -> ExportOptions:
         """Options as typed on a command line: whole numbers arrive as text, so garbage is one
         line naming the option (exit 1) like every bad value; `dynamic_batch` (the default
         anyway) excludes a static `batch`. The rest pass through; `validate` judges them all."""
@@ -71,7 +124,9 @@ class ExportOptions:
             raise UnsupportedInputError("--batch and --dynamic-batch exclude each other; pass one")
         opset_n = _parse_whole("--opset", opset)
         assert opset_n is not None
-        return cls(batch=_parse_whole("--batch", batch), opset=opset_n, img_size=_parse_whole("--img-size", img_size), **rest)
+        return cls(batch=_parse_whole("--batch", batch), opset=opset_n,
+                   img_size=_parse_whole("--img-size", img_size),
+                   calibration_samples=_parse_whole("--calibration-samples", calibration_samples), **rest)
 
 
 def _parse_whole(flag: str, value: str | None) -> int | None:
@@ -133,6 +188,16 @@ class _LargestTensor:
         self.mode = Mode()
 
 
+def _calibration_bytes(opts: ExportOptions, size: tuple[int, int], largest: int) -> int:
+    """INT8: the calibration and parity images held at once, and the tensors of one calibration feed."""
+    from slab_deploy.export.calibration import DEFAULT_CALIBRATION_SAMPLES, PARITY_IMAGES
+    from slab_deploy.export.quantize import CALIBRATION_TENSOR_FACTOR, feed_size
+
+    n = (opts.calibration_samples or DEFAULT_CALIBRATION_SAMPLES) + PARITY_IMAGES
+    feed = feed_size(largest, opts.batch) * CALIBRATION_TENSOR_FACTOR * largest
+    return n * 3 * size[0] * size[1] * 4 + feed
+
+
 def _gb(n: float) -> str:
     for unit, scale in (("TB", 2**40), ("GB", 2**30), ("MB", 2**20)):
         if n >= scale:
@@ -167,9 +232,15 @@ def estimate_footprint(model_name: str, opts: ExportOptions) -> Footprint:
         raise UnsupportedInputError(f"--img-size {opts.img_size} does not fit {model_name} ({exc})") from None
     weights = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
     images = opts.batch or max(opts.parity_batch, 2)
+    if opts.precision == "int8":
+        from slab_deploy.export.calibration import INT8_PARITY_FEED
+
+        images = max(images, INT8_PARITY_FEED)  # the INT8 parity rung runs its images in feeds of 8
     # the input images themselves count even where the model's largest activation is smaller
     per_image = MEMORY_ACTIVATION_FACTOR * max(largest.bytes, 3 * size[0] * size[1] * 4)
     needed = MEMORY_BASE_BYTES + MEMORY_WEIGHT_COPIES * weights + images * per_image
+    if opts.precision == "int8":
+        needed += _calibration_bytes(opts, size, largest.bytes)
     fp = Footprint(model_name, size, images, weights, largest.bytes, needed, available_memory())
     if fp.available_bytes is not None and needed > fp.available_bytes:
         culprit = "--batch" if opts.batch is not None and opts.batch > max(opts.parity_batch, 2) else "--img-size"

@@ -1,6 +1,7 @@
 """The steps of an export, in order: load -> fold -> reference -> precision -> onnx -> check_model ->
-parity (unsimplified) -> simplify -> parity (deployed) -> opset check. `export.api.export_model`
-runs them; the lint, the manifest and the commit follow there."""
+parity (unsimplified) -> simplify -> [int8: calibrate and quantise the simplified fp32 graph] ->
+parity (deployed) -> opset check. `export.api.export_model` runs them; the lint, the manifest and
+the commit follow there."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import torch
 from torch import nn
 
 from slab_deploy.errors import ExportError, UnsupportedInputError
+from slab_deploy.export.calibration import CalibrationSet
 from slab_deploy.export.onnx_export import ExportInfo, ImageModel, file_opset, onnx_from_torch
 from slab_deploy.export.onnx_passes import SimplifyResult, simplify
 from slab_deploy.export.options import PRECISIONS, ExportOptions
+from slab_deploy.export.quantize import QuantizeResult
 from slab_deploy.models.folded import FoldReport
 from slab_deploy.parity import compare, judge
 from slab_deploy.tolerances import tolerance_for
@@ -76,6 +79,20 @@ def reference(ref: nn.Module, opts: ExportOptions, input_size: list[int]) -> Ref
     return Reference(inputs, logits, g)
 
 
+def reference_on(ref: nn.Module, images: np.ndarray, generator: torch.Generator,
+                 batch: int = 8) -> Reference:
+    """The reference model's fp32 logits on given images (in batches: bounded memory)."""
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    with torch.no_grad():
+        logits = np.concatenate([ref(x[i : i + batch]).float().numpy() for i in range(0, x.shape[0], batch)])
+    return Reference(x, logits, generator)
+
+
+def base_precision(precision: str) -> str:
+    """The precision the graph is exported at: int8 quantises an fp32 export."""
+    return "fp32" if precision == "int8" else precision
+
+
 def prepare_precision(model: nn.Module, precision: str, sla_policy: str = "fp32") -> nn.Module:
     """Wrap for deployment. fp16: half weights and activations, fp32 images in and logits out, and
     SLA's normaliser (and, with policy fp32, its k^T v product) in fp32: see `SLACore`."""
@@ -112,15 +129,23 @@ def check_model(raw: onnx.ModelProto) -> None:
         raise ExportError(f"the exported graph is not valid ONNX: {str(exc).splitlines()[0]}") from None
 
 
-def parity(model: onnx.ModelProto, ref: Reference, rung: str, precision: str) -> dict[str, Any]:
+def parity(model: onnx.ModelProto, ref: Reference, rung: str, precision: str,
+           static_batch: int | None = None, chunk: int | None = None) -> dict[str, Any]:
     """One parity rung: `model` on ONNX Runtime CPU against the reference logits, judged by the
     tolerance of (`rung`, `precision`). A graph this host's ORT has no kernel for is a skip; one
-    ORT cannot run otherwise is an ExportError."""
-    from slab_deploy.runtime.ort import run_onnx
+    ORT cannot run otherwise is an ExportError. The images run in feeds of the static batch (the
+    last padded with repeated images whose outputs are dropped) or of `chunk` (bounded memory)."""
+    from slab_deploy.runtime.ort import session
 
     tol = tolerance_for(rung, precision)
+    n = ref.images.shape[0]
+    step = static_batch or chunk or n
     try:
-        got = run_onnx(model, ref.images)
+        sess = session(model)
+        name = sess.get_inputs()[0].name
+        xp = ref.images[np.arange(-(-n // step) * step) % n] if static_batch else ref.images
+        parts = [sess.run(None, {name: xp[i : i + step]})[0] for i in range(0, xp.shape[0], step)]
+        got = np.concatenate(parts)[:n].astype(np.float32)
     except Exception as exc:
         text = str(exc)
         if "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text:
@@ -141,12 +166,40 @@ def parity(model: onnx.ModelProto, ref: Reference, rung: str, precision: str) ->
 def simplify_checked(raw: onnx.ModelProto, ref: Reference, opts: ExportOptions, raw_rung: dict[str, Any]) -> SimplifyResult:
     """The requested simplifier with its own parity re-check; none for an fp16 graph this host's
     ORT could not run at the unsimplified rung (nothing could re-check the simplifier)."""
-    simp_tol = tolerance_for("simplified", opts.precision)
+    simp_tol = tolerance_for("simplified", base_precision(opts.precision))
     if opts.precision == "fp16" and raw_rung.get("skipped"):
         sres = simplify(raw, "none", ref.images, tolerance=simp_tol)
         sres.note = "skipped: ONNX Runtime on this host cannot run the fp16 graph to re-check a simplifier"
         return sres
     return simplify(raw, opts.simplifier, ref.images, tolerance=simp_tol)
+
+
+@dataclass
+class Int8Step:
+    """What the INT8 step made: the quantised graph and its record, and the reference it is judged against."""
+
+    result: QuantizeResult
+    calibration: CalibrationSet
+    reference: Reference
+    audit: dict[str, Any]
+
+
+def quantize(model_name: str, fp32: onnx.ModelProto, ref: nn.Module, opts: ExportOptions, pre: dict[str, Any],
+             stage: Path, generator: torch.Generator, largest_activation: int,
+             num_classes: int | None) -> Int8Step:
+    """Calibrate on the export's calibration images and quantise the simplified fp32 graph; the
+    result must pass the explicit-precision audit (else ExportError: nothing would judge it)."""
+    from slab_deploy.export.calibration import INT8_PARITY_FEED, calibration_set
+    from slab_deploy.export.quantize import audit, feed_size, quantize_int8
+
+    cal = calibration_set(model_name, opts, pre, num_classes=num_classes)
+    res = quantize_int8(fp32, cal.images, method=opts.method, per_channel=opts.channelwise, workdir=stage,
+                        feed=feed_size(largest_activation, opts.batch), static_batch=opts.batch)
+    report = audit(res.model, [f.name for f in res.float_nodes])
+    if report["problems"]:
+        raise ExportError("the INT8 graph is not the explicit-precision Q/DQ graph TensorRT builds: "
+                          + report["problems"][0])
+    return Int8Step(res, cal, reference_on(ref, cal.parity, generator, INT8_PARITY_FEED), report)
 
 
 def check_opset(final: onnx.ModelProto, exp: ExportInfo, sres: SimplifyResult) -> None:
