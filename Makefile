@@ -24,11 +24,13 @@ demo: $(VENV)/.installed
 	$(CLI) models '*demo*'
 	$(CLI) export --model $(DEMO_MODEL) --output $(DEMO_OUT)/$(DEMO_MODEL)-fp32 --force
 	$(CLI) export --model $(DEMO_MODEL) --precision fp16 --output $(DEMO_OUT)/$(DEMO_MODEL)-fp16 --force
+	$(CLI) export --model $(DEMO_MODEL) --precision int8 --output $(DEMO_OUT)/$(DEMO_MODEL)-int8 --force
 	$(CLI) check --model $(DEMO_MODEL) --artifacts $(DEMO_OUT)/$(DEMO_MODEL)-fp32 --report $(DEMO_OUT)/check-fp32
 	$(CLI) check --model $(DEMO_MODEL) --artifacts $(DEMO_OUT)/$(DEMO_MODEL)-fp16 --report $(DEMO_OUT)/check-fp16
+	$(CLI) check --model $(DEMO_MODEL) --artifacts $(DEMO_OUT)/$(DEMO_MODEL)-int8 --report $(DEMO_OUT)/check-int8
 	$(CLI) bench --device cpu --compare $(DEMO_MODEL) --profile ci-cpu --output $(DEMO_OUT)/bench
-	@echo "artefacts in $(DEMO_OUT)/: $(DEMO_MODEL)-fp32/ and $(DEMO_MODEL)-fp16/ (model.onnx, manifest.json),"
-	@echo "  check-fp32/ and check-fp16/ (report.json, report.md, io.npz), bench/ (bench.json, .csv, .md)"
+	@echo "artefacts in $(DEMO_OUT)/: $(DEMO_MODEL)-fp32/, -fp16/ and -int8/ (model.onnx, manifest.json),"
+	@echo "  check-fp32/, check-fp16/ and check-int8/ (report.json, report.md, io.npz), bench/ (bench.json, .csv, .md)"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not zoo_large" $(PYTEST_ARGS)

@@ -56,12 +56,15 @@ class Tolerance:
 # (64 held-out digits) cosine >= 0.990, SQNR >= 25.6 dB, top-1 agreement 1.0; on the tiny test models
 # with random weights and randomised BN statistics, calibrated on digits, cosine >= 0.994, SQNR >= 24.6
 # dB, top-1 agreement >= 0.81. Broken quantisation is far below: SLA's normaliser in INT8 gave SQNR
-# -0.1 dB (cosine 0.38), its products alone in INT8 12 dB. So SQNR >= 20 dB (4.6 dB under the worst
-# good graph, 8 dB over the partly broken one) and cosine >= 0.98 gate; top-1 agreement is loose
+# -0.1 dB (cosine 0.38), its products alone in INT8 12 dB. The cosine is the worst single image's, so
+# it falls with the number of images: on all 360 held-out digits slab_deit_demo's INT8 graph gives
+# 0.9729 on its worst image (SQNR 32.4 dB, top-1 agreement 1.0, accuracy unchanged at 99.44%),
+# deit_demo's 0.9956. So SQNR >= 20 dB (4.6 dB under the worst good graph, 8 dB over the partly
+# broken one) and cosine >= 0.95 (0.02 under the worst good image) gate; top-1 agreement is loose
 # (0.75) because untrained 1000-class models have near-tied logits that INT8 noise reorders (trained
 # ones did not flip). The `onnx` rung of an int8 export runs its unsimplified graph, which is fp32:
 # judged as an exact rewrite.
-INT8 = Tolerance(min_cosine=0.98, min_sqnr_db=20.0, min_top1=0.75)
+INT8 = Tolerance(min_cosine=0.95, min_sqnr_db=20.0, min_top1=0.75)
 FP16 = Tolerance(min_cosine=0.999, min_sqnr_db=30.0, min_top1=0.99)
 
 TOLERANCES: dict[str, dict[str, Tolerance]] = {
