@@ -31,7 +31,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc]
 from test_serve_repo import demo_export  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from slab_deploy.serve.server import TritonServer, find_tritonserver, free_port  # noqa: E402
+from slab_deploy.serve.server import TritonServer, find_tritonserver, free_ports  # noqa: E402
 
 MODEL = "slab_deit_demo"
 MAX_BATCH = 8
@@ -363,7 +363,7 @@ def test_serve_command_stops_the_server_on_a_signal(
     _install()
     repo = tmp_path / "repo"
     write_triton_repository(demo_export(tmp_path_factory), repo, RepoOptions(flavour="python"))
-    ports = [free_port(), free_port(), free_port()]
+    ports = free_ports(3)
     cmd = [
         sys.executable,
         "-m",
@@ -388,8 +388,9 @@ def test_serve_command_stops_the_server_on_a_signal(
         while server_pid is None and time.monotonic() < deadline:
             line = proc.stdout.readline()
             assert line, f"serve exited early: {proc.wait()} {proc.stderr.read() if proc.stderr else ''}"
-            if "pid" in line:
-                server_pid = int(line.replace("│", " ").split()[1])
+            cells = line.replace("│", " ").split()
+            if cells[:1] == ["pid"]:
+                server_pid = int(cells[1])
         assert server_pid is not None
         x = digits(2, repo / MODEL)
         assert _infer_http(f"127.0.0.1:{ports[0]}", x).shape == (2, 10)

@@ -8,7 +8,6 @@ the directory holds one. Everything is refused with one ArtifactError line namin
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,8 +209,3 @@ def engine_max_batch(info: dict[str, Any], path: Path) -> int | None:
             "build the engine again"
         )
     return value
-
-
-def input_elements(art: ServedArtifact) -> int:
-    """Elements of one image: what a request of batch 1 carries."""
-    return math.prod(art.input.dims)

@@ -106,11 +106,13 @@ def find_tritonserver(binary: str | Path | None = None) -> TritonInstall:
     )
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports on 127.0.0.1 that nothing listens on now (all held open while picked)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for s in socks:
+            s.bind((HOST, 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -148,10 +150,11 @@ class TritonServer:
             if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
                 raise ConfigError(f"{flag} must be a port from 1 to 65535 (0: a free one), not {port!r}")
         self.install = install or find_tritonserver()
+        spare = iter(free_ports(3))
         self.ports = {
-            "http": http_port or free_port(),
-            "grpc": grpc_port or free_port(),
-            "metrics": metrics_port or free_port(),
+            "http": http_port or next(spare),
+            "grpc": grpc_port or next(spare),
+            "metrics": metrics_port or next(spare),
         }
         self.exit_timeout_s = exit_timeout_s
         self.verbose = verbose
