@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[cpu,simplify,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps 'nvidia-pytriton==0.7.0'
 	touch $@
 
 install: $(VENV)/.installed

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-HEAVY = ("onnxruntime", "onnxsim", "onnxslim", "tensorrt", "tensorrt_rtx", "matplotlib", "typer")
+HEAVY = ("onnxruntime", "onnxsim", "onnxslim", "tensorrt", "tensorrt_rtx", "matplotlib", "typer", "tritonclient", "grpc",
+         "gevent")
 
 BLOCKER = """
 import importlib.abc, sys
@@ -54,12 +55,14 @@ def test_library_imports_no_optional_modules() -> None:
     assert r.stdout.split() == ["[]", "False"]
 
 
-COMMANDS = ["", "models", "inspect", "fold", "export", "build", "check", "recalibrate", "bench", "trace", "profiles"]
+COMMANDS = ["", "models", "inspect", "fold", "export", "build", "check", "recalibrate", "bench", "trace", "profiles",
+            "serve-repo", "serve", "serve-bench"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
 def test_help_works_without_extras(cmd: str) -> None:
-    blocked = ("onnxruntime", "onnxsim", "onnxslim", "tensorrt", "tensorrt_rtx", "matplotlib")
+    blocked = ("onnxruntime", "onnxsim", "onnxslim", "tensorrt", "tensorrt_rtx", "matplotlib", "tritonclient", "grpc",
+               "gevent", "pytriton")
     code = BLOCKER.format(blocked=blocked) + (
         f"sys.argv = ['slab-deploy'] + {[cmd] if cmd else []!r} + ['--help']\n"
         "from slab_deploy.cli import main\nmain()"
@@ -87,3 +90,14 @@ def test_simplifier_cannot_pip_install() -> None:
         subprocess.check_call([sys.executable, "-m", "pip", "install", "onnxruntime"])
     # outside the block subprocesses work again
     assert subprocess.run([sys.executable, "-c", "pass"]).returncode == 0
+
+
+def test_serve_package_imports_light() -> None:
+    """Writing a repository, starting a server and the load client import tritonclient, onnxruntime
+    and torch only when they run."""
+    code = ("import sys; import slab_deploy.serve, slab_deploy.serve.server, slab_deploy.serve.load, "
+            "slab_deploy.serve.config; print(sorted(m for m in sys.modules if m.split('.')[0] in {!r}))"
+            ).format(HEAVY + ("torch", "pytriton"))
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
