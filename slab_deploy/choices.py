@@ -28,6 +28,7 @@ DEPLOYED_RUNGS = ("simplified", "ort_cpu", "ort_cuda", "tensorrt")  # rungs that
 # what a backend may run at (bf16: torch only; int8: Q/DQ ONNX graphs)
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")  # what an exported artefact holds
+EXPORT_FORMATS = ("onnx", "engine", "triton")  # `export --format` (slab_deploy/formats.py)
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # how INT8 activation ranges are calibrated
 SLA_POLICIES = ("fp32", "mixed")  # half precision SLA: fp32 island, or fp16 matmuls with an fp32 normaliser
 EXPORTERS = ("auto", "dynamo", "torchscript")

@@ -511,3 +511,30 @@ def cli_reference(group: Any, prog: str = "slab-deploy") -> str:
     for name, cmd in commands:
         lines += section(f"## `{prog} {name}`", cmd, name)
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def delivered_summary(done: Any) -> list[Any]:
+    """What `export --format` delivered: the export's table, then the engine's or the repository's."""
+    out: list[Any] = []
+    if done.export is not None:
+        out.append(export_summary(done.export.manifest, done.export.onnx_path))
+    if done.engine is not None:
+        out += list(build_summary(done.engine))
+    if done.repository is not None:
+        out.append(serve_repo_summary(done.repository))
+    return out
+
+
+def delivered_to_dict(done: Any) -> dict[str, Any]:
+    """`export --json`: the manifest (format onnx, as before), with the engine record or the
+    repository model beside it for the other formats."""
+    if done.format == "onnx":
+        return dict(done.export.manifest)
+    d: dict[str, Any] = {"format": done.format}
+    if done.export is not None:
+        d["manifest"] = done.export.manifest
+    if done.engine is not None:
+        d["engine"] = done.engine.record.to_dict()
+    if done.repository is not None:
+        d["repository"] = done.repository.to_dict()
+    return d

@@ -166,6 +166,9 @@ def export(
     per_channel: Annotated[bool | None, typer.Option(
         "--per-channel/--per-tensor",
         help="int8: one weight scale per output channel (default) or per tensor.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help=(
+        "onnx (DIR/model.onnx), engine (also DIR/model.plan: TensorRT) or triton (--output is a Triton "
+        "model repository: REPO/<model>/config.pbtxt, 1/model.onnx)."))] = "onnx",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the parity inputs.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier export in the output directory (it is replaced whole, and only once the new one passed).")] = False,
     ema: EmaOpt = False,
@@ -175,8 +178,10 @@ def export(
     """Fold, export to ONNX, simplify and parity-check: writes DIR/model.onnx and DIR/manifest.json.
 
     DIR is written whole or not at all: a failed export leaves it as it was and puts the failed
-    artefacts in DIR.failed."""
-    from slab_deploy.export.api import ExportOptions, export_model
+    artefacts in DIR.failed. --format engine also builds DIR/model.plan (TensorRT, checked first);
+    --format triton writes the export as a model of the Triton repository --output REPO."""
+    from slab_deploy.export.api import ExportOptions
+    from slab_deploy.formats import export_format
 
     opts = ExportOptions.from_text(batch=batch, dynamic_batch=dynamic_batch, opset=opset, img_size=img_size,
                                    precision=precision, simplifier=simplifier, exporter=exporter, seed=seed,
@@ -184,16 +189,15 @@ def export(
                                    calibration_samples=calibration_samples,
                                    calibration_method=calibration_method, per_channel=per_channel)
     with console(stderr=True).status("exporting", spinner="dots") as status:
-        result = export_model(
-            model, checkpoint, output, opts, force=force, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn,
-            progress=lambda s: status.update(f"{model}: {s}"),
-        )
-    if as_json:
-        echo_json(result.manifest)
-        return
-    from slab_deploy.render import export_summary
+        done = export_format(model, checkpoint, output, opts, fmt=fmt, force=force, ema=ema,
+                             allow_unfinished_prepbn=allow_unfinished_prepbn,
+                             progress=lambda s: status.update(f"{model}: {s}"))
+    from slab_deploy.render import delivered_summary, delivered_to_dict
 
-    print_all(export_summary(result.manifest, result.onnx_path))
+    if as_json:
+        echo_json(delivered_to_dict(done))
+        return
+    print_all(*delivered_summary(done))
 
 
 # ------------------------------------------------------------------------------------------------ build
