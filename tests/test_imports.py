@@ -54,7 +54,8 @@ def test_library_imports_no_optional_modules() -> None:
     assert r.stdout.split() == ["[]", "False"]
 
 
-COMMANDS = ["", "models", "inspect", "fold", "export", "build", "check", "recalibrate", "bench", "trace", "profiles"]
+COMMANDS = ["", "models", "inspect", "fold", "export", "build", "check", "recalibrate", "bench", "trace",
+            "profiles"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
