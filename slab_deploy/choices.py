@@ -21,8 +21,8 @@ CUDA_ONLY_BACKENDS = ("torch-cudagraph", "torch-compile", "ort-cuda", "ort-cuda-
 # graphs with ONNX Runtime's graph optimisations off, so exporter faults show apart from optimiser ones.
 RUNGS = ("fold", "onnx", "simplified", "ort_cpu", "ort_cuda", "tensorrt")
 CHECK_BACKENDS = ("torch", "onnx", "ort-cpu", "ort-cuda", "tensorrt")
-RUNG_BACKEND = {"fold": "torch", "onnx": "onnx", "simplified": "onnx", "ort_cpu": "ort-cpu", "ort_cuda": "ort-cuda",
-                "tensorrt": "tensorrt"}
+RUNG_BACKEND = {"fold": "torch", "onnx": "onnx", "simplified": "onnx", "ort_cpu": "ort-cpu",
+                "ort_cuda": "ort-cuda", "tensorrt": "tensorrt"}
 DEPLOYED_RUNGS = ("simplified", "ort_cpu", "ort_cuda", "tensorrt")  # rungs that run the deployed graph
 
 # what a backend may run at (bf16: torch only; int8: Q/DQ ONNX graphs)

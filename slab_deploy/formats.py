@@ -48,7 +48,8 @@ def export_format(model_name: str, checkpoint: str | Path | None, output: str | 
 
         require_tensorrt("export --format engine")  # no TensorRT: refused before anything is written
     if fmt != "triton":
-        result = export_model(model_name, checkpoint, output, opts, force=force, progress=progress, **export_kw)
+        result = export_model(model_name, checkpoint, output, opts, force=force, progress=progress,
+                              **export_kw)
         if fmt == "onnx":
             return Delivered(fmt, export=result)
         from slab_deploy.runtime.engine import EngineOptions, build_engine

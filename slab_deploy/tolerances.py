@@ -90,7 +90,9 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
 }
 
 
-def tolerance_for(rung: str, precision: str = "fp32", overrides: dict[str, dict[str, Any]] | None = None) -> Tolerance:
+def tolerance_for(
+    rung: str, precision: str = "fp32", overrides: dict[str, dict[str, Any]] | None = None
+) -> Tolerance:
     """Tolerance of (rung, precision), with per-run `overrides` {rung: {metric: value}} applied."""
     try:
         tol = TOLERANCES[rung][precision]

@@ -46,7 +46,8 @@ def test_shipped_profiles_validate() -> None:
     ],
 )
 def test_bad_profiles(patch: dict, match: str) -> None:
-    base = {"name": "x", "description": "x", "device": "cpu", "backends": ["ort-cpu"], "precisions": ["fp32"], "batches": [1]}
+    base = {"name": "x", "description": "x", "device": "cpu", "backends": ["ort-cpu"], "precisions": ["fp32"],
+            "batches": [1]}
     with pytest.raises(ConfigError, match=match):
         validate({**base, **patch}, "test.yaml")
 
@@ -59,14 +60,15 @@ def test_stats() -> None:
 def test_compare_targets() -> None:
     t = compare_targets("test_slab_swin", unfolded=True)
     assert [(x.model, x.variant) for x in t] == [
-        ("test_slab_swin", "folded"), ("test_slab_swin", "unfolded"), ("test_swin", "baseline"), ("test_flatten_swin", "baseline")]
+        ("test_slab_swin", "folded"), ("test_slab_swin", "unfolded"), ("test_swin", "baseline"),
+        ("test_flatten_swin", "baseline")]
     with pytest.raises(ConfigError, match="SLAB model"):
         compare_targets("test_swin")
 
 
 def _profile(**kw) -> Profile:  # type: ignore[no-untyped-def]
-    base = dict(name="t", description="t", device="cpu", backends=("ort-cpu", "torch", "ort-cuda"), precisions=("fp32",),
-                batches=(1, 2), threads=(1,), warmup=1, iters=3, min_seconds=0.0)
+    base = dict(name="t", description="t", device="cpu", backends=("ort-cpu", "torch", "ort-cuda"),
+                precisions=("fp32",), batches=(1, 2), threads=(1,), warmup=1, iters=3, min_seconds=0.0)
     return Profile(**{**base, **kw})
 
 
@@ -79,7 +81,8 @@ def test_run_bench_cpu(tmp_path: Path) -> None:
     for r in ok:
         assert r.median_ms and r.median_ms > 0 and r.p99_ms >= r.median_ms and r.samples >= 3
         assert r.throughput == pytest.approx(r.case.batch / (r.median_ms / 1e3))
-    assert {s["other"] for s in rep.speedups} == {"test_swin", "test_flatten_swin", "test_slab_swin (unfolded)"}
+    assert {s["other"] for s in rep.speedups} == {"test_swin", "test_flatten_swin",
+                                                  "test_slab_swin (unfolded)"}
     paths = write_outputs(rep, tmp_path)
     data = json.loads(paths["json"].read_text())
     assert data["environment"]["cpu"] and data["results"][0]["key"]
@@ -89,7 +92,8 @@ def test_run_bench_cpu(tmp_path: Path) -> None:
     # the exported graphs are cached for the next run, keyed by the checkpoint they came from
     from slab_deploy.bench import CACHE_RECORD, Target, checkpoint_identity
 
-    d = tmp_path / "onnx" / f"test_slab_swin-folded-fp32-ck{checkpoint_identity(Target('test_slab_swin', 'folded'))[:12]}"
+    d = (tmp_path / "onnx"
+         / f"test_slab_swin-folded-fp32-ck{checkpoint_identity(Target('test_slab_swin', 'folded'))[:12]}")
     assert (d / "model.onnx").exists() and (d / CACHE_RECORD).exists()
 
 
@@ -112,7 +116,8 @@ def test_regression_detection(tmp_path: Path) -> None:
 
 
 def test_speedups_pair_only_matching_cases() -> None:
-    rs = [_result(5.0, "folded", "slab"), _result(10.0, "baseline", "ln"), Result(Case("ln", "baseline", "ort-cpu", "fp32", 8), "ok", median_ms=1.0)]
+    rs = [_result(5.0, "folded", "slab"), _result(10.0, "baseline", "ln"),
+          Result(Case("ln", "baseline", "ort-cpu", "fp32", 8), "ok", median_ms=1.0)]
     s = speedups(rs)
     assert len(s) == 1 and s[0]["speedup"] == 2.0
 
@@ -125,20 +130,25 @@ def test_best_speedups_compare_only_common_backends() -> None:
     def r(model: str, variant: str, backend: str, ms: float, batch: int = 64) -> Result:
         return Result(Case(model, variant, backend, "fp16", batch), "ok", median_ms=ms)
 
-    rs = [r("slab", "folded", "torch-cudagraph", 7.0), r("slab", "folded", "ort-cuda", 9.0), r("slab", "folded", "torch-compile", 5.0),
+    rs = [r("slab", "folded", "torch-cudagraph", 7.0), r("slab", "folded", "ort-cuda", 9.0),
+          r("slab", "folded", "torch-compile", 5.0),
           r("ln", "baseline", "torch-cudagraph", 9.0), r("ln", "baseline", "ort-cuda", 8.0),
           r("slab", "unfolded", "torch-cudagraph", 11.0), r("ln", "baseline", "ort-cuda", 1.0, batch=1)]
     best = {(b["other"], b["batch"]): b for b in best_speedups(rs)}
     ln = best[("ln", 64)]
-    assert (ln["slab_ms"], ln["slab_backend"], ln["other_ms"], ln["other_backend"]) == (7.0, "torch-cudagraph", 8.0, "ort-cuda")
+    assert (ln["slab_ms"], ln["slab_backend"], ln["other_ms"], ln["other_backend"]) == (
+        7.0, "torch-cudagraph", 8.0, "ort-cuda")
     assert ln["speedup"] == pytest.approx(8.0 / 7.0) and ln["backends"] == ["ort-cuda", "torch-cudagraph"]
     assert best[("slab (unfolded)", 64)]["speedup"] == pytest.approx(11.0 / 7.0)
     assert ("ln", 1) not in best  # no SLAB case at batch 1
 
 
-def test_cli_bench_against_exits_4(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_cli_bench_against_exits_4(  # type: ignore[no-untyped-def]
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
     out = tmp_path / "b"
-    args = ["bench", "--device", "cpu", "--models", "test_slab_deit", "--backends", "ort-cpu", "--iters", "3", "--warmup", "1", "-o", str(out)]
+    args = ["bench", "--device", "cpu", "--models", "test_slab_deit", "--backends", "ort-cpu", "--iters", "3",
+            "--warmup", "1", "-o", str(out)]
     code, _, err = run_cli(args, capsys, monkeypatch)
     assert code == 0, err
     data = json.loads((out / "bench.json").read_text())
@@ -152,9 +162,11 @@ def test_cli_bench_against_exits_4(tmp_path: Path, capsys, monkeypatch) -> None:
 def test_cli_bench_errors(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run_cli(["bench", "--device", "cpu"], capsys, monkeypatch)
     assert code == 1 and "--compare" in err
-    code, _, err = run_cli(["bench", "--device", "cpu", "--compare", "test_slab_swin", "--profile", "h200"], capsys, monkeypatch)
+    code, _, err = run_cli(["bench", "--device", "cpu", "--compare", "test_slab_swin", "--profile", "h200"],
+                           capsys, monkeypatch)
     assert code == 1 and "profile h200 is for --device cuda" in err
-    code, _, err = run_cli(["bench", "--device", "cpu", "--compare", "test_slab_swin", "--profile", "nope"], capsys, monkeypatch)
+    code, _, err = run_cli(["bench", "--device", "cpu", "--compare", "test_slab_swin", "--profile", "nope"],
+                           capsys, monkeypatch)
     assert code == 1 and "unknown profile" in err
 
 
@@ -166,8 +178,10 @@ def test_resolve_profile_defaults_and_overrides() -> None:
     cpu = resolve_profile("cpu")
     assert cpu == default_profile("cpu") and cpu.backends == ("ort-cpu",) and cpu.batches == (1,)
     assert default_profile("cuda").backends == ("torch", "torch-cudagraph", "ort-cuda")
-    p = resolve_profile("cpu", None, {"backends": "torch,ort-cpu", "batches": "1,8", "threads": "2", "iters": 4, "warmup": None})
-    assert (p.backends, p.batches, p.threads, p.iters, p.warmup) == (("torch", "ort-cpu"), (1, 8), (2,), 4, cpu.warmup)
+    p = resolve_profile("cpu", None, {"backends": "torch,ort-cpu", "batches": "1,8", "threads": "2",
+                                      "iters": 4, "warmup": None})
+    assert (p.backends, p.batches, p.threads, p.iters, p.warmup) == (
+        ("torch", "ort-cpu"), (1, 8), (2,), 4, cpu.warmup)
     named = resolve_profile("cpu", "ci-cpu", {"iters": 7})
     assert named.name == "ci-cpu" and named.iters == 7 and named.source == load_profile("ci-cpu").source
     assert resolve_profile("cpu", None, {"batches": 4}, command="trace").batches == (4,)
@@ -175,7 +189,8 @@ def test_resolve_profile_defaults_and_overrides() -> None:
         resolve_profile("cpu", "h200")
     with pytest.raises(ConfigError, match="--device must be cpu or cuda, not 'tpu'"):
         resolve_profile("tpu")
-    with pytest.raises(ConfigError, match=r"--batch takes a comma list of positive integers \(e.g. 1,8,64\), not 'x'"):
+    with pytest.raises(ConfigError,
+                       match=r"--batch takes a comma list of positive integers \(e.g. 1,8,64\), not 'x'"):
         resolve_profile("cpu", None, {"batches": "1,x"})
     with pytest.raises(ConfigError, match="device cannot be overridden"):
         resolve_profile("cpu", None, {"device": "cuda"})

@@ -27,14 +27,18 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return ckpt, d / "art"
 
 
-def test_check_passes_and_writes_reports(exported: tuple[Path, Path], tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_check_passes_and_writes_reports(  # type: ignore[no-untyped-def]
+    exported: tuple[Path, Path], tmp_path: Path, capsys, monkeypatch
+) -> None:
     ckpt, art = exported
-    code, out, err = run_cli(["check", "-m", NAME, "-c", str(ckpt), "-a", str(art), "--report", str(tmp_path / "r")], capsys, monkeypatch)
+    code, out, err = run_cli(["check", "-m", NAME, "-c", str(ckpt), "-a", str(art),
+                              "--report", str(tmp_path / "r")], capsys, monkeypatch)
     assert code == 0, out + err
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     assert rep["passed"] and rep["first_failure"] is None
     ran = {r["rung"]: r for r in rep["rungs"]}
-    assert [r for r in ("fold", "onnx", "simplified", "ort_cpu") if ran[r]["status"] == "pass"] == ["fold", "onnx", "simplified", "ort_cpu"]
+    assert [r for r in ("fold", "onnx", "simplified", "ort_cpu") if ran[r]["status"] == "pass"] == [
+        "fold", "onnx", "simplified", "ort_cpu"]
     for r in ("fold", "ort_cpu"):
         m = ran[r]["metrics"]
         assert {"max_abs", "max_rel", "mean_abs", "cosine", "sqnr_db", "top1", "top5"} <= set(m)
@@ -45,7 +49,8 @@ def test_check_passes_and_writes_reports(exported: tuple[Path, Path], tmp_path: 
     npz = np.load(tmp_path / "r" / "io.npz")
     assert npz["inputs"].shape[0] == 8 and "ort_cpu_fp32" in npz.files
     # the printed replay command reproduces the run from the saved inputs
-    code2, _, _ = run_cli(["check", "-m", NAME, "-c", str(ckpt), "-a", str(art), "--replay", str(tmp_path / "r" / "io.npz")], capsys, monkeypatch)
+    code2, _, _ = run_cli(["check", "-m", NAME, "-c", str(ckpt), "-a", str(art),
+                           "--replay", str(tmp_path / "r" / "io.npz")], capsys, monkeypatch)
     assert code2 == 0
 
 
@@ -59,14 +64,17 @@ def _corrupt_initializer(path: Path) -> None:
 
 
 @pytest.mark.parametrize("target, rung", [("model.unsimplified.onnx", "onnx"), ("model.onnx", "simplified")])
-def test_corrupted_initializer_fails_at_its_rung(exported, tmp_path: Path, target: str, rung: str, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_corrupted_initializer_fails_at_its_rung(  # type: ignore[no-untyped-def]
+    exported, tmp_path: Path, target: str, rung: str, capsys, monkeypatch
+) -> None:
     import shutil
 
     ckpt, art = exported
     bad = tmp_path / "art"
     shutil.copytree(art, bad)
     _corrupt_initializer(bad / target)
-    code, out, err = run_cli(["check", "-m", NAME, "-c", str(ckpt), "-a", str(bad), "--report", str(tmp_path / "r")], capsys, monkeypatch)
+    code, out, err = run_cli(["check", "-m", NAME, "-c", str(ckpt), "-a", str(bad),
+                              "--report", str(tmp_path / "r")], capsys, monkeypatch)
     assert code == 3, out + err
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     assert rep["first_failure"] == rung
@@ -76,7 +84,8 @@ def test_corrupted_initializer_fails_at_its_rung(exported, tmp_path: Path, targe
 def test_wrong_fold_fails_at_fold(exported, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     break_the_fold(monkeypatch, lambda folded: folded.head.weight.mul_(1.1))
     ckpt, art = exported
-    code, out, err = run_cli(["check", "-m", NAME, "-c", str(ckpt), "-a", str(art), "--json"], capsys, monkeypatch)
+    code, out, err = run_cli(["check", "-m", NAME, "-c", str(ckpt), "-a", str(art), "--json"],
+                             capsys, monkeypatch)
     assert code == 3
     rep = json.loads(out)
     assert rep["first_failure"] == "fold" and rep["rungs"][0]["failures"]
@@ -140,9 +149,12 @@ def test_tolerance_overrides() -> None:
             parse_tolerance_overrides([bad])
 
 
-def test_tolerance_override_can_fail_a_good_artefact(exported, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_tolerance_override_can_fail_a_good_artefact(  # type: ignore[no-untyped-def]
+    exported, capsys, monkeypatch
+) -> None:
     ckpt, art = exported
-    code, out, _ = run_cli(["check", "-m", NAME, "-c", str(ckpt), "-a", str(art), "--tolerance", "fold:max_rel=1e-12"], capsys, monkeypatch)
+    code, out, _ = run_cli(["check", "-m", NAME, "-c", str(ckpt), "-a", str(art),
+                            "--tolerance", "fold:max_rel=1e-12"], capsys, monkeypatch)
     assert code == 3 and "FAIL at rung fold" in out
 
 
@@ -183,7 +195,8 @@ def test_top1_flips_at_near_ties_are_named() -> None:
     cand = ref.copy()
     cand[0, 1] += 1e-3  # flips sample 0, whose reference margin is 5e-4
     m = compare(ref, cand)
-    assert (m.top1_flips, m.ref_margin_min, m.flip_margin_max) == (1, pytest.approx(5e-4), pytest.approx(5e-4))
+    assert (m.top1_flips, m.ref_margin_min, m.flip_margin_max) == (
+        1, pytest.approx(5e-4), pytest.approx(5e-4))
     v = judge(m, Tolerance(min_top1=0.99))
     assert not v.passed and "all near-ties" in v.failures[0]
     cand[1, 1] += 2.0  # a flip far from a tie: no near-tie note
@@ -192,7 +205,9 @@ def test_top1_flips_at_near_ties_are_named() -> None:
     assert compare(ref, ref).flip_margin_max is None
 
 
-def test_own_export_that_fails_parity_is_laddered_not_lost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_own_export_that_fails_parity_is_laddered_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without --artifacts, check exports itself; when that export fails parity (its set is kept in
     DIR.failed), the ladder still runs on the failed set and names where it broke (exit 3)."""
     from helpers import break_the_fold

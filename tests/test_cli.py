@@ -15,10 +15,13 @@ from slab_deploy.models import get_spec, list_models
 from slab_deploy.weights import random_checkpoint
 
 REQUIRED = {
-    "slab_deit_tiny", "slab_deit_small", "slab_pvt_tiny", "slab_swin_tiny", "slab_swin_small", "slab_cswin_tiny",
-    "deit_tiny_prepbn", "deit_small_prepbn", "pvt_tiny_prepbn", "pvt_small_prepbn", "pvt_medium_prepbn", "swin_tiny_prepbn",
+    "slab_deit_tiny", "slab_deit_small", "slab_pvt_tiny", "slab_swin_tiny", "slab_swin_small",
+    "slab_cswin_tiny",
+    "deit_tiny_prepbn", "deit_small_prepbn", "pvt_tiny_prepbn", "pvt_small_prepbn", "pvt_medium_prepbn",
+    "swin_tiny_prepbn",
     "slab_pvt_small", "slab_pvt_medium", "slab_swin_base", "slab_cswin_small",
-    "deit_tiny", "deit_small", "pvt_tiny", "pvt_small", "pvt_medium", "swin_tiny", "swin_small", "swin_base", "cswin_tiny",
+    "deit_tiny", "deit_small", "pvt_tiny", "pvt_small", "pvt_medium", "swin_tiny", "swin_small", "swin_base",
+    "cswin_tiny",
     "flatten_swin_tiny", "flatten_swin_small", "flatten_pvt_tiny", "flatten_cswin_tiny",
 }
 
@@ -30,7 +33,9 @@ def test_zoo_has_every_required_name() -> None:
     assert not {"slab_swin_base", "slab_pvt_small", "slab_cswin_small"} & released
 
 
-def test_models_command_measures_params_and_gmacs(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_models_command_measures_params_and_gmacs(  # type: ignore[no-untyped-def]
+    capsys, monkeypatch
+) -> None:
     code, out, _ = run_cli(["models", "slab_swin_t*", "--json"], capsys, monkeypatch)
     assert code == 0
     rows = json.loads(out)
@@ -47,7 +52,9 @@ def test_unknown_model_suggests(capsys, monkeypatch) -> None:  # type: ignore[no
     assert code == 1 and "Did you mean slab_swin_tiny" in err
 
 
-def test_inspect_authors_checkpoint(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_inspect_authors_checkpoint(  # type: ignore[no-untyped-def]
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
     ckpt = random_checkpoint("test_slab_deit", tmp_path / "c.pth", seed=1, with_ema=True, prepbn_iter=100)
     code, out, _ = run_cli(["inspect", str(ckpt), "--json"], capsys, monkeypatch)
     assert code == 0
@@ -65,10 +72,12 @@ def test_inspect_authors_checkpoint(tmp_path: Path, capsys, monkeypatch) -> None
 def test_fold_command_roundtrip(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     ckpt = random_checkpoint("test_slab_pvt", tmp_path / "c.pth", seed=1)
     out = tmp_path / "f.pt"
-    code, stdout, err = run_cli(["fold", "-m", "test_slab_pvt", "-c", str(ckpt), "-o", str(out)], capsys, monkeypatch)
+    code, stdout, err = run_cli(["fold", "-m", "test_slab_pvt", "-c", str(ckpt), "-o", str(out)],
+                                capsys, monkeypatch)
     assert code == 0, err
     assert "norms folded" in stdout and out.exists()
-    code, _, err = run_cli(["fold", "-m", "test_slab_pvt", "-c", str(ckpt), "-o", str(out)], capsys, monkeypatch)
+    code, _, err = run_cli(["fold", "-m", "test_slab_pvt", "-c", str(ckpt), "-o", str(out)],
+                           capsys, monkeypatch)
     assert code == 1 and "--force" in err
     code, stdout, _ = run_cli(["inspect", str(out), "--json"], capsys, monkeypatch)
     assert json.loads(stdout)["folded"]["model"] == "test_slab_pvt"
@@ -81,9 +90,11 @@ def test_export_command(tmp_path: Path, capsys, monkeypatch) -> None:  # type: i
     assert "UNTRAINED" in stdout and (out / "model.onnx").exists()
     m = json.loads((out / "manifest.json").read_text())
     assert m["untrained"] and m["status"] == "ok"
-    code, _, err = run_cli(["export", "-m", "test_slab_cswin", "-o", str(out), "--batch", "2", "--dynamic-batch"], capsys, monkeypatch)
+    code, _, err = run_cli(["export", "-m", "test_slab_cswin", "-o", str(out),
+                            "--batch", "2", "--dynamic-batch"], capsys, monkeypatch)
     assert code == 1 and "exclude each other" in err
-    code, _, err = run_cli(["export", "-m", "test_slab_cswin", "-o", str(out), "--force", "--precision", "int4"], capsys, monkeypatch)
+    code, _, err = run_cli(["export", "-m", "test_slab_cswin", "-o", str(out),
+                            "--force", "--precision", "int4"], capsys, monkeypatch)
     assert code == 1 and "unsupported precision" in err
 
 
@@ -95,21 +106,26 @@ def test_export_command(tmp_path: Path, capsys, monkeypatch) -> None:  # type: i
         (lambda p: p.write_bytes(os.urandom(1000)), "not a PyTorch"),
     ],
 )
-def test_bad_checkpoint_is_one_line_exit_1_no_traceback(tmp_path: Path, make, match: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_checkpoint_is_one_line_exit_1_no_traceback(  # type: ignore[no-untyped-def]
+    tmp_path: Path, make, match: str
+) -> None:
     bad = tmp_path / "bad.pth"
     make(bad)
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "slab_deploy.cli", "export", "-m", "test_slab_swin", "-c", str(bad), "-o", str(out)],
+    r = subprocess.run([sys.executable, "-m", "slab_deploy.cli", "export", "-m", "test_slab_swin",
+                        "-c", str(bad), "-o", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1
     assert match in r.stderr and "Traceback" not in r.stderr
-    assert len([ln for ln in r.stderr.strip().splitlines() if ln.strip()]) <= 3  # one message (rich may wrap it)
+    # one message (rich may wrap it)
+    assert len([ln for ln in r.stderr.strip().splitlines() if ln.strip()]) <= 3
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
 
 
 def test_wrong_variant_checkpoint(tmp_path: Path) -> None:
     ckpt = random_checkpoint("slab_deit_tiny", tmp_path / "c.pth", seed=0)
-    r = subprocess.run([sys.executable, "-m", "slab_deploy.cli", "fold", "-m", "slab_deit_small", "-c", str(ckpt), "-o", str(tmp_path / "f.pt")],
+    r = subprocess.run([sys.executable, "-m", "slab_deploy.cli", "fold", "-m", "slab_deit_small",
+                        "-c", str(ckpt), "-o", str(tmp_path / "f.pt")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "--model slab_deit_tiny" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "f.pt").exists()
@@ -117,9 +133,11 @@ def test_wrong_variant_checkpoint(tmp_path: Path) -> None:
 
 def test_unfinished_prepbn_cli(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     ckpt = random_checkpoint("test_slab_swin", tmp_path / "c.pth", seed=0, prepbn_iter=30000)
-    code, _, err = run_cli(["fold", "-m", "test_slab_swin", "-c", str(ckpt), "-o", str(tmp_path / "f.pt")], capsys, monkeypatch)
+    code, _, err = run_cli(["fold", "-m", "test_slab_swin", "-c", str(ckpt), "-o", str(tmp_path / "f.pt")],
+                           capsys, monkeypatch)
     assert code == 1 and "saved before PRepBN finished" in err
-    code, _, err = run_cli(["fold", "-m", "test_slab_swin", "-c", str(ckpt), "-o", str(tmp_path / "f.pt"), "--allow-unfinished-prepbn"], capsys, monkeypatch)
+    code, _, err = run_cli(["fold", "-m", "test_slab_swin", "-c", str(ckpt), "-o", str(tmp_path / "f.pt"),
+                            "--allow-unfinished-prepbn"], capsys, monkeypatch)
     assert code == 0, err
 
 
@@ -145,7 +163,8 @@ def test_export_options_from_text() -> None:
     assert ExportOptions.from_text() == ExportOptions()
     with pytest.raises(UnsupportedInputError, match="exclude each other"):
         ExportOptions.from_text(batch="2", dynamic_batch=True)
-    for flag, kw in (("--opset", {"opset": "x18"}), ("--batch", {"batch": "2.5"}), ("--img-size", {"img_size": ""})):
+    for flag, kw in (("--opset", {"opset": "x18"}), ("--batch", {"batch": "2.5"}),
+                     ("--img-size", {"img_size": ""})):
         with pytest.raises(UnsupportedInputError, match=f"{flag} must be a whole number"):
             ExportOptions.from_text(**kw)  # type: ignore[arg-type]
 
@@ -159,9 +178,10 @@ def test_replay_command_parses_back_to_the_same_check() -> None:
     from slab_deploy.choices import CHECK_BACKENDS
     from slab_deploy.cli import app
 
-    assert replay_base("m", precisions=["fp32", "fp16"]) == "slab-deploy check --model m --precision fp32,fp16"
-    base = replay_base("slab_deit_tiny", Path("my weights/c.pth"), artifacts=Path("out dir"), backends=["onnx", "ort-cpu"],
-                       tolerance=["onnx:max_abs=1e-3"], ema=True)
+    assert replay_base("m", precisions=["fp32", "fp16"]) == (
+        "slab-deploy check --model m --precision fp32,fp16")
+    base = replay_base("slab_deit_tiny", Path("my weights/c.pth"), artifacts=Path("out dir"),
+                       backends=["onnx", "ort-cpu"], tolerance=["onnx:max_abs=1e-3"], ema=True)
     words = shlex.split(base + " --replay r/io.npz")
     assert words[:2] == ["slab-deploy", "check"]
     cmd = get_command(app).commands["check"]  # type: ignore[attr-defined]

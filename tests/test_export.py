@@ -42,7 +42,8 @@ def _assert_clean(m: dict, name: str, out: Path) -> None:
         assert m["norm_free"] and m["lint"]["norm_nodes"] == {}
         assert m["fold"]["folded"] == len(m["fold"]["norms"])
     else:
-        assert m["lint"]["norm_nodes"].get("LayerNormalization", 0) > 0 or m["simplify"]["ops_after"].get("ReduceMean", 0) > 0
+        assert (m["lint"]["norm_nodes"].get("LayerNormalization", 0) > 0
+                or m["simplify"]["ops_after"].get("ReduceMean", 0) > 0)
     for rung in ("onnx", "ort_cpu"):
         assert m["parity"][rung]["passed"], m["parity"][rung]
     model = onnx.load(str(out / "model.onnx"))
@@ -63,7 +64,8 @@ def test_export_tiny(name: str, tmp_path: Path) -> None:
     # dynamic batch really works, and the unsimplified graph sits beside the deployed one
     size = m["preprocessing"]["input_size"]
     for b in (1, 5):
-        y = run_onnx(out / "model.onnx", np.random.default_rng(b).standard_normal((b, *size), dtype=np.float32))
+        y = run_onnx(out / "model.onnx",
+                     np.random.default_rng(b).standard_normal((b, *size), dtype=np.float32))
         assert y.shape == (b, m["io"]["outputs"][0]["shape"][1])
     assert (out / "model.unsimplified.onnx").exists()
 
@@ -81,7 +83,8 @@ def test_export_and_check_full_size(name: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     _assert_clean(m, name, out)
     if get_spec(name).is_slab:
-        rep = run_check(name, tmp_path / "ckpt.pth", artifacts=out, inputs=2, backends=("torch", "onnx", "ort-cpu"))
+        rep = run_check(name, tmp_path / "ckpt.pth", artifacts=out, inputs=2,
+                        backends=("torch", "onnx", "ort-cpu"))
         assert rep.passed, rep.verdict()
         assert [r.rung for r in rep.rungs if r.status == "pass"] == ["fold", "onnx", "simplified", "ort_cpu"]
     shutil.rmtree(out)  # full-size graphs are large: free the disk as we go
@@ -116,7 +119,9 @@ def test_no_overwrite_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "c.pth", "out"]  # no staging left
 
 
-def test_parity_failure_exits_3_and_keeps_marked_files_aside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parity_failure_exits_3_and_keeps_marked_files_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from helpers import break_the_fold
 
     break_the_fold(monkeypatch)  # a fault in the deployed model
@@ -128,7 +133,8 @@ def test_parity_failure_exits_3_and_keeps_marked_files_aside(tmp_path: Path, mon
     failed = tmp_path / "out.failed"
     assert ei.value.failed_dir == failed and str(failed) in str(ei.value)
     assert not (tmp_path / "out").exists()  # never created: a failed set does not pose as an export
-    assert sorted(p.name for p in failed.iterdir()) == ["manifest.json", "model.parity-failed.onnx", "model.unsimplified.onnx"]
+    assert sorted(p.name for p in failed.iterdir()) == [
+        "manifest.json", "model.parity-failed.onnx", "model.unsimplified.onnx"]
     m = json.loads((failed / "manifest.json").read_text())
     assert m["status"] == "parity-failed" and not m["parity"]["onnx"]["passed"]
     assert m["onnx"] == "model.parity-failed.onnx"
@@ -159,8 +165,11 @@ def test_fp16_export_keeps_fp32_islands(tmp_path: Path) -> None:
     assert g.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert g.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     f16 = sum(t.data_type == onnx.TensorProto.FLOAT16 for t in g.graph.initializer)
-    assert f16 > 0.9 * len([t for t in g.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT)])
-    casts_to_f32 = [n for n in g.graph.node if n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)]
+    assert f16 > 0.9 * len([t for t in g.graph.initializer
+                            if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT)])
+    casts_to_f32 = [n for n in g.graph.node
+                    if n.op_type == "Cast"
+                    and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)]
     n_sla = sum(1 for a in get_spec(name).attention if a == "sla")
     assert len(casts_to_f32) >= n_sla  # q, k, v of every SLA block go to fp32 for the normaliser and k^T v
     p = m["parity"]["ort_cpu"]
@@ -180,7 +189,8 @@ def test_fp16_mixed_sla_export_passes_parity(tmp_path: Path) -> None:
         g = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / policy / "out" / "model.onnx")))
         types = {v.name: v.type.tensor_type.elem_type for v in [*g.graph.value_info, *g.graph.input]}
         types.update({t.name: t.data_type for t in g.graph.initializer})
-        fp32_matmuls[policy] = sum(n.op_type == "MatMul" and types.get(n.input[0]) == onnx.TensorProto.FLOAT for n in g.graph.node)
+        fp32_matmuls[policy] = sum(n.op_type == "MatMul" and types.get(n.input[0]) == onnx.TensorProto.FLOAT
+                                   for n in g.graph.node)
     n_sla = sum(1 for a in get_spec(name).attention if a == "sla")
     assert fp32_matmuls["mixed"] == 0
     assert fp32_matmuls["fp32"] >= 2 * n_sla

@@ -15,8 +15,10 @@ from slab_deploy.runtime.tensorrt import find_tensorrt
 DEMO = "slab_deit_demo"
 
 
-def test_triton_format_writes_a_repository_model(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient not installed")
+def test_triton_format_writes_a_repository_model(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch) -> None:
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
+                                           reason="tritonclient not installed")
     from google.protobuf import text_format
 
     repo = tmp_path / "repo"
@@ -32,23 +34,28 @@ def test_triton_format_writes_a_repository_model(tmp_path: Path, capsys, monkeyp
     assert manifest["model"] == DEMO and manifest["weights"]["kind"] == "demo"
     # the export was made beside the repository and is gone
     assert sorted(p.name for p in tmp_path.iterdir() if "export" in p.name) == []
-    code, out, err = run_cli(["export", "-m", DEMO, "--format", "triton", "-o", str(repo)], capsys, monkeypatch)
+    code, out, err = run_cli(["export", "-m", DEMO, "--format", "triton", "-o", str(repo)],
+                             capsys, monkeypatch)
     assert code == 1 and "--force" in err and "Traceback" not in err
 
 
-def test_engine_format_without_tensorrt_costs_nothing(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_engine_format_without_tensorrt_costs_nothing(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch) -> None:
     if find_tensorrt() is not None:
         pytest.skip("TensorRT is installed here: the refusal cannot happen")
     out_dir = tmp_path / "out"
-    code, out, err = run_cli(["export", "-m", DEMO, "--format", "engine", "-o", str(out_dir)], capsys, monkeypatch)
+    code, out, err = run_cli(["export", "-m", DEMO, "--format", "engine", "-o", str(out_dir)],
+                             capsys, monkeypatch)
     assert code == 1 and "slab-deploy[tensorrt]" in err and "docker" in err.lower()
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out_dir.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_unknown_format_and_onnx_default(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_unknown_format_and_onnx_default(  # type: ignore[no-untyped-def]
+        tmp_path: Path, capsys, monkeypatch) -> None:
     code, out, err = run_cli(["export", "-m", DEMO, "--format", "tflite", "-o", str(tmp_path / "x")],
                              capsys, monkeypatch)
     assert code == 1 and "onnx, engine, triton" in err and not (tmp_path / "x").exists()
     code, out, err = run_cli(["export", "-m", DEMO, "-o", str(tmp_path / "o"), "--json"], capsys, monkeypatch)
-    assert code == 0 and json.loads(out)["model"] == DEMO  # --json of an onnx export is the manifest, as before
+    # --json of an onnx export is the manifest, as before
+    assert code == 0 and json.loads(out)["model"] == DEMO

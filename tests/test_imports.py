@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-HEAVY = ("onnxruntime", "onnxsim", "onnxslim", "tensorrt", "tensorrt_rtx", "matplotlib", "typer", "tritonclient", "grpc",
-         "gevent")
+HEAVY = ("onnxruntime", "onnxsim", "onnxslim", "tensorrt", "tensorrt_rtx", "matplotlib", "typer",
+         "tritonclient", "grpc", "gevent")
 
 BLOCKER = """
 import importlib.abc, sys
@@ -55,13 +55,14 @@ def test_library_imports_no_optional_modules() -> None:
     assert r.stdout.split() == ["[]", "False"]
 
 
-COMMANDS = ["", "models", "inspect", "fold", "export", "build", "check", "recalibrate", "bench", "trace", "profiles",
-            "serve-repo", "serve", "serve-bench"]
+COMMANDS = ["", "models", "inspect", "fold", "export", "build", "check", "recalibrate", "bench", "trace",
+            "profiles", "serve-repo", "serve", "serve-bench"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
 def test_help_works_without_extras(cmd: str) -> None:
-    blocked = ("onnxruntime", "onnxsim", "onnxslim", "tensorrt", "tensorrt_rtx", "matplotlib", "tritonclient", "grpc",
+    blocked = ("onnxruntime", "onnxsim", "onnxslim", "tensorrt", "tensorrt_rtx", "matplotlib", "tritonclient",
+               "grpc",
                "gevent", "pytriton")
     code = BLOCKER.format(blocked=blocked) + (
         f"sys.argv = ['slab-deploy'] + {[cmd] if cmd else []!r} + ['--help']\n"

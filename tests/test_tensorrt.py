@@ -58,7 +58,8 @@ def _listing(d: Path) -> dict[str, int]:
 
 
 def _export(batch: int | None = None) -> Export:
-    return Export(Path("art"), NAME, Path("art/model.onnx"), "0" * 64, "fp32", batch, ["batch", 3, 32, 32], ("sla",))
+    return Export(Path("art"), NAME, Path("art/model.onnx"), "0" * 64, "fp32", batch, ["batch", 3, 32, 32],
+                  ("sla",))
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -72,7 +73,8 @@ def _export(batch: int | None = None) -> Export:
     ({"workspace_gib": 0.0}, "--workspace must be a positive number"),
     ({"workspace_gib": float("nan")}, "--workspace must be a positive number"),
     ({"opt_level": 6}, "--opt-level must be 0 to 5"),
-    ({"hardware_compat": "turing-plus"}, "--hardware-compat must be none, ampere-plus or same-compute-capability"),
+    ({"hardware_compat": "turing-plus"},
+     "--hardware-compat must be none, ampere-plus or same-compute-capability"),
     ({"compute_capability": ("89",)}, "like 8.9,12.0"),
     ({"compute_capability": ("current", "8.9")}, "current stands alone"),
 ])
@@ -97,7 +99,8 @@ def test_profile_shapes_from_a_device_profile() -> None:
     assert batch_range(EngineOptions(profile="h200"), dyn) == (1, 64, 256)  # batches [1, 64, 256]
     assert batch_range(EngineOptions(profile="rtx4090"), dyn) == (1, 8, 64)
     assert batch_range(EngineOptions(profile="h200", max_batch=512), dyn) == (1, 64, 512)  # the option wins
-    assert batch_range(EngineOptions(profile="h200", max_batch=32), dyn) == (1, 32, 32)  # opt kept inside the range
+    # opt kept inside the range
+    assert batch_range(EngineOptions(profile="h200", max_batch=32), dyn) == (1, 32, 32)
     assert batch_range(EngineOptions(profile="h200", min_batch=300), dyn) == (300, 300, 300)
     with pytest.raises(ConfigError, match="is for --device cpu; an engine needs a CUDA profile"):
         batch_range(EngineOptions(profile="ci-cpu"), dyn)
@@ -114,9 +117,12 @@ def test_a_static_batch_graph_takes_no_range() -> None:
         batch_range(EngineOptions(profile="h200"), static)
 
 
-def test_cli_refuses_a_bad_range_before_anything_is_read(exported: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_cli_refuses_a_bad_range_before_anything_is_read(  # type: ignore[no-untyped-def]
+    exported: Path, capsys, monkeypatch
+) -> None:
     before = _listing(exported)
-    code, _out, err = run_cli(["build", str(exported), "--min-batch", "8", "--max-batch", "2"], capsys, monkeypatch)
+    code, _out, err = run_cli(["build", str(exported), "--min-batch", "8", "--max-batch", "2"],
+                              capsys, monkeypatch)
     assert code == 1 and "min <= opt <= max" in err and "Traceback" not in err
     assert _listing(exported) == before
 
@@ -137,13 +143,14 @@ def test_build_refuses_an_onnx_that_its_manifest_does_not_describe(exported: Pat
         read_export(d)
 
 
-# ---------------------------------------------------------------------------------------------- without TensorRT
+# ------------------------------------------------------------------------------------------- without TensorRT
 
 
 def test_build_without_tensorrt_names_the_extra_and_the_image(exported: Path) -> None:
     """Where no TensorRT can be imported `build` exits 1 with one line, and DIR is left as it was."""
     before = _listing(exported)
-    code = BLOCK_TENSORRT + f"sys.argv = ['slab-deploy', 'build', {str(exported)!r}]\nfrom slab_deploy.cli import main\nmain()"
+    code = (BLOCK_TENSORRT + f"sys.argv = ['slab-deploy', 'build', {str(exported)!r}]\n"
+            "from slab_deploy.cli import main\nmain()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "COLUMNS": "400"})
     assert r.returncode == 1, r.stdout + r.stderr
@@ -159,11 +166,13 @@ def test_build_without_tensorrt_names_the_extra_and_the_image(exported: Path) ->
 def _record(**over: object) -> EngineRecord:
     base: dict = {  # type: ignore[type-arg]
         "model": NAME, "precision": "fp16", "typing": "strong",
-        "onnx": {"file": "model.onnx", "sha256": "a" * 64}, "plan": {"file": PLAN_NAME, "sha256": "", "bytes": 0},
+        "onnx": {"file": "model.onnx", "sha256": "a" * 64},
+        "plan": {"file": PLAN_NAME, "sha256": "", "bytes": 0},
         "tensorrt": {"flavour": "tensorrt", "module": "tensorrt", "version": "10.14.1"},
         "gpu": {"name": "NVIDIA L4", "compute_capability": "8.9"},
         "targets": {"compute_capabilities": ["8.9"], "hardware_compat": "none", "version_compatible": False},
-        "profile": {"input": "images", "min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [64, 3, 32, 32], "static": False},
+        "profile": {"input": "images", "min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [64, 3, 32, 32],
+                    "static": False},
         "flags": {"workspace_gib": None, "opt_level": None, "timing_cache": None, "pinned_fp32_layers": 0},
         "build_seconds": 1.0, "network": {"layers": 1, "by_dtype": {"HALF": 1}, "matmul_conv_by_dtype": {}},
     }
@@ -178,30 +187,42 @@ L4 = {"name": "NVIDIA L4", "compute_capability": "8.9"}
 def test_record_mismatches_are_refused_naming_what_differs(tmp_path: Path) -> None:
     rec = _record()
     verify_record(rec, tmp_path, onnx_sha256="a" * 64, tensorrt=HERE, gpu=L4)  # matches
-    with pytest.raises(EngineMismatch, match=r"built from another model.onnx \(sha256 aaaaaaaaaaaa\.\.\., the graph there now is bbbbbbbbbbbb") as e:
+    with pytest.raises(EngineMismatch, match=r"built from another model.onnx \(sha256 aaaaaaaaaaaa\.\.\., "
+                                             r"the graph there now is bbbbbbbbbbbb") as e:
         verify_record(rec, tmp_path, onnx_sha256="b" * 64, tensorrt=HERE, gpu=L4)
     assert e.value.what == "onnx" and "slab-deploy build" in str(e.value) and "--force" in str(e.value)
-    with pytest.raises(EngineMismatch, match="built with tensorrt 10.14.1, this host runs tensorrt 10.15.0") as e:
-        verify_record(rec, tmp_path, onnx_sha256="a" * 64, tensorrt={"flavour": "tensorrt", "version": "10.15.0"}, gpu=L4)
+    with pytest.raises(EngineMismatch,
+                       match="built with tensorrt 10.14.1, this host runs tensorrt 10.15.0") as e:
+        verify_record(rec, tmp_path, onnx_sha256="a" * 64,
+                      tensorrt={"flavour": "tensorrt", "version": "10.15.0"}, gpu=L4)
     assert e.value.what == "tensorrt"
     with pytest.raises(EngineMismatch, match="this host runs tensorrt-rtx 1.7.1.116"):
-        verify_record(rec, tmp_path, onnx_sha256="a" * 64, tensorrt={"flavour": "tensorrt-rtx", "version": "1.7.1.116"}, gpu=L4)
-    with pytest.raises(EngineMismatch, match=r"built for compute capability 8.9, this GPU \(NVIDIA H200\) is 9.0") as e:
-        verify_record(rec, tmp_path, onnx_sha256="a" * 64, tensorrt=HERE, gpu={"name": "NVIDIA H200", "compute_capability": "9.0"})
+        verify_record(rec, tmp_path, onnx_sha256="a" * 64,
+                      tensorrt={"flavour": "tensorrt-rtx", "version": "1.7.1.116"}, gpu=L4)
+    with pytest.raises(EngineMismatch,
+                       match=r"built for compute capability 8.9, this GPU \(NVIDIA H200\) is 9.0") as e:
+        verify_record(rec, tmp_path, onnx_sha256="a" * 64, tensorrt=HERE,
+                      gpu={"name": "NVIDIA H200", "compute_capability": "9.0"})
     assert e.value.what == "gpu" and isinstance(e.value, ArtifactError) and e.value.exit_code == 1
 
 
 def test_version_compatible_and_hardware_compatible_records_widen_the_match(tmp_path: Path) -> None:
-    vc = _record(targets={"compute_capabilities": ["8.0+"], "hardware_compat": "ampere-plus", "version_compatible": True})
+    vc = _record(targets={"compute_capabilities": ["8.0+"], "hardware_compat": "ampere-plus",
+                          "version_compatible": True})
     later = {"flavour": "tensorrt", "version": "10.15.0"}
-    verify_record(vc, tmp_path, onnx_sha256="a" * 64, tensorrt=later, gpu={"name": "A100", "compute_capability": "8.0"})
-    verify_record(vc, tmp_path, onnx_sha256="a" * 64, tensorrt=later, gpu={"name": "B200", "compute_capability": "10.0"})
+    verify_record(vc, tmp_path, onnx_sha256="a" * 64, tensorrt=later,
+                  gpu={"name": "A100", "compute_capability": "8.0"})
+    verify_record(vc, tmp_path, onnx_sha256="a" * 64, tensorrt=later,
+                  gpu={"name": "B200", "compute_capability": "10.0"})
     with pytest.raises(EngineMismatch, match="this host runs tensorrt 10.13.0"):  # older than the build
-        verify_record(vc, tmp_path, onnx_sha256="a" * 64, tensorrt={"flavour": "tensorrt", "version": "10.13.0"}, gpu=L4)
+        verify_record(vc, tmp_path, onnx_sha256="a" * 64,
+                      tensorrt={"flavour": "tensorrt", "version": "10.13.0"}, gpu=L4)
     with pytest.raises(EngineMismatch, match="this host runs tensorrt 11.0.0"):  # another major
-        verify_record(vc, tmp_path, onnx_sha256="a" * 64, tensorrt={"flavour": "tensorrt", "version": "11.0.0"}, gpu=L4)
+        verify_record(vc, tmp_path, onnx_sha256="a" * 64,
+                      tensorrt={"flavour": "tensorrt", "version": "11.0.0"}, gpu=L4)
     with pytest.raises(EngineMismatch, match=r"compute capability 8.0\+, this GPU \(T4\) is 7.5"):
-        verify_record(vc, tmp_path, onnx_sha256="a" * 64, tensorrt=later, gpu={"name": "T4", "compute_capability": "7.5"})
+        verify_record(vc, tmp_path, onnx_sha256="a" * 64, tensorrt=later,
+                      gpu={"name": "T4", "compute_capability": "7.5"})
 
 
 # The plan bytes below are opaque to everything under test (the record stores their sha256 and
@@ -225,7 +246,8 @@ def test_commit_writes_both_files_and_a_load_checks_them(tmp_path: Path) -> None
     plan, got = load_plan(tmp_path, onnx_sha256="a" * 64, tensorrt=HERE, gpu=L4)
     assert plan == PLAN_V1 and got == rec
     assert sorted(p.name for p in tmp_path.iterdir()) == [RECORD_NAME, PLAN_NAME]  # no temporary left
-    (tmp_path / PLAN_NAME).write_bytes(PLAN_V2)  # a plan its record does not describe (replaced by hand, or half a swap)
+    # a plan its record does not describe (replaced by hand, or half a swap)
+    (tmp_path / PLAN_NAME).write_bytes(PLAN_V2)
     with pytest.raises(EngineMismatch, match="does not match its record engine.json") as e:
         load_plan(tmp_path, onnx_sha256="a" * 64, tensorrt=HERE, gpu=L4)
     assert e.value.what == "plan"
@@ -261,7 +283,8 @@ def test_records_that_are_not_ours_are_refused(tmp_path: Path) -> None:
     (tmp_path / RECORD_NAME).write_text("{not json")
     with pytest.raises(EngineMismatch, match="not valid JSON"):
         read_record(tmp_path)
-    (tmp_path / RECORD_NAME).write_text(json.dumps({"format": "slab-deploy engine record", "version": 1, "model": NAME}))
+    (tmp_path / RECORD_NAME).write_text(json.dumps({"format": "slab-deploy engine record", "version": 1,
+                                                    "model": NAME}))
     with pytest.raises(EngineMismatch, match="lacks precision, typing, onnx"):
         read_record(tmp_path)
     (tmp_path / RECORD_NAME).write_text(json.dumps({"format": "slab-deploy engine record", "version": 99}))
@@ -289,7 +312,9 @@ def _rtx():  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.tensorrt
-def test_real_build_keeps_the_fp32_islands_of_an_fp16_export(exported: Path, exported_fp16: Path, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_real_build_keeps_the_fp32_islands_of_an_fp16_export(  # type: ignore[no-untyped-def]
+    exported: Path, exported_fp16: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
     trt = _rtx()
     results = {}
     for prec, src in (("fp32", exported), ("fp16", exported_fp16)):
@@ -297,7 +322,8 @@ def test_real_build_keeps_the_fp32_islands_of_an_fp16_export(exported: Path, exp
         d.mkdir()
         for p in src.iterdir():
             (d / p.name).write_bytes(p.read_bytes())
-        code, out, err = run_cli(["build", str(d), "--compute-capability", "8.9", "--opt-batch", "4", "--max-batch", "16", "--json"], capsys, monkeypatch)
+        code, out, err = run_cli(["build", str(d), "--compute-capability", "8.9", "--opt-batch", "4",
+                                  "--max-batch", "16", "--json"], capsys, monkeypatch)
         assert code == 0, err
         results[prec] = json.loads(out)
         assert (d / PLAN_NAME).stat().st_size == results[prec]["plan"]["bytes"] > 100_000
@@ -305,7 +331,8 @@ def test_real_build_keeps_the_fp32_islands_of_an_fp16_export(exported: Path, exp
         assert rec["tensorrt"] == {"flavour": "tensorrt-rtx", "module": trt.name, "version": trt.version}
         assert rec["typing"] == "strong" and rec["precision"] == prec
         assert rec["targets"]["compute_capabilities"] == ["8.9"]
-        assert rec["profile"]["min"][0] == 1 and rec["profile"]["opt"][0] == 4 and rec["profile"]["max"][0] == 16
+        assert (rec["profile"]["min"][0] == 1 and rec["profile"]["opt"][0] == 4
+                and rec["profile"]["max"][0] == 16)
         assert rec["profile"]["max"][1:] == [3, 32, 32]
     assert set(results["fp32"]["network"]["matmul_conv_by_dtype"]) == {"FLOAT"}
     heavy16 = results["fp16"]["network"]["matmul_conv_by_dtype"]
@@ -314,7 +341,9 @@ def test_real_build_keeps_the_fp32_islands_of_an_fp16_export(exported: Path, exp
 
 
 @pytest.mark.tensorrt
-def test_real_build_and_its_refusals(exported: Path, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_real_build_and_its_refusals(  # type: ignore[no-untyped-def]
+    exported: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
     trt = _rtx()
     d = tmp_path / "art"
     d.mkdir()
@@ -324,17 +353,21 @@ def test_real_build_and_its_refusals(exported: Path, tmp_path: Path, capsys, mon
     assert result.record.targets["compute_capabilities"] == ["8.9", "12.0"]
     here = {"flavour": trt.flavour, "version": trt.version}
     sha = result.record.onnx["sha256"]
-    plan, _ = load_plan(d, onnx_sha256=sha, tensorrt=here, gpu={"name": "RTX 4090", "compute_capability": "8.9"})
+    plan, _ = load_plan(d, onnx_sha256=sha, tensorrt=here,
+                        gpu={"name": "RTX 4090", "compute_capability": "8.9"})
     assert plan == (d / PLAN_NAME).read_bytes()
-    with pytest.raises(EngineMismatch, match=r"compute capability 8.9, 12.0, this GPU \(NVIDIA H200\) is 9.0"):
+    with pytest.raises(EngineMismatch,
+                       match=r"compute capability 8.9, 12.0, this GPU \(NVIDIA H200\) is 9.0"):
         load_plan(d, onnx_sha256=sha, tensorrt=here, gpu={"name": "NVIDIA H200", "compute_capability": "9.0"})
-    with pytest.raises(EngineMismatch, match=f"built with tensorrt-rtx {trt.version}, this host runs tensorrt 10.14.1"):
+    with pytest.raises(EngineMismatch,
+                       match=f"built with tensorrt-rtx {trt.version}, this host runs tensorrt 10.14.1"):
         load_plan(d, onnx_sha256=sha, tensorrt=HERE, gpu=None)
     before = _listing(d)
     code, _out, err = run_cli(["build", str(d), "--compute-capability", "8.9"], capsys, monkeypatch)
     assert code == 1 and "model.plan exists; pass --force" in err
-    for option in (["--weak-fp16"], ["--timing-cache", str(tmp_path / "tc")], ["--hardware-compat", "ampere-plus"],
-                   ["--version-compatible"], ["--compute-capability", "9.0"]):
+    for option in (["--weak-fp16"], ["--timing-cache", str(tmp_path / "tc")],
+                   ["--hardware-compat", "ampere-plus"], ["--version-compatible"],
+                   ["--compute-capability", "9.0"]):
         code, _out, err = run_cli(["build", str(d), "--force", *option], capsys, monkeypatch)
         assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, (option, err)
     assert _listing(d) == before and not (tmp_path / "tc").exists()

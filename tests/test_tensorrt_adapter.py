@@ -56,7 +56,8 @@ def fake_tensorrt(version: str, *, fp16_flag: bool, parse_ok: bool = True, build
     m.BuilderFlag = enum("BuilderFlag", *flags)
     m.NetworkDefinitionCreationFlag = enum("NetworkDefinitionCreationFlag", "STRONGLY_TYPED")
     m.MemoryPoolType = enum("MemoryPoolType", "WORKSPACE")
-    m.HardwareCompatibilityLevel = enum("HardwareCompatibilityLevel", "NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY")
+    m.HardwareCompatibilityLevel = enum("HardwareCompatibilityLevel", "NONE", "AMPERE_PLUS",
+                                        "SAME_COMPUTE_CAPABILITY")
     m.ProfilingVerbosity = enum("ProfilingVerbosity", "LAYER_NAMES_ONLY", "DETAILED")
     m.LayerType = enum("LayerType", "MATRIX_MULTIPLY", "CONVOLUTION", "OTHER")
     m.DataType = enum("DataType", "FLOAT", "HALF", "INT64")
@@ -75,7 +76,8 @@ def fake_tensorrt(version: str, *, fp16_flag: bool, parse_ok: bool = True, build
     class Layer:
         def __init__(self, node: Any, dtype: Member) -> None:
             self.name, self.metadata = node.name, f"[ONNX Layer: {node.name}]"
-            self.type = {"MatMul": m.LayerType.MATRIX_MULTIPLY, "Conv": m.LayerType.CONVOLUTION}.get(node.op_type, m.LayerType.OTHER)
+            self.type = {"MatMul": m.LayerType.MATRIX_MULTIPLY, "Conv": m.LayerType.CONVOLUTION}.get(
+                node.op_type, m.LayerType.OTHER)
             self.num_outputs = len(node.output)
             self.outputs = [Tensor(o, (), dtype) for o in node.output]
             self.precision = None
@@ -113,7 +115,8 @@ def fake_tensorrt(version: str, *, fp16_flag: bool, parse_ok: bool = True, build
             g = onnx.load(path).graph
             half = any(i.data_type == onnx.TensorProto.FLOAT16 for i in g.initializer)
             self.network.layers = [Layer(n, m.DataType.HALF if half else m.DataType.FLOAT) for n in g.node]
-            dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in g.input[0].type.tensor_type.shape.dim)
+            dims = tuple(d.dim_value if d.HasField("dim_value") else -1
+                         for d in g.input[0].type.tensor_type.shape.dim)
             self.network.inputs = [Tensor(g.input[0].name, dims, m.DataType.FLOAT)]
             return parse_ok
 
@@ -200,7 +203,8 @@ def art(exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
 
 
 def test_the_adapter_tells_the_flavours_apart() -> None:
-    t10, t11 = TensorRT(fake_tensorrt("10.14.1", fp16_flag=True)), TensorRT(fake_tensorrt("11.4.0", fp16_flag=False))
+    t10, t11 = (TensorRT(fake_tensorrt("10.14.1", fp16_flag=True)),
+                TensorRT(fake_tensorrt("11.4.0", fp16_flag=False)))
     assert (t10.flavour, t10.major, t10.weak_fp16, t10.hardware_compat) == ("tensorrt", 10, True, True)
     assert (t11.major, t11.weak_fp16, t11.compute_capabilities) == (11, False, ())
     rtx: Any = types.ModuleType("tensorrt_rtx_bindings")
@@ -249,16 +253,20 @@ def test_strongly_typed_builds_set_no_precision_flag(art: Path) -> None:
 
 def test_tensorrt_11_refuses_weak_fp16_before_parsing(art: Path) -> None:
     m = fake_tensorrt("11.4.0", fp16_flag=False)
-    with pytest.raises(ConfigError, match="--weak-fp16 needs TensorRT 10; tensorrt 11.4.0 builds strongly typed only"):
+    with pytest.raises(ConfigError,
+                       match="--weak-fp16 needs TensorRT 10; tensorrt 11.4.0 builds strongly typed only"):
         build_engine(art, EngineOptions(weak_fp16=True), trt=TensorRT(m))
     assert not hasattr(m, "config") and not (art / PLAN_NAME).exists()
 
 
 def test_hardware_compat_and_version_compatible_widen_the_record(art: Path) -> None:
     m = fake_tensorrt("10.14.1", fp16_flag=True)
-    rec = build_engine(art, EngineOptions(hardware_compat="ampere-plus", version_compatible=True), trt=TensorRT(m)).record
-    assert m.asked["hardware"] == "HardwareCompatibilityLevel.AMPERE_PLUS" and "VERSION_COMPATIBLE" in m.asked["flags"]
-    assert rec.targets == {"compute_capabilities": ["8.0+"], "hardware_compat": "ampere-plus", "version_compatible": True}
+    rec = build_engine(art, EngineOptions(hardware_compat="ampere-plus", version_compatible=True),
+                       trt=TensorRT(m)).record
+    assert (m.asked["hardware"] == "HardwareCompatibilityLevel.AMPERE_PLUS"
+            and "VERSION_COMPATIBLE" in m.asked["flags"])
+    assert rec.targets == {"compute_capabilities": ["8.0+"], "hardware_compat": "ampere-plus",
+                           "version_compatible": True}
     sha = rec.onnx["sha256"]
     load_plan(art, onnx_sha256=sha, tensorrt={"flavour": "tensorrt", "version": "10.15.1"},
               gpu={"name": "NVIDIA H200", "compute_capability": "9.0"})
@@ -271,13 +279,15 @@ def test_the_timing_cache_is_loaded_and_saved(art: Path, tmp_path: Path) -> None
     m = fake_tensorrt("10.14.1", fp16_flag=True)
     r1 = build_engine(art, EngineOptions(timing_cache=cache), trt=TensorRT(m))
     assert cache.read_bytes() == b"cache+1" and "timing cache written" in " ".join(r1.notes)
-    r2 = build_engine(art, EngineOptions(timing_cache=cache, force=True), trt=TensorRT(fake_tensorrt("10.14.1", fp16_flag=True)))
+    r2 = build_engine(art, EngineOptions(timing_cache=cache, force=True),
+                      trt=TensorRT(fake_tensorrt("10.14.1", fp16_flag=True)))
     assert cache.read_bytes() == b"cache+1+1" and "timing cache updated" in " ".join(r2.notes)
     assert r2.record.flags["timing_cache"] == str(cache)
     cache.write_bytes(b"other gpu's cache")
     before = (art / PLAN_NAME).read_bytes()
     with pytest.raises(ConfigError, match="timing cache is from another TensorRT version or GPU"):
-        build_engine(art, EngineOptions(timing_cache=cache, force=True), trt=TensorRT(fake_tensorrt("10.14.1", fp16_flag=True)))
+        build_engine(art, EngineOptions(timing_cache=cache, force=True),
+                     trt=TensorRT(fake_tensorrt("10.14.1", fp16_flag=True)))
     assert cache.read_bytes() == b"other gpu's cache" and (art / PLAN_NAME).read_bytes() == before
 
 
@@ -285,7 +295,9 @@ def test_the_timing_cache_is_loaded_and_saved(art: Path, tmp_path: Path) -> None
     (False, True, r"could not parse .*model.onnx: In node 3 \(importMatMul\): UNSUPPORTED_NODE"),
     (True, False, "failed to build an engine from model.onnx"),
 ])
-def test_parse_and_build_failures_write_nothing(art: Path, parse_ok: bool, build_ok: bool, message: str) -> None:
+def test_parse_and_build_failures_write_nothing(
+    art: Path, parse_ok: bool, build_ok: bool, message: str
+) -> None:
     before = sorted(p.name for p in art.iterdir())
     m = fake_tensorrt("10.14.1", fp16_flag=True, parse_ok=parse_ok, build_ok=build_ok)
     with pytest.raises(ArtifactError, match=message):
@@ -296,7 +308,9 @@ def test_parse_and_build_failures_write_nothing(art: Path, parse_ok: bool, build
 
 def test_full_tensorrt_without_a_gpu_is_refused(art: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_mod, "gpu_info", lambda: None)
-    with pytest.raises(ConfigError, match="builds on the GPU that will run the engine, and there is none here"):
+    with pytest.raises(ConfigError,
+                       match="builds on the GPU that will run the engine, and there is none here"):
         build_engine(art, EngineOptions(), trt=TensorRT(fake_tensorrt("10.14.1", fp16_flag=True)))
     with pytest.raises(ConfigError, match="--compute-capability is TensorRT-RTX's"):
-        build_engine(art, EngineOptions(compute_capability=("8.9",)), trt=TensorRT(fake_tensorrt("10.14.1", fp16_flag=True)))
+        build_engine(art, EngineOptions(compute_capability=("8.9",)),
+                     trt=TensorRT(fake_tensorrt("10.14.1", fp16_flag=True)))

@@ -37,7 +37,8 @@ def compare_targets(name: str, *, unfolded: bool = False, checkpoint: str | None
 
     spec = get_spec(name)
     if not spec.is_slab:
-        raise ConfigError(f"--compare takes a SLAB model; {name} is a {spec.norm} baseline (try one of its SLAB counterparts)")
+        raise ConfigError(f"--compare takes a SLAB model; {name} is a {spec.norm} baseline "
+                          "(try one of its SLAB counterparts)")
     out = [Target(name, "folded", checkpoint)]
     if unfolded:
         out.append(Target(name, "unfolded", checkpoint))
@@ -61,7 +62,8 @@ def build_targets(compare: str | None = None, models: Sequence[str] | None = Non
     targets = []
     for n in models:
         slab = get_spec(n).is_slab
-        targets.append(Target(n, "folded" if slab else "baseline", checkpoint if checkpoint and len(models) == 1 else None))
+        targets.append(Target(n, "folded" if slab else "baseline",
+                              checkpoint if checkpoint and len(models) == 1 else None))
         if slab and unfolded:
             targets.append(Target(n, "unfolded", targets[-1].checkpoint))
     return targets

@@ -11,8 +11,9 @@ from typing import Any
 
 from slab_deploy.bench.results import BenchReport
 
-COLUMNS = ("model", "variant", "backend", "precision", "batch", "threads", "status", "median_ms", "p90_ms", "p95_ms",
-           "p99_ms", "mean_ms", "cv", "throughput", "h2d_ms", "d2h_ms", "peak_mem_mib", "compile_s", "tflops", "mfu",
+COLUMNS = ("model", "variant", "backend", "precision", "batch", "threads", "status", "median_ms", "p90_ms",
+           "p95_ms", "p99_ms", "mean_ms", "cv", "throughput", "h2d_ms", "d2h_ms", "peak_mem_mib", "compile_s",
+           "tflops", "mfu",
            "samples", "unstable", "timer", "reason", "note")
 
 

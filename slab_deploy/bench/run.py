@@ -49,7 +49,8 @@ def benchmark(targets: Sequence[Target], profile: Profile, output: Path, *, agai
     failure = judge(rep, compare_against(rep, baseline, threshold) if baseline is not None else None)
     paths = write_outputs(rep, output)
     if failure is not None:
-        failure.args = (f"{failure} (reports written: {paths['json']}, {paths['csv'].name}, {paths['markdown'].name})",)
+        failure.args = (f"{failure} (reports written: {paths['json']}, {paths['csv'].name}, "
+                        f"{paths['markdown'].name})",)
     return BenchOutcome(rep, paths, failure)
 
 
@@ -81,7 +82,8 @@ def run_bench(
     for what, p in (("--output", output), ("--onnx-cache", cache)):
         if p.exists() and not p.is_dir():
             raise ConfigError(f"{what} {p} is a file; pass a directory")
-    targets = list({(t.model, t.variant, t.checkpoint): t for t in targets}.values())  # a model named twice runs once
+    # a model named twice runs once
+    targets = list({(t.model, t.variant, t.checkpoint): t for t in targets}.values())
     notes: list[str] = []
     models = preflight(targets, profile, notes)
     env = environment(profile.device)
@@ -103,7 +105,8 @@ def run_bench(
         try:
             from slab_deploy.models import get_spec
 
-            x_np = np.random.default_rng(0).standard_normal((case.batch, *get_spec(t.model).input_size), dtype=np.float32)
+            x_np = np.random.default_rng(0).standard_normal((case.batch, *get_spec(t.model).input_size),
+                                                            dtype=np.float32)
             if case.backend.startswith("torch"):
                 import copy
 
@@ -111,12 +114,14 @@ def run_bench(
             else:
                 graph = (t.model, t.variant, t.checkpoint, case.precision)
                 if graph in export_failed:
-                    raise ExportError(f"{export_failed[graph]} (the export failed for an earlier case of this run)")
+                    raise ExportError(f"{export_failed[graph]} "
+                                      "(the export failed for an earlier case of this run)")
                 res.note = calibration_note(t.model, case.precision)
                 if res.note and "LATENCY ONLY" in res.note and f"{t.model}: {res.note}" not in notes:
                     notes.append(f"{t.model}: {res.note}")
                 try:
-                    source = onnx_for(t, case.precision, cache, profile.sla_policy, profile.exporter, notes=notes)
+                    source = onnx_for(t, case.precision, cache, profile.sla_policy, profile.exporter,
+                                      notes=notes)
                 except UnsupportedBackend:
                     raise
                 except Exception as exc:
@@ -125,7 +130,8 @@ def run_bench(
             samples, extra = measure(case, source, profile, x_np)
             st = stats(samples)
             if not all(math.isfinite(v) for v in st.values()) or st["median_ms"] <= 0:
-                raise ArithmeticError(f"timing produced a non-positive or non-finite median ({st['median_ms']!r} ms)")
+                raise ArithmeticError("timing produced a non-positive or non-finite median "
+                                      f"({st['median_ms']!r} ms)")
             for k, v in st.items():
                 setattr(res, k, v)
             for k, v in extra.items():
@@ -148,7 +154,8 @@ def run_bench(
         results.append(res)
         if progress is not None:
             progress.advance(task)
-    report = BenchReport(env, profile.to_dict(), results, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    report = BenchReport(env, profile.to_dict(), results,
+                         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     report.weights = {t.model: "checkpoint" if t.checkpoint else default_weights(t.model) for t in targets}
     report.untrained = all(w == "untrained" for w in report.weights.values())
     report.speedups = speedups(results)
@@ -157,7 +164,9 @@ def run_bench(
     return report
 
 
-def measure(case: Case, source: Any, profile: Profile, x_np: np.ndarray) -> tuple[list[float], dict[str, Any]]:
+def measure(
+    case: Case, source: Any, profile: Profile, x_np: np.ndarray
+) -> tuple[list[float], dict[str, Any]]:
     """Time one case on its runner (`source`: the torch model, or the ONNX graph's path): the
     timed samples, and what else was measured (timer, compile time, peak memory, and on a GPU the
     host<->device copies of one batch, apart from the compute)."""
@@ -166,8 +175,9 @@ def measure(case: Case, source: Any, profile: Profile, x_np: np.ndarray) -> tupl
     from slab_deploy.runtime.factory import make_runner
 
     with torch.inference_mode():
-        runner = make_runner(case.backend, source, profile.device, case.precision, sla_policy=profile.sla_policy,
-                             compile_mode=profile.compile_mode, threads=case.threads, max_batch=max(profile.batches))
+        runner = make_runner(case.backend, source, profile.device, case.precision,
+                             sla_policy=profile.sla_policy, compile_mode=profile.compile_mode,
+                             threads=case.threads, max_batch=max(profile.batches))
         p = runner.prepare(x_np)
         samples = time_prepared(p, profile.warmup, profile.iters, profile.min_seconds)
         extra: dict[str, Any] = {**p.details, "timer": p.timer}
@@ -178,7 +188,9 @@ def measure(case: Case, source: Any, profile: Profile, x_np: np.ndarray) -> tupl
     return samples, extra
 
 
-def preflight(targets: Sequence[Target], profile: Profile, notes: list[str]) -> dict[tuple[str, str, str | None], Any]:
+def preflight(
+    targets: Sequence[Target], profile: Profile, notes: list[str]
+) -> dict[tuple[str, str, str | None], Any]:
     """Load (and fold) every target and estimate the memory of its largest batch, before any case
     runs: a checkpoint that does not load is bad input (CheckpointError, exit 1), not a failed case,
     and a batch that cannot fit is refused (ConfigError) instead of running the host out of memory.

@@ -84,7 +84,8 @@ class Ladder:
 
         backend = RUNG_BACKEND[rung]
         if backend not in self.backends:
-            self.rungs.append(RungResult(rung, precision, "skipped", reason=f"backend {backend} not selected"))
+            self.rungs.append(RungResult(rung, precision, "skipped",
+                                         reason=f"backend {backend} not selected"))
             return
         t0 = time.perf_counter()
         try:
@@ -95,17 +96,20 @@ class Ladder:
         except MissingDependencyError:
             raise  # the install line is the message
         except SlabDeployError as exc:
-            self.rungs.append(RungResult(rung, precision, "error", reason=str(exc), seconds=time.perf_counter() - t0))
+            self.rungs.append(RungResult(rung, precision, "error", reason=str(exc),
+                                         seconds=time.perf_counter() - t0))
             return
         except Exception as exc:
             if rung == "fold":
                 raise  # in memory, no artefact: an exception here is a bug and keeps its traceback
-            self.rungs.append(RungResult(rung, precision, "error", reason=first_line(exc), seconds=time.perf_counter() - t0))
+            self.rungs.append(RungResult(rung, precision, "error", reason=first_line(exc),
+                                         seconds=time.perf_counter() - t0))
             return
         out = np.asarray(out)
         if out.shape != self.reference.shape:
             self.rungs.append(RungResult(rung, precision, "error", runner, artifact,
-                                         f"outputs of shape {out.shape}, the reference has {self.reference.shape}",
+                                         f"outputs of shape {out.shape}, "
+                                         f"the reference has {self.reference.shape}",
                                          seconds=time.perf_counter() - t0))
             return
         tol = tolerance_for(rung, precision, self.tolerance)
@@ -113,8 +117,8 @@ class Ladder:
         v = judge(m, tol)
         self.outputs[f"{rung}.{precision}"] = out
         self.rungs.append(
-            RungResult(rung, precision, "pass" if v.passed else "fail", runner, artifact, "", m.to_dict(), tol.to_dict(),
-                       v.failures, v.needed, time.perf_counter() - t0)
+            RungResult(rung, precision, "pass" if v.passed else "fail", runner, artifact, "", m.to_dict(),
+                       tol.to_dict(), v.failures, v.needed, time.perf_counter() - t0)
         )
 
 
@@ -172,13 +176,16 @@ GRAPH_RUNGS: tuple[tuple[str, Callable[[Graph, np.ndarray], Ran], str], ...] = (
 )
 
 
-def _ort(path: Path | None, x: np.ndarray, provider: str, graph_opt: str, graph: Graph, what: str = "") -> Ran:
+def _ort(
+    path: Path | None, x: np.ndarray, provider: str, graph_opt: str, graph: Graph, what: str = ""
+) -> Ran:
     from slab_deploy.runtime.base import UnsupportedBackend
     from slab_deploy.runtime.ort import ORTRunner
 
     if path is None:
         # Not a broken artefact: the export was made without keeping it (keep_unsimplified=False).
-        raise UnsupportedBackend(f"no {what or 'graph'} in the artefacts (export keeps it as model.unsimplified.onnx)")
+        raise UnsupportedBackend(f"no {what or 'graph'} in the artefacts "
+                                 "(export keeps it as model.unsimplified.onnx)")
     r = ORTRunner(path, provider, graph_opt=graph_opt, precision=graph.manifest.precision)
     return Ran(f"onnxruntime {r.info.details['onnxruntime']} {provider} (graph opt {graph_opt})", path.name,
                batched(r, x, graph.batch))
@@ -209,7 +216,8 @@ def given_manifest(artifacts: str | Path | None, model_name: str) -> ArtifactMan
         return None
     manifest = read_manifest(artifacts)
     if manifest.model != model_name:
-        raise ArtifactError(f"{manifest.folder} holds an export of {manifest.model!r}, not {model_name!r}: pass --model {manifest.model}")
+        raise ArtifactError(f"{manifest.folder} holds an export of {manifest.model!r}, not {model_name!r}: "
+                            f"pass --model {manifest.model}")
     return manifest
 
 
@@ -221,7 +229,8 @@ def reference_outputs(model: Any, x: np.ndarray) -> np.ndarray:
         reference = model(torch.from_numpy(x)).float().numpy()
     bad = int((~np.isfinite(reference)).sum())
     if bad:
-        raise CheckpointError(f"the checkpoint model gives {bad} NaN/Inf logits on these inputs, so nothing can be judged; "
+        raise CheckpointError(f"the checkpoint model gives {bad} NaN/Inf logits on these inputs, "
+                              "so nothing can be judged; "
                               "check the checkpoint's weights (`slab-deploy inspect`)")
     return np.asarray(reference)
 
@@ -246,12 +255,15 @@ def artifact_sets(manifest: ArtifactManifest | None, model_name: str, checkpoint
                 export_model(model_name, checkpoint, d, ExportOptions(precision=prec), force=True, ema=ema,
                              allow_unfinished_prepbn=allow_unfinished_prepbn)
             except ExportParityError as exc:
-                d = exc.failed_dir  # the failed set is kept beside the output: the ladder shows where it broke
+                # the failed set is kept beside the output: the ladder shows where it broke
+                d = exc.failed_dir
             found.append(read_manifest(d))
         yield found
 
 
-def validate_graphs(found: Sequence[ArtifactManifest], input_size: Sequence[int], num_classes: int) -> list[Graph]:
+def validate_graphs(
+    found: Sequence[ArtifactManifest], input_size: Sequence[int], num_classes: int
+) -> list[Graph]:
     """Every graph of every export, checked before the first ONNX rung runs."""
     graphs = []
     for man in found:
@@ -292,7 +304,8 @@ def run_check(
     if int8:
         check_int8_inputs(model_name, images=images, replay=replay, exporting=manifest is None)
     replayed = read_replay(replay) if replay is not None else None
-    replay_labels = read_replay_labels(replay, len(replayed)) if replay is not None and replayed is not None else None
+    replay_labels = (read_replay_labels(replay, len(replayed))
+                     if replay is not None and replayed is not None else None)
     say("loading checkpoint")
     ref = load_model(model_name, checkpoint, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn)
     info = checkpoint_info(ref)

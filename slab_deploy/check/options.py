@@ -22,7 +22,8 @@ from slab_deploy.choices import (
 from slab_deploy.errors import ConfigError
 
 MAX_INPUTS = 4096  # images per check (the exporter's dynamic batch goes up to 4096 too)
-METRICS = ("max_rel", "min_cosine", "min_sqnr_db", "min_top1", "max_accuracy_drop")  # what `--tolerance` may override
+# what `--tolerance` may override
+METRICS = ("max_rel", "min_cosine", "min_sqnr_db", "min_top1", "max_accuracy_drop")
 
 
 def short_repr(value: Any, n: int = 80) -> str:
@@ -44,11 +45,12 @@ def validate_options(backends: Sequence[str], precisions: Sequence[str], inputs:
         raise ConfigError(f"--backends is empty; choose from {', '.join(CHECK_BACKENDS)}")
     bad = [b for b in backends if b not in CHECK_BACKENDS]
     if bad:
-        raise ConfigError(f"unknown backend(s) {', '.join(map(short_repr, bad))}; choose from {', '.join(CHECK_BACKENDS)}")
+        raise ConfigError(f"unknown backend(s) {', '.join(map(short_repr, bad))}; "
+                          f"choose from {', '.join(CHECK_BACKENDS)}")
     if not any(RUNG_BACKEND[r] in backends for r in DEPLOYED_RUNGS):
         raise ConfigError(
-            f"--backends {','.join(backends)} runs no rung on the deployed graph, so nothing would be judged; "
-            "add onnx, ort-cpu, ort-cuda or tensorrt"
+            f"--backends {','.join(backends)} runs no rung on the deployed graph, "
+            "so nothing would be judged; add onnx, ort-cpu, ort-cuda or tensorrt"
         )
     if not precisions:
         raise ConfigError("--precision is empty; pass fp32, fp16, int8 or a comma list such as fp32,int8")
@@ -67,7 +69,8 @@ def check_report_dir(path: str | Path) -> Path:
     """`--report` must be a directory, or a path where one can be made; refuse it before any work."""
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--report {out} is a file; pass a directory (report.json, report.md and io.npz go into it)")
+        raise ConfigError(f"--report {out} is a file; "
+                          "pass a directory (report.json, report.md and io.npz go into it)")
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -75,7 +78,8 @@ def check_report_dir(path: str | Path) -> Path:
             break
     for name in ("report.json", "report.md", "io.npz"):
         if (out / name).is_dir():
-            raise ConfigError(f"--report {out}: {out / name} is a directory; remove it or choose another --report")
+            raise ConfigError(f"--report {out}: {out / name} is a directory; "
+                              "remove it or choose another --report")
     return out
 
 
@@ -88,12 +92,15 @@ def parse_tolerance_overrides(items: Sequence[str]) -> dict[str, dict[str, float
             metric, value = rest.split("=", 1)
             v = float(value)
         except ValueError:
-            raise ConfigError(f"--tolerance {item!r}: expected RUNG:METRIC=VALUE, e.g. ort_cuda:min_cosine=0.995") from None
+            raise ConfigError(f"--tolerance {item!r}: expected RUNG:METRIC=VALUE, "
+                              "e.g. ort_cuda:min_cosine=0.995") from None
         if rung not in RUNGS:
             raise ConfigError(f"--tolerance {item!r}: unknown rung {rung!r}; rungs are {', '.join(RUNGS)}")
         if metric not in METRICS:
-            raise ConfigError(f"--tolerance {item!r}: unknown metric {metric!r}; metrics are {', '.join(METRICS)}")
+            raise ConfigError(f"--tolerance {item!r}: unknown metric {metric!r}; "
+                              f"metrics are {', '.join(METRICS)}")
         if not math.isfinite(v):
-            raise ConfigError(f"--tolerance {item!r}: the value must be a finite number (NaN passes or fails everything)")
+            raise ConfigError(f"--tolerance {item!r}: the value must be a finite number "
+                              "(NaN passes or fails everything)")
         out.setdefault(rung, {})[metric] = v
     return out

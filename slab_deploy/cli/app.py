@@ -15,23 +15,37 @@ from slab_deploy.errors import SlabDeployError
 
 app = typer.Typer(
     name="slab-deploy",
-    help="Take SLAB vision transformers from checkpoint to production: inspect, fold, export, build, check, bench.",
+    help=(
+        "Take SLAB vision transformers from checkpoint to production: "
+        "inspect, fold, export, build, check, bench."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registered model name (see `slab-deploy models`).")]
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Registered model name (see `slab-deploy models`)."),
+]
 CkptOpt = Annotated[
     Path | None,
-    typer.Option("--checkpoint", "-c", help="Checkpoint file (authors' .pth, state_dict, safetensors or folded)."),
+    typer.Option(
+        "--checkpoint", "-c", help="Checkpoint file (authors' .pth, state_dict, safetensors or folded)."
+    ),
 ]
-EmaOpt = Annotated[bool, typer.Option("--ema", help="Use the EMA weights (state_dict_ema) of a training checkpoint.")]
+EmaOpt = Annotated[
+    bool,
+    typer.Option("--ema", help="Use the EMA weights (state_dict_ema) of a training checkpoint."),
+]
 UnfinishedOpt = Annotated[
     bool,
     typer.Option(
         "--allow-unfinished-prepbn",
-        help="Deploy a checkpoint saved before PRepBN finished (its eval output differs from what was trained).",
+        help=(
+            "Deploy a checkpoint saved before PRepBN finished "
+            "(its eval output differs from what was trained)."
+        ),
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
@@ -93,6 +107,7 @@ def main() -> None:
             sys.exit(exc.exit_code)
         except Interrupted as exc:
             name = signal.Signals(exc.signum).name
-            console(stderr=True).print(f"[bold red]interrupted[/bold red] by {name}: stopped and cleaned up", soft_wrap=True)
+            console(stderr=True).print(f"[bold red]interrupted[/bold red] by {name}: stopped and cleaned up",
+                                       soft_wrap=True)
             sys.exit(128 + exc.signum)
 

@@ -21,7 +21,9 @@ from slab_deploy.cli.app import (
 # ------------------------------------------------------------------------------------------------ bench
 
 
-def bench_targets(compare: str | None, models_: str | None, unfolded: bool, checkpoint: Path | None) -> list[Any]:
+def bench_targets(
+    compare: str | None, models_: str | None, unfolded: bool, checkpoint: Path | None
+) -> list[Any]:
     from slab_deploy.bench import build_targets
 
     return build_targets(compare, csv(models_) if models_ else None, unfolded=unfolded,
@@ -31,64 +33,92 @@ def bench_targets(compare: str | None, models_: str | None, unfolded: bool, chec
 def progress_bar() -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console(stderr=True), transient=True)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console(stderr=True), transient=True)
 
 
 @app.command()
 def bench(
     device: Annotated[str, typer.Option("--device", help="cuda or cpu.")] = "cpu",
-    models_: Annotated[str | None, typer.Option("--models", help="Comma list of models (SLAB ones run folded).")] = None,
-    compare: Annotated[str | None, typer.Option("--compare", help="A SLAB model: benchmark it folded with its LayerNorm and FLatten baselines.")] = None,
-    unfolded: Annotated[bool, typer.Option("--unfolded", help="Also benchmark SLAB models unfolded (as trained).")] = False,
-    backends: Annotated[str | None, typer.Option("--backends", help="Comma list: torch, torch-cudagraph, torch-compile, ort-cpu, ort-cuda, ort-cuda-graph, tensorrt.")] = None,
+    models_: Annotated[str | None, typer.Option(
+        "--models", help="Comma list of models (SLAB ones run folded).")] = None,
+    compare: Annotated[str | None, typer.Option("--compare", help=(
+        "A SLAB model: benchmark it folded "
+        "with its LayerNorm and FLatten baselines."))] = None,
+    unfolded: Annotated[bool, typer.Option(
+        "--unfolded", help="Also benchmark SLAB models unfolded (as trained).")] = False,
+    backends: Annotated[str | None, typer.Option("--backends", help=(
+        "Comma list: torch, torch-cudagraph, torch-compile, "
+        "ort-cpu, ort-cuda, ort-cuda-graph, tensorrt."))] = None,
     precision: Annotated[str | None, typer.Option(
         "--precision",
         help="Comma list of fp32, fp16, bf16, int8 (int8: Q/DQ graphs on the ONNX backends).")] = None,
-    batch: Annotated[str | None, typer.Option("--batch", help="Comma list of batch sizes, e.g. 1,8,64.")] = None,
-    threads: Annotated[str | None, typer.Option("--threads", help="Comma list of CPU thread counts (CPU backends).")] = None,
-    profile: Annotated[str | None, typer.Option("--profile", help="Named target in profiles/ (see `slab-deploy profiles`) or a .yaml path.")] = None,
+    batch: Annotated[str | None, typer.Option(
+        "--batch", help="Comma list of batch sizes, e.g. 1,8,64.")] = None,
+    threads: Annotated[str | None, typer.Option(
+        "--threads", help="Comma list of CPU thread counts (CPU backends).")] = None,
+    profile: Annotated[str | None, typer.Option("--profile", help=(
+        "Named target in profiles/ (see `slab-deploy profiles`) "
+        "or a .yaml path."))] = None,
     iters: Annotated[int | None, typer.Option("--iters", help="Timed iterations (at least).")] = None,
-    min_seconds: Annotated[float | None, typer.Option("--min-seconds", help="Keep timing each case at least this long.")] = None,
-    compile_mode: Annotated[str | None, typer.Option("--compile-mode", help="torch.compile mode for the torch-compile backend.")] = None,
-    sla_policy: Annotated[str | None, typer.Option("--sla-policy", help="Half precision SLA policy: fp32 or mixed.")] = None,
-    exporter: Annotated[str | None, typer.Option("--exporter", help="ONNX exporter for ORT/TensorRT cases: auto, dynamo, torchscript.")] = None,
+    min_seconds: Annotated[float | None, typer.Option(
+        "--min-seconds", help="Keep timing each case at least this long.")] = None,
+    compile_mode: Annotated[str | None, typer.Option(
+        "--compile-mode", help="torch.compile mode for the torch-compile backend.")] = None,
+    sla_policy: Annotated[str | None, typer.Option(
+        "--sla-policy", help="Half precision SLA policy: fp32 or mixed.")] = None,
+    exporter: Annotated[str | None, typer.Option(
+        "--exporter", help="ONNX exporter for ORT/TensorRT cases: auto, dynamo, torchscript.")] = None,
     warmup: Annotated[int | None, typer.Option("--warmup", help="Warm-up iterations.")] = None,
     checkpoint: CkptOpt = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for bench.json/csv/md, plots and exported graphs.")] = Path("bench-out"),
-    onnx_cache: Annotated[Path | None, typer.Option("--onnx-cache", help="Where exported graphs are kept for reuse (default: OUTPUT/onnx).")] = None,
-    against: Annotated[Path | None, typer.Option("--against", help="Earlier bench.json: exit 4 when a case it measured regressed beyond --threshold, or was not measured now.")] = None,
-    threshold: Annotated[float, typer.Option("--threshold", help="Allowed slow-down against --against (fraction).")] = 0.10,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Directory for bench.json/csv/md, plots and exported graphs.")
+    ] = Path("bench-out"),
+    onnx_cache: Annotated[Path | None, typer.Option(
+        "--onnx-cache", help="Where exported graphs are kept for reuse (default: OUTPUT/onnx).")] = None,
+    against: Annotated[Path | None, typer.Option("--against", help=(
+        "Earlier bench.json: exit 4 when a case it measured regressed beyond --threshold, "
+        "or was not measured now."))] = None,
+    threshold: Annotated[float, typer.Option(
+        "--threshold", help="Allowed slow-down against --against (fraction).")] = 0.10,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure latency and throughput of SLAB models against their LayerNorm and FLatten baselines.
 
     Exit codes (CI gates on them):
 
-    0: no case failed and at least one was measured (a case is skipped, not failed, only when this host lacks its backend); with --against, every case measured there was measured now and none regressed beyond --threshold.
+    0: no case failed and at least one was measured (a case is skipped, not failed, only when this
+    host lacks its backend); with --against, every case measured there was measured now and none
+    regressed beyond --threshold.
 
-    1: bad input, refused before anything runs or is written: an option or profile value, a checkpoint that does not load, a batch whose estimated memory exceeds what is available, an unreadable or malformed --against file (or one with no measured case).
+    1: bad input, refused before anything runs or is written: an option or profile value, a
+    checkpoint that does not load, a batch whose estimated memory exceeds what is available, an
+    unreadable or malformed --against file (or one with no measured case).
 
     2: a command line the parser rejects (an unknown option, a non-number for --iters).
 
-    4: with --against, a case measured there regressed beyond --threshold, or was not measured now (absent, skipped or failed).
+    4: with --against, a case measured there regressed beyond --threshold, or was not measured now
+    (absent, skipped or failed).
 
     5: a case failed (status error), or every case was skipped (nothing was measured). 5 outranks 4.
 
-    With 0, 4 and 5, bench.json, bench.csv and bench.md are written in full first, the verdict in them. Exported graphs are reused from --onnx-cache only when their sha256 matches the record bench wrote beside them (else they are exported again, and a note says why).
+    With 0, 4 and 5, bench.json, bench.csv and bench.md are written in full first, the verdict in
+    them. Exported graphs are reused from --onnx-cache only when their sha256 matches the record
+    bench wrote beside them (else they are exported again, and a note says why).
     """
     from slab_deploy.bench import benchmark
     from slab_deploy.profiles import resolve_profile
 
     targets = bench_targets(compare, models_, unfolded, checkpoint)
     prof = resolve_profile(device, profile, {
-        "backends": backends, "precisions": precision, "batches": batch, "threads": threads, "iters": iters,
-        "warmup": warmup, "min_seconds": min_seconds, "compile_mode": compile_mode, "sla_policy": sla_policy,
-        "exporter": exporter,
+        "backends": backends, "precisions": precision, "batches": batch, "threads": threads,
+        "iters": iters, "warmup": warmup, "min_seconds": min_seconds, "compile_mode": compile_mode,
+        "sla_policy": sla_policy, "exporter": exporter,
     })
     with progress_bar() as progress:
-        done = benchmark(targets, prof, output, against=against, threshold=threshold, export_cache=onnx_cache,
-                         progress=progress, command="slab-deploy " + " ".join(sys.argv[1:]))
+        done = benchmark(targets, prof, output, against=against, threshold=threshold,
+                         export_cache=onnx_cache, progress=progress,
+                         command="slab-deploy " + " ".join(sys.argv[1:]))
     rep = done.report
     if as_json:
         echo_json(rep.to_dict())
@@ -110,22 +140,36 @@ def bench(
 @app.command()
 def trace(
     device: Annotated[str, typer.Option("--device", help="cuda or cpu.")] = "cpu",
-    models_: Annotated[str | None, typer.Option("--models", help="Comma list of models (SLAB ones run folded).")] = None,
-    compare: Annotated[str | None, typer.Option("--compare", help="A SLAB model: trace it folded with its LayerNorm and FLatten baselines.")] = None,
-    unfolded: Annotated[bool, typer.Option("--unfolded", help="Also trace SLAB models unfolded (as trained).")] = False,
-    backends: Annotated[str | None, typer.Option("--backends", "--backend", help="One of torch, torch-cudagraph, torch-compile, ort-cpu, ort-cuda, ort-cuda-graph (default: torch with --device cuda, ort-cpu with --device cpu); --backend is the earlier spelling.")] = None,
+    models_: Annotated[str | None, typer.Option(
+        "--models", help="Comma list of models (SLAB ones run folded).")] = None,
+    compare: Annotated[str | None, typer.Option("--compare", help=(
+        "A SLAB model: trace it folded "
+        "with its LayerNorm and FLatten baselines."))] = None,
+    unfolded: Annotated[bool, typer.Option(
+        "--unfolded", help="Also trace SLAB models unfolded (as trained).")] = False,
+    backends: Annotated[str | None, typer.Option("--backends", "--backend", help=(
+        "One of torch, torch-cudagraph, torch-compile, ort-cpu, ort-cuda, ort-cuda-graph "
+        "(default: torch with --device cuda, ort-cpu with --device cpu); "
+        "--backend is the earlier spelling."))] = None,
     precision: Annotated[str, typer.Option(
         "--precision",
         help="One of fp32, fp16, bf16, int8 (trace profiles one backend and precision per run).")] = "fp32",
     batch: Annotated[int, typer.Option("--batch", help="Batch size.")] = 1,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads (CPU backends).")] = None,
-    iters: Annotated[int, typer.Option("--iters", help="Profiled iterations (figures are per iteration).")] = 10,
-    top: Annotated[int, typer.Option("--top", help="How many kernels/operators to list per model.")] = 12,
-    sla_policy: Annotated[str, typer.Option("--sla-policy", help="Half precision SLA policy: fp32 or mixed.")] = "fp32",
-    exporter: Annotated[str, typer.Option("--exporter", help="ONNX exporter for ORT cases: auto, dynamo, torchscript.")] = "auto",
-    compile_mode: Annotated[str, typer.Option("--compile-mode", help="torch.compile mode for the torch-compile backend.")] = "max-autotune-no-cudagraphs",
+    iters: Annotated[int, typer.Option(
+        "--iters", help="Profiled iterations (figures are per iteration).")] = 10,
+    top: Annotated[int, typer.Option(
+        "--top", help="How many kernels/operators to list per model.")] = 12,
+    sla_policy: Annotated[str, typer.Option(
+        "--sla-policy", help="Half precision SLA policy: fp32 or mixed.")] = "fp32",
+    exporter: Annotated[str, typer.Option(
+        "--exporter", help="ONNX exporter for ORT cases: auto, dynamo, torchscript.")] = "auto",
+    compile_mode: Annotated[str, typer.Option(
+        "--compile-mode", help="torch.compile mode for the torch-compile backend.")
+    ] = "max-autotune-no-cudagraphs",
     checkpoint: CkptOpt = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for trace.json/md and the raw profiles.")] = Path("trace-out"),
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Directory for trace.json/md and the raw profiles.")] = Path("trace-out"),
     as_json: JsonOpt = False,
 ) -> None:
     """Profile where the time goes: kernel (or operator) time by category and by model component."""

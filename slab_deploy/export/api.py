@@ -202,10 +202,12 @@ def _commit(
         target.commit()
         return ExportResult(target.out_dir / ONNX_NAME, target.out_dir / MANIFEST_NAME, manifest, True, steps)
     failed = target.divert()
-    kept = f"{target.out_dir} {'is unchanged' if target.existed else 'was not created'}; the failed artefacts are in {failed}"
+    kept = (f"{target.out_dir} {'is unchanged' if target.existed else 'was not created'}; "
+            f"the failed artefacts are in {failed}")
     if status == "lint-failed":
         raise ExportLintError(
-            f"the folded {model_name} graph still has norm nodes {norm_nodes} or statistic reductions; {kept}",
+            f"the folded {model_name} graph still has norm nodes {norm_nodes} or statistic reductions; "
+            f"{kept}",
             failed,
         )
     first = next(k for k, r in rungs.items() if not r.get("passed", True))

@@ -151,8 +151,10 @@ def build_manifest(
             "io": "float32 images in, float32 logits out",
             "sla_policy": opts.sla_policy if fp16 else "native",
             "fp32_islands": (
-                "SLA normaliser, reciprocal and k^T v product (policy fp32); FLatten focused kernel" if opts.sla_policy == "fp32"
-                else "SLA token mean of k, normaliser and reciprocal, final scaling (policy mixed; matmuls fp16 with fp32 accumulation); FLatten focused kernel"
+                "SLA normaliser, reciprocal and k^T v product (policy fp32); FLatten focused kernel"
+                if opts.sla_policy == "fp32"
+                else "SLA token mean of k, normaliser and reciprocal, final scaling "
+                "(policy mixed; matmuls fp16 with fp32 accumulation); FLatten focused kernel"
             ) if fp16 else (
                 "linear-attention normaliser and products (see int8.float_nodes); everything but the inputs "
                 "of Conv, MatMul and Gemm" if int8 is not None else ""),
@@ -160,10 +162,14 @@ def build_manifest(
         },
         "io": {
             "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": [batch_dim, *pre["input_size"]]}],
-            "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": [batch_dim, spec.num_classes if info is None or info.num_classes is None else info.num_classes]}],
+            "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": [
+                batch_dim,
+                spec.num_classes if info is None or info.num_classes is None else info.num_classes,
+            ]}],
         },
         "preprocessing": pre,
-        "parity": {"seed": opts.seed, "batch": parity_batch, "reference": "checkpoint model (unfolded), torch fp32 eval", **parity},
+        "parity": {"seed": opts.seed, "batch": parity_batch,
+                   "reference": "checkpoint model (unfolded), torch fp32 eval", **parity},
         "norm_free": lint_res.norm_free,
         "steps_seconds": {k: round(v, 3) for k, v in steps.items()},
         "versions": tool_versions(),
@@ -172,7 +178,8 @@ def build_manifest(
 
 
 def write_artifacts(
-    stage: Path, manifest: dict[str, Any], raw: onnx.ModelProto, final: onnx.ModelProto, meta: dict[str, str], *, keep_unsimplified: bool
+    stage: Path, manifest: dict[str, Any], raw: onnx.ModelProto, final: onnx.ModelProto, meta: dict[str, str],
+    *, keep_unsimplified: bool,
 ) -> None:
     """Write the artefact set into `stage`: the unsimplified graph (if kept), the deployed graph
     (model.onnx, or model.parity-failed.onnx when the status is not ok) and the manifest with the

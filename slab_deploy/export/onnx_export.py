@@ -64,7 +64,8 @@ def exporter_plan(exporter: str, opset: int) -> tuple[list[str], str]:
     if exporter not in EXPORTERS:
         raise UnsupportedInputError(f"unknown exporter {exporter!r}; use {', '.join(EXPORTERS)}")
     fits = [e for e in ("dynamo", "torchscript") if OPSETS[e][0] <= opset <= OPSETS[e][1]]
-    ranges = f"the torch.export-based exporter writes opsets {_span('dynamo')}, the TorchScript exporter {_span('torchscript')}"
+    ranges = (f"the torch.export-based exporter writes opsets {_span('dynamo')}, "
+              f"the TorchScript exporter {_span('torchscript')}")
     if exporter != "auto":
         if exporter not in fits:
             other = f"; use --exporter {fits[0]}" if fits else ""
@@ -72,7 +73,8 @@ def exporter_plan(exporter: str, opset: int) -> tuple[list[str], str]:
         return [exporter], ""
     if not fits:
         raise UnsupportedInputError(f"--opset {opset} cannot be written: {ranges}")
-    reason = "" if "dynamo" in fits else f"opset {opset} is outside the torch.export-based exporter's {_span('dynamo')}"
+    reason = ("" if "dynamo" in fits
+              else f"opset {opset} is outside the torch.export-based exporter's {_span('dynamo')}")
     return fits, reason
 
 
@@ -214,7 +216,8 @@ def onnx_from_torch(
                     if name == "dynamo" and "torchscript" not in plan:
                         lo, hi = OPSETS["torchscript"]
                         hint = ("; try --exporter torchscript" if lo <= opset <= hi
-                                else f"; the TorchScript exporter cannot take over at opset {opset} (it writes {lo}-{hi})")
+                                else f"; the TorchScript exporter cannot take over at opset {opset} "
+                                f"(it writes {lo}-{hi})")
                     raise ExportError(f"{reason + '; ' if reason else ''}{why}{hint}") from None
                 reason = f"{names[name]} exporter failed ({_first_line(exc)})"
                 continue

@@ -153,7 +153,8 @@ def simplify(
     before = op_counts(model)
     n_before = sum(before.values())
     if name == "none":
-        return SimplifyResult(model, "none", simplifier, 0.0, n_before, n_before, True, "simplification off", ops_before=before, ops_after=before)
+        return SimplifyResult(model, "none", simplifier, 0.0, n_before, n_before, True, "simplification off",
+                              ops_before=before, ops_after=before)
     t0 = time.perf_counter()
     try:
         out = _run_simplifier(name, model)
@@ -161,7 +162,8 @@ def simplify(
         raise
     except Exception as exc:
         return SimplifyResult(model, "none", name, time.perf_counter() - t0, n_before, n_before, False,
-                              f"{name} failed ({exc.__class__.__name__}: {str(exc)[:200]}); kept the unsimplified graph",
+                              f"{name} failed ({exc.__class__.__name__}: {str(exc)[:200]}); "
+                              "kept the unsimplified graph",
                               ops_before=before, ops_after=before)
     secs = time.perf_counter() - t0
     ref = run_onnx(model, inputs)
@@ -174,4 +176,5 @@ def simplify(
         return SimplifyResult(model, "none", name, secs, n_before, n_before, False,
                               f"{name} changed the outputs ({'; '.join(verdict.failures)}); "
                               "rejected, kept the unsimplified graph", delta, before, before)
-    return SimplifyResult(out, name, simplifier, secs, n_before, sum(after.values()), True, "", delta, before, after)
+    return SimplifyResult(out, name, simplifier, secs, n_before, sum(after.values()), True, "", delta, before,
+                          after)

@@ -114,9 +114,9 @@ class ExportOptions:
             check_source(model_name, self)
 
     @classmethod
-    def from_text(cls, *, batch: str | None = None, dynamic_batch: bool = False, opset: str = str(DEFAULT_OPSET),
-                  img_size: str | None = None, calibration_samples: str | None = None,
-                  **rest: Any) -> ExportOptions:
+    def from_text(cls, *, batch: str | None = None, dynamic_batch: bool = False,
+                  opset: str = str(DEFAULT_OPSET), img_size: str | None = None,
+                  calibration_samples: str | None = None, **rest: Any) -> ExportOptions:
         """Options as typed on a command line: whole numbers arrive as text, so garbage is one
         line naming the option (exit 1) like every bad value; `dynamic_batch` (the default
         anyway) excludes a static `batch`. The rest pass through; `validate` judges them all."""
@@ -149,7 +149,8 @@ def _whole(flag: str, value: Any, *, allow_none: bool = False, maximum: int | No
 
 def _choice(flag: str, value: Any, choices: tuple[str, ...], what: str = "") -> None:
     if value not in choices:
-        raise UnsupportedInputError(f"{what or 'unsupported ' + flag} {value!r}; use one of {', '.join(choices)}")
+        raise UnsupportedInputError(f"{what or 'unsupported ' + flag} {value!r}; "
+                                    f"use one of {', '.join(choices)}")
 
 
 @dataclass
@@ -243,8 +244,10 @@ def estimate_footprint(model_name: str, opts: ExportOptions) -> Footprint:
         needed += _calibration_bytes(opts, size, largest.bytes)
     fp = Footprint(model_name, size, images, weights, largest.bytes, needed, available_memory())
     if fp.available_bytes is not None and needed > fp.available_bytes:
-        culprit = "--batch" if opts.batch is not None and opts.batch > max(opts.parity_batch, 2) else "--img-size"
-        hint = f"use a smaller {culprit}" + (" or --dynamic-batch (the graph then takes any batch)" if culprit == "--batch" else "")
+        culprit = ("--batch" if opts.batch is not None and opts.batch > max(opts.parity_batch, 2)
+                   else "--img-size")
+        hint = f"use a smaller {culprit}" + (" or --dynamic-batch (the graph then takes any batch)"
+                                             if culprit == "--batch" else "")
         what = f"batch {images}" + (f" at {size[0]}x{size[1]} px" if opts.img_size is not None else "")
         raise UnsupportedInputError(
             f"exporting {model_name} at {what} needs about {_gb(needed)} of memory "

@@ -27,12 +27,14 @@ from slab_deploy.tolerances import tolerance_for
 
 
 def load(
-    model_name: str, checkpoint: str | Path | None, opts: ExportOptions, *, ema: bool, allow_unfinished_prepbn: bool
+    model_name: str, checkpoint: str | Path | None, opts: ExportOptions, *, ema: bool,
+    allow_unfinished_prepbn: bool,
 ) -> nn.Module:
     """The checkpoint model (or the embedded untrained default), at the requested image size."""
     from slab_deploy.weights import load_model
 
-    return load_model(model_name, checkpoint, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn, img_size=opts.img_size)
+    return load_model(model_name, checkpoint, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn,
+                      img_size=opts.img_size)
 
 
 def fold(ref: nn.Module, opts: ExportOptions) -> tuple[nn.Module, FoldReport]:
@@ -50,7 +52,8 @@ def _unfolded(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     n = sum(p.numel() for p in model.parameters())
     rep = FoldReport(
         getattr(model.spec, "name", "?"),
-        [NormFold(k, kind, c, "kept-layernorm" if kind == "layernorm" else "kept-affine", reason="fold disabled (--no-fold)") for k, (kind, c) in kinds.items()],
+        [NormFold(k, kind, c, "kept-layernorm" if kind == "layernorm" else "kept-affine",
+                  reason="fold disabled (--no-fold)") for k, (kind, c) in kinds.items()],
         n, n, [], 0.0, 0.0, 0.0, 0.0,
     )
     return copy.deepcopy(model), rep
@@ -110,12 +113,15 @@ def prepare_precision(model: nn.Module, precision: str, sla_policy: str = "fp32"
 def export_onnx(
     deploy: nn.Module, ref: Reference, opts: ExportOptions, input_size: list[int], stage: Path
 ) -> tuple[onnx.ModelProto, ExportInfo]:
-    """Trace `deploy` to ONNX (through a scratch file in `stage`, removed again); returns the graph and how it was made."""
+    """Trace `deploy` to ONNX (through a scratch file in `stage`, removed again); returns the graph and
+    how it was made."""
     example = torch.randn(opts.batch or 2, *input_size, generator=ref.generator)
     with torch.no_grad():
-        deploy(example)  # one eager call settles shape-derived choices (e.g. SLA's product order) before tracing
+        # one eager call settles shape-derived choices (e.g. SLA's product order) before tracing
+        deploy(example)
     scratch = stage / ".exporter-output.onnx"
-    exp = onnx_from_torch(deploy, scratch, example, opset=opts.opset, dynamic_batch=opts.batch is None, exporter=opts.exporter)
+    exp = onnx_from_torch(deploy, scratch, example, opset=opts.opset, dynamic_batch=opts.batch is None,
+                          exporter=opts.exporter)
     raw = exp.model if exp.model is not None else onnx.load(str(scratch))
     scratch.unlink()
     return raw, exp
@@ -149,21 +155,26 @@ def parity(model: onnx.ModelProto, ref: Reference, rung: str, precision: str,
     except Exception as exc:
         text = str(exc)
         if "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text:
-            return {"skipped": True, "passed": True, "reason": f"ONNX Runtime CPU cannot run this graph: {text.splitlines()[0][:200]}"}
-        raise ExportError(f"ONNX Runtime could not run the exported graph: {text.splitlines()[0][:300]}") from None
+            return {"skipped": True, "passed": True,
+                    "reason": f"ONNX Runtime CPU cannot run this graph: {text.splitlines()[0][:200]}"}
+        raise ExportError(
+            f"ONNX Runtime could not run the exported graph: {text.splitlines()[0][:300]}"
+        ) from None
     m = compare(ref.logits, got)
     v = judge(m, tol)
     out = {"passed": v.passed, "failures": v.failures, "tolerance": tol.to_dict(), **m.to_dict()}
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
         out["note"] = (
-            "ONNX Runtime's CPU provider runs most fp16 nodes through fp32 kernels (it inserts casts), so this "
-            "rung checks the fp16 weights, not fp16 arithmetic: verify on a GPU with "
+            "ONNX Runtime's CPU provider runs most fp16 nodes through fp32 kernels (it inserts casts), "
+            "so this rung checks the fp16 weights, not fp16 arithmetic: verify on a GPU with "
             "`slab-deploy check --backends ort-cuda`"
         )
     return out
 
 
-def simplify_checked(raw: onnx.ModelProto, ref: Reference, opts: ExportOptions, raw_rung: dict[str, Any]) -> SimplifyResult:
+def simplify_checked(
+    raw: onnx.ModelProto, ref: Reference, opts: ExportOptions, raw_rung: dict[str, Any]
+) -> SimplifyResult:
     """The requested simplifier with its own parity re-check; none for an fp16 graph this host's
     ORT could not run at the unsimplified rung (nothing could re-check the simplifier)."""
     simp_tol = tolerance_for("simplified", base_precision(opts.precision))
@@ -206,6 +217,6 @@ def check_opset(final: onnx.ModelProto, exp: ExportInfo, sres: SimplifyResult) -
     """The deployed graph keeps the opset it was exported at."""
     if file_opset(final) != exp.opset:
         raise ExportError(
-            f"the {sres.simplifier} simplifier changed the graph's opset from {exp.opset} to {file_opset(final)}; "
-            "pass --simplifier none or another simplifier"
+            f"the {sres.simplifier} simplifier changed the graph's opset from {exp.opset} to "
+            f"{file_opset(final)}; pass --simplifier none or another simplifier"
         )

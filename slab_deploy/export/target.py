@@ -13,7 +13,8 @@ from slab_deploy.utils import make_staging, raise_if_interrupted, recover_swap, 
 
 ONNX_NAME = "model.onnx"
 MANIFEST_NAME = "manifest.json"
-UNSIMPLIFIED_NAME = "model.unsimplified.onnx"  # kept beside model.onnx so `check` can tell exporter from simplifier faults
+# kept beside model.onnx so `check` can tell exporter from simplifier faults
+UNSIMPLIFIED_NAME = "model.unsimplified.onnx"
 FAILED_ONNX_NAME = "model.parity-failed.onnx"  # the deployed graph of a failed set (in DIR.failed)
 # What an export directory may hold: anything else is the user's, and such a directory is never
 # replaced (earlier releases also left `.NAME.*.partial` files of interrupted writes).
@@ -21,7 +22,8 @@ FAILED_ONNX_NAME = "model.parity-failed.onnx"  # the deployed graph of a failed 
 # An export with --force replaces them with the rest: the new graph has no engine yet.
 PLAN_NAME = "model.plan"
 RECORD_NAME = "engine.json"
-ARTIFACT_NAMES = frozenset({ONNX_NAME, MANIFEST_NAME, UNSIMPLIFIED_NAME, FAILED_ONNX_NAME, PLAN_NAME, RECORD_NAME})
+ARTIFACT_NAMES = frozenset({ONNX_NAME, MANIFEST_NAME, UNSIMPLIFIED_NAME, FAILED_ONNX_NAME, PLAN_NAME,
+                            RECORD_NAME})
 LOCK_TIMEOUT_S = 0.5
 
 
@@ -37,7 +39,9 @@ class ExportTarget:
     it is the user's and is refused, `--force` or not.
     """
 
-    def __init__(self, out_dir: str | Path, *, force: bool = False, lock_timeout: float = LOCK_TIMEOUT_S) -> None:
+    def __init__(
+        self, out_dir: str | Path, *, force: bool = False, lock_timeout: float = LOCK_TIMEOUT_S
+    ) -> None:
         self.out_dir = Path(out_dir)
         path = Path(os.path.abspath(self.out_dir))
         self.target = path.resolve() if path.is_symlink() else path
@@ -84,7 +88,8 @@ class ExportTarget:
         if not self.target.is_dir():
             return
         entries = sorted(p.name for p in self.target.iterdir())
-        foreign = [n for n in entries if n not in ARTIFACT_NAMES and not (n.startswith(".") and n.endswith(".partial"))]
+        foreign = [n for n in entries
+                   if n not in ARTIFACT_NAMES and not (n.startswith(".") and n.endswith(".partial"))]
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise ArtifactError(
@@ -92,7 +97,8 @@ class ExportTarget:
                 "replaces its directory whole, so it will not write there: choose another --output"
             )
         if entries and not self.force:
-            raise ArtifactError(f"{self.out_dir} holds an earlier export; pass --force to replace it or choose another --output")
+            raise ArtifactError(f"{self.out_dir} holds an earlier export; "
+                                "pass --force to replace it or choose another --output")
 
     def commit(self) -> None:
         """Swap the staging directory in as DIR (the previous DIR, if any, is removed)."""

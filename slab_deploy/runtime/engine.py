@@ -59,21 +59,26 @@ class EngineOptions:
 
     def validate(self) -> EngineOptions:
         """Refuse a bad value in one line naming the option, before anything is read."""
-        for flag, v in (("--min-batch", self.min_batch), ("--opt-batch", self.opt_batch), ("--max-batch", self.max_batch)):
+        for flag, v in (("--min-batch", self.min_batch), ("--opt-batch", self.opt_batch),
+                        ("--max-batch", self.max_batch)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{flag} must be a positive integer, not {v!r}")
         given = [v for v in (self.min_batch, self.opt_batch, self.max_batch) if v is not None]
         if given != sorted(given):
             raise ConfigError(f"the batch range must satisfy min <= opt <= max, not {self._range_text()}")
-        if self.workspace_gib is not None and not (math.isfinite(self.workspace_gib) and self.workspace_gib > 0):
+        if self.workspace_gib is not None and not (math.isfinite(self.workspace_gib)
+                                                   and self.workspace_gib > 0):
             raise ConfigError(f"--workspace must be a positive number of GiB, not {self.workspace_gib!r}")
         if self.opt_level is not None and not 0 <= self.opt_level <= MAX_OPT_LEVEL:
-            raise ConfigError(f"--opt-level must be 0 to {MAX_OPT_LEVEL} (TensorRT's default is 3), not {self.opt_level}")
+            raise ConfigError(f"--opt-level must be 0 to {MAX_OPT_LEVEL} (TensorRT's default is 3), "
+                              f"not {self.opt_level}")
         if self.hardware_compat not in HARDWARE_COMPAT:
-            raise ConfigError(f"--hardware-compat must be {describe(HARDWARE_COMPAT)}, not {self.hardware_compat!r}")
+            raise ConfigError(f"--hardware-compat must be {describe(HARDWARE_COMPAT)}, "
+                              f"not {self.hardware_compat!r}")
         for cc in self.compute_capability:
             if cc != "current" and not _is_cc(cc):
-                raise ConfigError(f"--compute-capability takes a comma list like 8.9,12.0 (or current), not {cc!r}")
+                raise ConfigError("--compute-capability takes a comma list like 8.9,12.0 (or current), "
+                                  f"not {cc!r}")
         if "current" in self.compute_capability and len(self.compute_capability) > 1:
             raise ConfigError("--compute-capability current stands alone (it means the GPU here)")
         if self.timing_cache is not None and self.timing_cache.is_dir():
@@ -81,7 +86,8 @@ class EngineOptions:
         return self
 
     def _range_text(self) -> str:
-        return "/".join("-" if v is None else str(v) for v in (self.min_batch, self.opt_batch, self.max_batch)) + " (min/opt/max)"
+        return "/".join("-" if v is None else str(v)
+                        for v in (self.min_batch, self.opt_batch, self.max_batch)) + " (min/opt/max)"
 
 
 def _is_cc(text: str) -> bool:
@@ -109,11 +115,13 @@ class Export:
 
 
 def read_export(folder: str | Path) -> Export:
-    """The export in `folder`, its model.onnx checked against the manifest's sha256; ArtifactError otherwise."""
+    """The export in `folder`, its model.onnx checked against the manifest's sha256; ArtifactError
+    otherwise."""
     d = Path(folder)
     mp = d / "manifest.json"
     if not d.is_dir() or not mp.is_file():
-        raise ArtifactError(f"{d} is not an export directory (no manifest.json); pass the output directory of `slab-deploy export`")
+        raise ArtifactError(f"{d} is not an export directory (no manifest.json); "
+                            "pass the output directory of `slab-deploy export`")
     with open(mp, "rb") as fh:
         raw = fh.read(MAX_MANIFEST_BYTES + 1)
     try:
@@ -128,8 +136,10 @@ def read_export(folder: str | Path) -> Export:
         shape = list(m["io"]["inputs"][0]["shape"])
         attention = tuple(str(a) for a in m.get("attention", ()))
         entry = m.get("files", {}).get(name, {})
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ArtifactError(f"{mp} is not a manifest `slab-deploy export` writes ({exc.__class__.__name__}); export again") from None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError,
+            RecursionError) as exc:
+        raise ArtifactError(f"{mp} is not a manifest `slab-deploy export` writes ({exc.__class__.__name__}); "
+                            "export again") from None
     if status != "ok":
         raise ArtifactError(f"{d} holds an export whose status is {status!r}, not ok; export again")
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
@@ -140,7 +150,8 @@ def read_export(folder: str | Path) -> Export:
     sha = onnx_sha256_of(onnx)
     if not isinstance(entry, dict) or entry.get("sha256") != sha:
         raise ArtifactError(f"{onnx} does not match its manifest (sha256 {sha[:12]}..., the manifest records "
-                            f"{str(entry.get('sha256') if isinstance(entry, dict) else None)[:12]}...): export again")
+                            f"{str(entry.get('sha256') if isinstance(entry, dict) else None)[:12]}...): "
+                            "export again")
     return Export(d, str(model), onnx, sha, str(precision), batch, shape, attention)
 
 
@@ -152,16 +163,19 @@ def batch_range(opts: EngineOptions, export: Export) -> tuple[int, int, int]:
         wrong = [v for v in given if v is not None and v != export.batch]
         if wrong or opts.profile:
             asked = opts._range_text() if wrong else f"--profile {opts.profile}"
-            raise ConfigError(f"{export.onnx} has a static batch of {export.batch}, so it takes no batch range "
-                              f"({asked}); export without --batch for a dynamic-batch engine")
+            raise ConfigError(f"{export.onnx} has a static batch of {export.batch}, "
+                              f"so it takes no batch range ({asked}); "
+                              "export without --batch for a dynamic-batch engine")
         return export.batch, export.batch, export.batch
     lo, mid, hi = profile_batches(opts.profile) if opts.profile else DEFAULT_BATCH
-    mn = opts.min_batch if opts.min_batch is not None else min(v for v in (lo, opts.opt_batch, opts.max_batch) if v)
+    mn = (opts.min_batch if opts.min_batch is not None
+          else min(v for v in (lo, opts.opt_batch, opts.max_batch) if v))
     mx = opts.max_batch if opts.max_batch is not None else max(v for v in (hi, mn, opts.opt_batch) if v)
     op = opts.opt_batch if opts.opt_batch is not None else min(max(mid, mn), mx)
     if not mn <= op <= mx:
         src = f" with --profile {opts.profile} ({lo}/{mid}/{hi})" if opts.profile else ""
-        raise ConfigError(f"the batch range must satisfy min <= opt <= max, not {mn}/{op}/{mx} (min/opt/max){src}")
+        raise ConfigError(f"the batch range must satisfy min <= opt <= max, "
+                          f"not {mn}/{op}/{mx} (min/opt/max){src}")
     return mn, op, mx
 
 
@@ -171,7 +185,8 @@ def profile_batches(name: str) -> tuple[int, int, int]:
 
     prof = load_profile(name)
     if prof.device != "cuda":
-        raise ConfigError(f"profile {prof.name} is for --device {prof.device}; an engine needs a CUDA profile")
+        raise ConfigError(f"profile {prof.name} is for --device {prof.device}; "
+                          "an engine needs a CUDA profile")
     b = sorted(prof.batches)
     return b[0], b[len(b) // 2], b[-1]
 
@@ -217,7 +232,8 @@ def sla_normaliser_nodes(onnx_path: Path, max_hops: int = 6) -> frozenset[str]:
     nodes = {name for name in down if name in up and up[name] + down[name] <= max_hops}
     if not nodes:
         return frozenset()
-    scaling = {c.name for r in reciprocals if r.name in nodes for c in consumers.get(r.output[0], []) if c.op_type == "Mul"}
+    scaling = {c.name for r in reciprocals if r.name in nodes
+               for c in consumers.get(r.output[0], []) if c.op_type == "Mul"}
     return frozenset(nodes | scaling)
 
 
@@ -235,7 +251,8 @@ class EngineResult:
         return int(self.record.plan["bytes"])
 
 
-def build_engine(artifact_dir: str | Path, options: EngineOptions | None = None, *, trt: TensorRT | None = None,
+def build_engine(artifact_dir: str | Path, options: EngineOptions | None = None, *,
+                 trt: TensorRT | None = None,
                  progress: Callable[[str], None] | None = None) -> EngineResult:
     """Build the TensorRT engine of the export in `artifact_dir` and write DIR/model.plan with its
     record DIR/engine.json (both, or neither: nothing else in DIR changes). Refuses bad options,
@@ -244,7 +261,8 @@ def build_engine(artifact_dir: str | Path, options: EngineOptions | None = None,
     opts = (options or EngineOptions()).validate()
     folder = Path(os.path.abspath(artifact_dir))
     if not folder.is_dir():
-        raise ArtifactError(f"{folder} is not an export directory; pass the output directory of `slab-deploy export`")
+        raise ArtifactError(f"{folder} is not an export directory; "
+                            "pass the output directory of `slab-deploy export`")
     from filelock import FileLock, Timeout
 
     from slab_deploy.export.target import LOCK_TIMEOUT_S
@@ -253,14 +271,17 @@ def build_engine(artifact_dir: str | Path, options: EngineOptions | None = None,
     try:
         lock.acquire()
     except Timeout:
-        raise ArtifactError(f"{folder} is being written by an export or another build; wait for it to finish") from None
+        raise ArtifactError(f"{folder} is being written by an export or another build; "
+                            "wait for it to finish") from None
     try:
         return _build_locked(folder, opts, trt, progress or (lambda _m: None))
     finally:
         lock.release()
 
 
-def _build_locked(folder: Path, opts: EngineOptions, trt: TensorRT | None, say: Callable[[str], None]) -> EngineResult:
+def _build_locked(
+    folder: Path, opts: EngineOptions, trt: TensorRT | None, say: Callable[[str], None]
+) -> EngineResult:
     """`build_engine` holding the directory's lock: nothing can swap the export underneath."""
     from slab_deploy.runtime.tensorrt import build_serialized_engine
 
@@ -269,30 +290,36 @@ def _build_locked(folder: Path, opts: EngineOptions, trt: TensorRT | None, say: 
     if (folder / PLAN_NAME).exists() and not opts.force:
         raise ArtifactError(f"{folder / PLAN_NAME} exists; pass --force to rebuild it")
     if opts.weak_fp16 and export.precision != "fp32":
-        raise ConfigError(f"--weak-fp16 builds an fp32 export in FP16; {export.onnx} is already {export.precision}: "
+        raise ConfigError(f"--weak-fp16 builds an fp32 export in FP16; "
+                          f"{export.onnx} is already {export.precision}: "
                           "drop --weak-fp16 (it is built as typed)")
     trt = trt or require_tensorrt("`slab-deploy build`")
     trt.refuse_unsupported(weak_fp16=opts.weak_fp16, hardware_compat=opts.hardware_compat,
-                           compute_capability=opts.compute_capability, timing_cache=opts.timing_cache is not None,
+                           compute_capability=opts.compute_capability,
+                           timing_cache=opts.timing_cache is not None,
                            version_compatible=opts.version_compatible, opt_level=opts.opt_level is not None)
     gpu = gpu_info()
     targets = _targets(trt, opts, gpu)
     pin = sla_normaliser_nodes(export.onnx) if opts.weak_fp16 else frozenset()
     if opts.weak_fp16 and "sla" in export.attention and not pin:
-        raise ConfigError(f"--weak-fp16: no SLA normaliser (ReduceSum -> ... -> Reciprocal) found in {export.onnx} to pin "
-                          "to fp32; export with --precision fp16 and build that graph instead")
+        raise ConfigError("--weak-fp16: no SLA normaliser (ReduceSum -> ... -> Reciprocal) found in "
+                          f"{export.onnx} to pin to fp32; "
+                          "export with --precision fp16 and build that graph instead")
     cache_in = _read_timing_cache(opts.timing_cache)
     settings = BuildSettings(min_batch=lo, opt_batch=op, max_batch=hi, workspace_gib=opts.workspace_gib,
-                             opt_level=opts.opt_level, timing_cache=None if opts.timing_cache is None else cache_in or b"",
+                             opt_level=opts.opt_level,
+                             timing_cache=None if opts.timing_cache is None else cache_in or b"",
                              version_compatible=opts.version_compatible, hardware_compat=opts.hardware_compat,
                              compute_capability=opts.compute_capability or (("current",) if trt.rtx else ()),
                              weak_fp16=opts.weak_fp16, pin_fp32=pin)
     try:
         built = build_serialized_engine(export.onnx, settings, trt=trt, progress=say)
-    except UnsupportedBackend as exc:  # a graph this TensorRT cannot parse or build: the artefact's fault here
+    except UnsupportedBackend as exc:
+        # a graph this TensorRT cannot parse or build: the artefact's fault here
         raise ArtifactError(str(exc)) from None
     if export.batch is None and built.input_shape[:1] != [-1]:
-        raise ArtifactError(f"{export.onnx} parses with input shape {built.input_shape}, but its manifest says dynamic batch; export again")
+        raise ArtifactError(f"{export.onnx} parses with input shape {built.input_shape}, "
+                            "but its manifest says dynamic batch; export again")
     say("inspecting the engine")
     inspector, note = inspect_engine(trt, built.plan)
     rest = [int(v) for v in built.input_shape[1:]]
@@ -306,8 +333,10 @@ def _build_locked(folder: Path, opts: EngineOptions, trt: TensorRT | None, say: 
         profile={"input": built.input_name, "min": [lo, *rest], "opt": [op, *rest], "max": [hi, *rest],
                  "static": export.batch is not None},
         flags={"workspace_gib": opts.workspace_gib, "opt_level": opts.opt_level,
-               "timing_cache": str(opts.timing_cache) if opts.timing_cache else None, "pinned_fp32_layers": built.pinned},
-        build_seconds=round(built.seconds, 3), network=built.network, inspector=inspector, inspector_note=note,
+               "timing_cache": str(opts.timing_cache) if opts.timing_cache else None,
+               "pinned_fp32_layers": built.pinned},
+        build_seconds=round(built.seconds, 3), network=built.network, inspector=inspector,
+        inspector_note=note,
     )
     plan_path, record_path = commit_engine(folder, built.plan, record)
     notes = []
@@ -329,7 +358,8 @@ def _targets(trt: TensorRT, opts: EngineOptions, gpu: dict[str, Any] | None) -> 
         if ccs == ["current"]:
             if gpu is None:
                 raise ConfigError(f"no CUDA device here for {trt.label} to build for: name the targets with "
-                                  f"--compute-capability (one or more of {', '.join(trt.compute_capabilities)})")
+                                  "--compute-capability "
+                                  f"(one or more of {', '.join(trt.compute_capabilities)})")
             return [str(gpu["compute_capability"])]
         return ccs
     if gpu is None:
@@ -343,7 +373,8 @@ def _read_timing_cache(path: Path | None) -> bytes | None:
         return None
     size = path.stat().st_size
     if size > MAX_TIMING_CACHE_BYTES:
-        raise ConfigError(f"--timing-cache {path} is {size >> 20} MiB, larger than a timing cache; pass another file")
+        raise ConfigError(f"--timing-cache {path} is {size >> 20} MiB, larger than a timing cache; "
+                          "pass another file")
     return path.read_bytes()
 
 
@@ -381,7 +412,8 @@ def reusable_plan(onnx_path: Path, trt: TensorRT) -> tuple[bytes | None, str]:
         plan, _record = load_plan(folder, onnx_sha256=sha, tensorrt=tensorrt_identity(trt), gpu=gpu_info())
     except EngineMismatch as exc:
         if exc.what in ("tensorrt", "gpu"):
-            return None, f"{onnx_path.name} (engine built now: {PLAN_NAME} is for another {'TensorRT' if exc.what == 'tensorrt' else 'GPU'})"
+            return None, (f"{onnx_path.name} (engine built now: {PLAN_NAME} is for another "
+                          f"{'TensorRT' if exc.what == 'tensorrt' else 'GPU'})")
         raise
     return plan, PLAN_NAME
 

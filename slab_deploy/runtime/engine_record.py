@@ -63,9 +63,11 @@ class EngineRecord:
         if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT:
             raise EngineMismatch("record", f"{where} is not an engine record slab-deploy writes; {fix}")
         if data.get("version") != RECORD_VERSION:
-            raise EngineMismatch("record", f"{where} is record version {data.get('version')!r}, not {RECORD_VERSION}; {fix}")
+            raise EngineMismatch("record", f"{where} is record version {data.get('version')!r}, "
+                                           f"not {RECORD_VERSION}; {fix}")
         body = {f.name: data[f.name] for f in fields(cls) if f.name in data}
-        missing = [f.name for f in fields(cls) if f.name not in body and f.default is MISSING and f.default_factory is MISSING]
+        missing = [f.name for f in fields(cls)
+                   if f.name not in body and f.default is MISSING and f.default_factory is MISSING]
         if missing:
             raise EngineMismatch("record", f"{where} lacks {', '.join(missing)}; {fix}")
         for key in ("onnx", "plan", "tensorrt", "targets", "profile", "flags", "network"):
@@ -109,15 +111,20 @@ def verify_record(record: EngineRecord, folder: Path, *, onnx_sha256: str, tenso
     fix = f"rebuild with `slab-deploy build {folder} --force`"
     plan = folder / str(record.plan.get("file", PLAN_NAME))
     if plan_sha256 is not None and plan_sha256 != record.plan.get("sha256"):
-        raise EngineMismatch("plan", f"{plan} does not match its record {RECORD_NAME} (sha256 {_short(plan_sha256)}, "
-                                     f"recorded {_short(record.plan.get('sha256'))}: changed or half-replaced); {fix}")
+        raise EngineMismatch(
+            "plan",
+            f"{plan} does not match its record {RECORD_NAME} (sha256 {_short(plan_sha256)}, "
+            f"recorded {_short(record.plan.get('sha256'))}: changed or half-replaced); {fix}",
+        )
     if onnx_sha256 != record.onnx.get("sha256"):
-        raise EngineMismatch("onnx", f"{plan} was built from another {record.onnx.get('file', 'model.onnx')} (sha256 "
-                                     f"{_short(record.onnx.get('sha256'))}, the graph there now is {_short(onnx_sha256)}); {fix}")
+        raise EngineMismatch("onnx", f"{plan} was built from another {record.onnx.get('file', 'model.onnx')} "
+                                     f"(sha256 {_short(record.onnx.get('sha256'))}, "
+                                     f"the graph there now is {_short(onnx_sha256)}); {fix}")
     built = f"{record.tensorrt.get('flavour')} {record.tensorrt.get('version')}"
     here = f"{tensorrt['flavour']} {tensorrt['version']}"
     same = built == here
-    if not same and record.targets.get("version_compatible") and record.tensorrt.get("flavour") == tensorrt["flavour"]:
+    if (not same and record.targets.get("version_compatible")
+            and record.tensorrt.get("flavour") == tensorrt["flavour"]):
         b, h = _version_tuple(str(record.tensorrt.get("version"))), _version_tuple(tensorrt["version"])
         same = bool(b) and bool(h) and b[0] == h[0] and h >= b
     if not same:
@@ -128,7 +135,8 @@ def verify_record(record: EngineRecord, folder: Path, *, onnx_sha256: str, tenso
     targets = record.targets.get("compute_capabilities") or []
     fits = cc in targets or ("8.0+" in targets and _version_tuple(cc) >= (8, 0))
     if not fits:
-        raise EngineMismatch("gpu", f"{plan} was built for compute capability {', '.join(map(str, targets)) or '?'}, "
+        raise EngineMismatch("gpu", f"{plan} was built for compute capability "
+                                    f"{', '.join(map(str, targets)) or '?'}, "
                                     f"this GPU ({gpu.get('name')}) is {cc}; {fix} on this GPU")
 
 
@@ -189,13 +197,16 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def load_plan(folder: Path, *, onnx_sha256: str, tensorrt: dict[str, str], gpu: dict[str, Any] | None) -> tuple[bytes, EngineRecord]:
+def load_plan(
+    folder: Path, *, onnx_sha256: str, tensorrt: dict[str, str], gpu: dict[str, Any] | None
+) -> tuple[bytes, EngineRecord]:
     """DIR/model.plan and its record, refused (EngineMismatch naming what differs) unless the record
     matches the plan's bytes, the graph's sha256, this TensorRT and this GPU."""
     record = read_record(folder)
     plan_path = folder / PLAN_NAME
     if record.plan.get("file") != PLAN_NAME or not plan_path.is_file():
-        raise EngineMismatch("plan", f"{plan_path} is missing beside its record; rebuild with `slab-deploy build {folder} --force`")
+        raise EngineMismatch("plan", f"{plan_path} is missing beside its record; "
+                                     f"rebuild with `slab-deploy build {folder} --force`")
     plan = plan_path.read_bytes()
     verify_record(record, folder, onnx_sha256=onnx_sha256, tensorrt=tensorrt, gpu=gpu,
                   plan_sha256=hashlib.sha256(plan).hexdigest())

@@ -27,8 +27,10 @@ from slab_deploy.runtime.base import Prepared, RunnerInfo, UnsupportedBackend
 # Import names, in the order they are tried: full TensorRT, then TensorRT-RTX (whose bindings
 # wheel installs `tensorrt_rtx_bindings`; the meta package adds `tensorrt_rtx`).
 MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")
-DOCKER_HINT = "or use the GPU image (`docker build -t slab-deploy .`, on nvcr.io/nvidia/tensorrt; see docs/tensorrt.md)"
-HARDWARE_COMPAT_LEVELS = {"none": "NONE", "ampere-plus": "AMPERE_PLUS", "same-compute-capability": "SAME_COMPUTE_CAPABILITY"}
+DOCKER_HINT = ("or use the GPU image (`docker build -t slab-deploy .`, on nvcr.io/nvidia/tensorrt; "
+               "see docs/tensorrt.md)")
+HARDWARE_COMPAT_LEVELS = {"none": "NONE", "ampere-plus": "AMPERE_PLUS",
+                          "same-compute-capability": "SAME_COMPUTE_CAPABILITY"}
 
 
 def find_tensorrt() -> str | None:
@@ -54,7 +56,8 @@ def require_tensorrt(purpose: str = "building TensorRT engines") -> TensorRT:
 def import_tensorrt() -> TensorRT:
     """The installed TensorRT for a runner: UnsupportedBackend (a skipped rung or case) without one."""
     if find_tensorrt() is None:
-        raise UnsupportedBackend("TensorRT is not installed (pip install 'slab-deploy[tensorrt]', or the GPU image)")
+        raise UnsupportedBackend("TensorRT is not installed "
+                                 "(pip install 'slab-deploy[tensorrt]', or the GPU image)")
     return require_tensorrt("TensorRT engines")
 
 
@@ -114,22 +117,22 @@ class TensorRT:
             raise ConfigError(f"--weak-fp16 needs TensorRT 10; {self.label} builds strongly typed only "
                               "(export with --precision fp16 and build that graph)")
         if hardware_compat != "none" and not self.hardware_compat:
-            raise ConfigError(f"--hardware-compat is TensorRT's; {self.label} compiles for named compute capabilities: "
-                              "use --compute-capability")
+            raise ConfigError(f"--hardware-compat is TensorRT's; {self.label} compiles for named compute "
+                              "capabilities: use --compute-capability")
         ccs = list(compute_capability)
         if ccs and not self.rtx:
-            raise ConfigError(f"--compute-capability is TensorRT-RTX's; {self.label} builds for the GPU it runs on "
-                              "(--hardware-compat ampere-plus widens that)")
+            raise ConfigError(f"--compute-capability is TensorRT-RTX's; {self.label} builds for the GPU it "
+                              "runs on (--hardware-compat ampere-plus widens that)")
         bad = [c for c in ccs if c != "current" and c not in self.compute_capabilities]
         if bad:
             raise ConfigError(f"--compute-capability {bad[0]} is not one {self.label} compiles for; "
                               f"choose from {', '.join(self.compute_capabilities)} or current")
         if timing_cache and self.rtx:
-            raise ConfigError(f"--timing-cache: {self.label} keeps no timing cache (its timing-cache calls are no-ops); "
-                              "drop the option")
+            raise ConfigError(f"--timing-cache: {self.label} keeps no timing cache "
+                              "(its timing-cache calls are no-ops); drop the option")
         if version_compatible and (self.rtx or not hasattr(trt.BuilderFlag, "VERSION_COMPATIBLE")):
-            raise ConfigError(f"--version-compatible needs TensorRT's lean runtime, which {self.label} does not ship; "
-                              "drop the option")
+            raise ConfigError(f"--version-compatible needs TensorRT's lean runtime, "
+                              f"which {self.label} does not ship; drop the option")
         if opt_level and not hasattr(trt.IBuilderConfig, "builder_optimization_level"):
             raise ConfigError(f"--opt-level: {self.label} has no builder optimisation level; drop the option")
 
@@ -171,7 +174,8 @@ class Built:
     seconds: float
 
 
-def build_serialized_engine(onnx_path: str | Path, settings: BuildSettings | None = None, *, trt: TensorRT | None = None,
+def build_serialized_engine(onnx_path: str | Path, settings: BuildSettings | None = None, *,
+                            trt: TensorRT | None = None,
                             progress: Callable[[str], None] | None = None) -> Built:
     """Parse `onnx_path` and build a serialized engine: strongly typed (or weakly typed FP16 with
     `settings.weak_fp16`), one optimisation profile over a dynamic batch. Raises UnsupportedBackend
@@ -200,7 +204,8 @@ def build_serialized_engine(onnx_path: str | Path, settings: BuildSettings | Non
     if s.version_compatible:
         config.set_flag(m.BuilderFlag.VERSION_COMPATIBLE)
     if s.hardware_compat != "none":
-        config.hardware_compatibility_level = getattr(m.HardwareCompatibilityLevel, HARDWARE_COMPAT_LEVELS[s.hardware_compat])
+        config.hardware_compatibility_level = getattr(m.HardwareCompatibilityLevel,
+                                                      HARDWARE_COMPAT_LEVELS[s.hardware_compat])
     if s.compute_capability:
         config.num_compute_capabilities = len(s.compute_capability)
         for i, cc in enumerate(s.compute_capability):
@@ -212,7 +217,8 @@ def build_serialized_engine(onnx_path: str | Path, settings: BuildSettings | Non
     if s.timing_cache is not None:
         cache = config.create_timing_cache(s.timing_cache)
         if not config.set_timing_cache(cache, False):
-            raise ConfigError("the timing cache is from another TensorRT version or GPU: delete it or pass another --timing-cache")
+            raise ConfigError("the timing cache is from another TensorRT version or GPU: "
+                              "delete it or pass another --timing-cache")
     inp = network.get_input(0)
     shape = [int(d) for d in inp.shape]
     if shape and shape[0] == -1:
@@ -225,7 +231,8 @@ def build_serialized_engine(onnx_path: str | Path, settings: BuildSettings | Non
     serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - t0
     if serialized is None:
-        raise UnsupportedBackend(f"{trt.label} failed to build an engine from {Path(onnx_path).name} (see the TensorRT log above)")
+        raise UnsupportedBackend(f"{trt.label} failed to build an engine from {Path(onnx_path).name} "
+                                 "(see the TensorRT log above)")
     saved = bytes(config.get_timing_cache().serialize()) if cache is not None else None
     return Built(bytes(serialized), inp.name, shape, network_summary(m, network), pinned, saved, seconds)
 
@@ -243,7 +250,8 @@ def _pin_fp32(m: Any, network: Any, config: Any, nodes: frozenset[str]) -> int:
         for j in range(layer.num_outputs):
             layer.set_output_type(j, m.float32)
         pinned += 1
-    flag = "OBEY_PRECISION_CONSTRAINTS" if hasattr(m.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS") else "STRICT_TYPES"
+    flag = ("OBEY_PRECISION_CONSTRAINTS" if hasattr(m.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS")
+            else "STRICT_TYPES")
     config.set_flag(getattr(m.BuilderFlag, flag))
     return pinned
 
@@ -263,7 +271,8 @@ def network_summary(m: Any, network: Any) -> dict[str, Any]:
     and by type for the matrix multiplications and convolutions, where the SLA islands show."""
     by_dtype: dict[str, int] = {}
     compute: dict[str, int] = {}
-    heavy = {str(getattr(m.LayerType, n)) for n in ("MATRIX_MULTIPLY", "CONVOLUTION") if hasattr(m.LayerType, n)}
+    heavy = {str(getattr(m.LayerType, n)) for n in ("MATRIX_MULTIPLY", "CONVOLUTION")
+             if hasattr(m.LayerType, n)}
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         dtype = str(layer.get_output(0).dtype).split(".")[-1] if layer.num_outputs else "none"
@@ -288,7 +297,8 @@ def inspect_engine(trt: TensorRT, plan: bytes) -> tuple[Any, str]:
         validity = runtime.get_engine_validity(plan)
         state = validity[0] if isinstance(validity, tuple) else validity
         if str(state).split(".")[-1] != "VALID":
-            return None, f"{trt.label} cannot load the engine on this GPU ({str(state).split('.')[-1].lower()})"
+            return None, (f"{trt.label} cannot load the engine on this GPU "
+                          f"({str(state).split('.')[-1].lower()})")
     runtime.engine_host_code_allowed = True
     engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
@@ -300,7 +310,8 @@ def inspect_engine(trt: TensorRT, plan: bytes) -> tuple[Any, str]:
 # ------------------------------------------------------------------------------------------------ run
 
 
-_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64", "INT8": "int8"}
+_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
+           "INT8": "int8"}
 
 
 class TensorRTRunner:
@@ -318,14 +329,16 @@ class TensorRTRunner:
         self.runtime.engine_host_code_allowed = True  # a version-compatible engine carries its lean runtime
         self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
-            raise UnsupportedBackend(f"{self.trt.label} could not deserialize the engine on this GPU (see the TensorRT log)")
+            raise UnsupportedBackend(f"{self.trt.label} could not deserialize the engine on this GPU "
+                                     "(see the TensorRT log)")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = m.TensorIOMode
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == mode.INPUT)
         self.output = next(n for n in names if self.engine.get_tensor_mode(n) == mode.OUTPUT)
         shape = list(self.engine.get_tensor_shape(self.input))
-        self.max_batch = int(self.engine.get_tensor_profile_shape(self.input, 0)[2][0]) if shape[0] == -1 else int(shape[0])
+        self.max_batch = (int(self.engine.get_tensor_profile_shape(self.input, 0)[2][0]) if shape[0] == -1
+                          else int(shape[0]))
         dtype = str(self.engine.get_tensor_dtype(self.output)).split(".")[-1]
         self.out_dtype = getattr(torch, _DTYPES.get(dtype, "float32"))
         self.source = source
@@ -370,10 +383,12 @@ class TensorRTRunner:
         import torch
 
         if images.shape[0] > self.max_batch:
-            raise UnsupportedBackend(f"batch {images.shape[0]} is above the engine's profile (max {self.max_batch})")
+            raise UnsupportedBackend(f"batch {images.shape[0]} is above the engine's profile "
+                                     f"(max {self.max_batch})")
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).cuda()
         out = self.bind(x)
-        return Prepared(self.execute, "cuda-events", stream=torch.cuda.ExternalStream(self.stream.cuda_stream),
+        return Prepared(self.execute, "cuda-events",
+                        stream=torch.cuda.ExternalStream(self.stream.cuda_stream),
                         output_elems=int(out.numel()), keep=(x, out))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -382,7 +397,8 @@ class TensorRTRunner:
 
         outs = []
         for i in range(0, images.shape[0], self.max_batch):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + self.max_batch], dtype=np.float32)).cuda()
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + self.max_batch],
+                                                      dtype=np.float32)).cuda()
             out = self.bind(x)
             with torch.cuda.stream(self.stream):
                 self.execute()
