@@ -99,10 +99,12 @@ def inspect_table(path: str | Path, info: CheckpointInfo, variants: Sequence[str
 
 def profiles_table(profiles: Sequence[Profile]) -> Any:
     """The device profiles (benchmark targets)."""
-    t = _table("device profiles", ("name", "device", "backends", "precisions", "batches", "threads", "description"),
+    t = _table("device profiles",
+               ("name", "device", "backends", "precisions", "batches", "threads", "description"),
                overflow="fold")
     for p in profiles:
-        t.add_row(p.name, p.device, ",".join(p.backends), ",".join(p.precisions), ",".join(map(str, p.batches)),
+        t.add_row(p.name, p.device, ",".join(p.backends), ",".join(p.precisions),
+                  ",".join(map(str, p.batches)),
                   ",".join("default" if x is None else str(x) for x in p.threads),
                   p.description + (" (emulated)" if p.emulated else ""))
     return t
@@ -127,7 +129,11 @@ def fold_table(report: FoldReport) -> Any:
     for col in ("norm", "kind", "C", "action", "into", "through", "max |delta|"):
         t.add_column(col, justify="right" if col in ("C", "max |delta|") else "left", overflow="fold")
     for n in report.norms:
-        action = {"folded": f"[green]folded ({n.side})[/green]", "kept-affine": "[yellow]kept affine[/yellow]", "kept-layernorm": "[dim]LayerNorm[/dim]"}[n.action]
+        action = {
+            "folded": f"[green]folded ({n.side})[/green]",
+            "kept-affine": "[yellow]kept affine[/yellow]",
+            "kept-layernorm": "[dim]LayerNorm[/dim]",
+        }[n.action]
         into = ", ".join(n.into) if n.into else escape(n.reason)
         t.add_row(
             n.name, n.kind, str(n.channels), action, into, ",".join(n.through) or "-",
@@ -159,10 +165,12 @@ def recalibrate_summary(report: RecalibrationReport) -> list[Any]:
     m, v = report.largest("mean_shift"), report.largest("var_change")
     kv = _key_value(f"recalibrate: {report.model}", [
         ("checkpoint", escape(f"{report.checkpoint} (sha256 {report.checkpoint_sha256[:12]})")),
-        ("recalibrated", "the EMA weights (state_dict_ema)" if report.state == "state_dict_ema" else "the model weights"),
+        ("recalibrated",
+         "the EMA weights (state_dict_ema)" if report.state == "state_dict_ema" else "the model weights"),
         ("images", escape(f"{report.images} from {report.images_source}; {report.batches} batches of <= "
                           f"{report.batch_size} (seed {report.seed})")),
-        ("statistics", escape(f"{len(report.norms)} BatchNorms; largest moves: mean {m.mean_shift:.3g} std ({m.name}), "
+        ("statistics", escape(f"{len(report.norms)} BatchNorms; largest moves: "
+                              f"mean {m.mean_shift:.3g} std ({m.name}), "
                               f"variance {v.var_change:.1%} ({v.name})")),
         ("top-1", escape(acc)),
         ("written", escape(f"{report.output} (sha256 {report.output_sha256[:12]})")),
@@ -185,9 +193,13 @@ def export_summary(manifest: dict[str, Any], onnx_path: Any) -> Any:
     simp = m["simplify"]
     rows = [
         ("weights", weights),
-        ("fold", f"{fold['folded']}/{len(fold['norms'])} norms folded, {fold['kept']} kept; max |delta logit| {fold['max_abs_delta']:.1e}"),
-        ("exporter", f"{exp['exporter']} (opset {exp['opset']}, {'dynamic batch' if exp['dynamic_batch'] else 'batch ' + str(exp['batch'])})" + (f"; fallback: {exp['fallback_reason']}" if exp["fallback_reason"] else "")),
-        ("simplifier", f"{simp['used']}: {simp['nodes_before']} -> {simp['nodes_after']} nodes" + (f" ({simp['note']})" if simp["note"] else "")),
+        ("fold", f"{fold['folded']}/{len(fold['norms'])} norms folded, {fold['kept']} kept; "
+                 f"max |delta logit| {fold['max_abs_delta']:.1e}"),
+        ("exporter", f"{exp['exporter']} (opset {exp['opset']}, "
+                     f"{'dynamic batch' if exp['dynamic_batch'] else 'batch ' + str(exp['batch'])})"
+                     + (f"; fallback: {exp['fallback_reason']}" if exp["fallback_reason"] else "")),
+        ("simplifier", f"{simp['used']}: {simp['nodes_before']} -> {simp['nodes_after']} nodes"
+                       + (f" ({simp['note']})" if simp["note"] else "")),
         ("norm-free graph", "yes" if m["norm_free"] else f"no: {m['lint']['norm_nodes']}"),
     ]
     i8 = m["precision"].get("int8")
@@ -207,7 +219,8 @@ def export_summary(manifest: dict[str, Any], onnx_path: Any) -> Any:
             rows.append((f"parity {rung}", f"[yellow]skipped[/yellow]: {p['reason']}"))
         else:
             mark = "[green]pass[/green]" if p["passed"] else "[red]FAIL[/red]"
-            rows.append((f"parity {rung}", f"{mark} max|d| {p['max_abs']:.1e} (rel {p['max_rel']:.1e}), cos {p['cosine']:.6f}, top-1 {p['top1']:.2f}"))
+            rows.append((f"parity {rung}", f"{mark} max|d| {p['max_abs']:.1e} (rel {p['max_rel']:.1e}), "
+                                           f"cos {p['cosine']:.6f}, top-1 {p['top1']:.2f}"))
     rows.append(("time", ", ".join(f"{k} {v:.1f}s" for k, v in m["steps_seconds"].items())))
     rows.append(("written", f"{onnx_path} and manifest.json"))
     return _key_value(f"export: {m['model']} ({m['precision']['mode']})", rows)
@@ -218,14 +231,20 @@ def build_summary(result: Any) -> list[Any]:
     precision of its layers, its size and build time, and the notes."""
     r = result.record
     prof = r.profile
-    batch = f"static batch {prof['min'][0]}" if prof["static"] else f"batch {prof['min'][0]}/{prof['opt'][0]}/{prof['max'][0]} (min/opt/max)"
-    gpu = f"{r.gpu['name']} (compute capability {r.gpu['compute_capability']})" if r.gpu else "none (ahead-of-time build)"
+    batch = (f"static batch {prof['min'][0]}" if prof["static"]
+             else f"batch {prof['min'][0]}/{prof['opt'][0]}/{prof['max'][0]} (min/opt/max)")
+    gpu = (f"{r.gpu['name']} (compute capability {r.gpu['compute_capability']})" if r.gpu
+           else "none (ahead-of-time build)")
     flags = {k: v for k, v in r.flags.items() if v not in (None, 0, False)}
     net = r.network
-    precisions = ", ".join(f"{k.lower()} {v}" for k, v in sorted(net["by_dtype"].items(), key=lambda kv: -kv[1]))
-    heavy = ", ".join(f"{k.lower()} {v}" for k, v in sorted(net["matmul_conv_by_dtype"].items(), key=lambda kv: -kv[1]))
+    precisions = ", ".join(f"{k.lower()} {v}"
+                           for k, v in sorted(net["by_dtype"].items(), key=lambda kv: -kv[1]))
+    heavy = ", ".join(f"{k.lower()} {v}"
+                      for k, v in sorted(net["matmul_conv_by_dtype"].items(), key=lambda kv: -kv[1]))
+    typed = ("weakly typed FP16 (SLA normaliser pinned to fp32)" if r.typing == "weak-fp16"
+             else "strongly typed")
     rows = [
-        ("TensorRT", f"{r.tensorrt['flavour']} {r.tensorrt['version']}, {'weakly typed FP16 (SLA normaliser pinned to fp32)' if r.typing == 'weak-fp16' else 'strongly typed'}"),
+        ("TensorRT", f"{r.tensorrt['flavour']} {r.tensorrt['version']}, {typed}"),
         ("graph", f"{r.onnx['file']} ({r.precision}, sha256 {r.onnx['sha256'][:12]})"),
         ("GPU", gpu),
         ("runs on", f"compute capability {', '.join(r.targets['compute_capabilities'])}"
@@ -233,7 +252,8 @@ def build_summary(result: Any) -> list[Any]:
         ("profile", f"{prof['input']}: {batch}"),
         ("flags", ", ".join(f"{k} {v}" for k, v in flags.items()) or "defaults"),
         ("layers", f"{net['layers']}: {precisions}; matmul/conv: {heavy or '-'}"),
-        ("engine", f"{result.plan_path} ({r.plan['bytes'] / (1 << 20):.1f} MiB), record {result.record_path.name}"),
+        ("engine", f"{result.plan_path} ({r.plan['bytes'] / (1 << 20):.1f} MiB), "
+                   f"record {result.record_path.name}"),
         ("build time", f"{r.build_seconds:.1f}s"),
     ]
     out: list[Any] = [_key_value(f"build: {r.model}", [(k, escape(v)) for k, v in rows])]
@@ -252,7 +272,8 @@ def check_summary(report: Any, paths: dict[str, Path] | None = None) -> list[Any
 def check_table(report: Any) -> Any:
     from rich.table import Table
 
-    title = f"parity ladder: {report.model}" + (" [yellow](untrained weights)[/yellow]" if report.untrained else "")
+    title = (f"parity ladder: {report.model}"
+             + (" [yellow](untrained weights)[/yellow]" if report.untrained else ""))
     if report.weights == "demo":
         title += " (demo weights)"
     labelled = report.reference_accuracy is not None
@@ -260,7 +281,8 @@ def check_table(report: Any) -> Any:
     cols += ["accuracy"] if labelled else []
     t = Table(title=title)
     for col in [*cols, "needed to pass"]:
-        t.add_column(col, justify="left" if col in ("rung", "prec", "status", "needed to pass") else "right", overflow="fold")
+        t.add_column(col, justify="left" if col in ("rung", "prec", "status", "needed to pass") else "right",
+                     overflow="fold")
     first = report.first_failure
     notes: list[str] = []
     for r in report.rungs:
@@ -291,8 +313,10 @@ def check_table(report: Any) -> Any:
         t.add_row(*row, need)
     if labelled:
         n = report.inputs.get("count")
-        notes.append(escape(f"top-1/top-5: agreement with the reference; accuracy: against the labels of {n} images "
-                            f"({report.inputs.get('source')}); the reference scores {100 * report.reference_accuracy:.2f}%"))
+        notes.append(escape(f"top-1/top-5: agreement with the reference; "
+                            f"accuracy: against the labels of {n} images "
+                            f"({report.inputs.get('source')}); "
+                            f"the reference scores {100 * report.reference_accuracy:.2f}%"))
     if notes:
         t.caption = "\n".join(f"[{i}] {n}" for i, n in enumerate(notes, 1))
         t.caption_justify = "left"
@@ -305,14 +329,19 @@ def bench_tables(report: Any) -> list[Any]:
     kinds = set(getattr(report, "weights", {}).values())
     tag = " (untrained weights)" if report.untrained else " (demo weights)" if kinds == {"demo"} else ""
     t = Table(title=f"bench on {report.environment.get('gpu') or report.environment.get('cpu')}{tag}")
-    for col in ("model", "variant", "backend", "prec", "batch", "thr", "median ms", "p90", "p99", "CV", "img/s", "note"):
-        t.add_column(col, justify="right" if col in ("batch", "thr", "median ms", "p90", "p99", "CV", "img/s") else "left", overflow="fold")
+    for col in ("model", "variant", "backend", "prec", "batch", "thr", "median ms", "p90", "p99", "CV",
+                "img/s", "note"):
+        t.add_column(col, justify=(
+            "right" if col in ("batch", "thr", "median ms", "p90", "p99", "CV", "img/s") else "left"
+        ), overflow="fold")
     for r in report.results:
         c = r.case
-        note = ("[yellow]unstable[/yellow]" if r.unstable else "") if r.status == "ok" else f"[dim]{escape(r.status + ': ' + r.reason[:90])}[/dim]"
+        note = (("[yellow]unstable[/yellow]" if r.unstable else "") if r.status == "ok"
+                else f"[dim]{escape(r.status + ': ' + r.reason[:90])}[/dim]")
         fmt = lambda v, s: "-" if v is None else format(v, s)  # noqa: E731
-        t.add_row(c.model, c.variant, c.backend, c.precision, str(c.batch), str(c.threads or "-"), fmt(r.median_ms, ".3f"),
-                  fmt(r.p90_ms, ".3f"), fmt(r.p99_ms, ".3f"), fmt(r.cv, ".1%"), fmt(r.throughput, ",.0f"), note)
+        t.add_row(c.model, c.variant, c.backend, c.precision, str(c.batch), str(c.threads or "-"),
+                  fmt(r.median_ms, ".3f"), fmt(r.p90_ms, ".3f"), fmt(r.p99_ms, ".3f"), fmt(r.cv, ".1%"),
+                  fmt(r.throughput, ",.0f"), note)
     out = [t]
     if report.speedups:
         s = Table(title="speed-up of the folded SLAB model")
@@ -320,7 +349,8 @@ def bench_tables(report: Any) -> list[Any]:
             s.add_column(col, justify="right" if col in ("batch", "thr", "speed-up") else "left")
         for x in report.speedups:
             colour = "green" if x["speedup"] >= 1 else "red"
-            s.add_row(x["slab"], x["other"], x["backend"], x["precision"], str(x["batch"]), str(x["threads"] or "-"), f"[{colour}]{x['speedup']:.2f}x[/{colour}]")
+            s.add_row(x["slab"], x["other"], x["backend"], x["precision"], str(x["batch"]),
+                      str(x["threads"] or "-"), f"[{colour}]{x['speedup']:.2f}x[/{colour}]")
         out.append(s)
     if report.best_speedups and len({b for x in report.best_speedups for b in x["backends"]}) > 1:
         s = Table(title="speed-up, best backend each side (over the backends measured for both)")
@@ -329,7 +359,8 @@ def bench_tables(report: Any) -> list[Any]:
         for x in report.best_speedups:
             colour = "green" if x["speedup"] >= 1 else "red"
             s.add_row(x["slab"], x["other"], x["precision"], str(x["batch"]), str(x["threads"] or "-"),
-                      f"{x['slab_ms']:.3f} ({x['slab_backend']})", f"{x['other_ms']:.3f} ({x['other_backend']})",
+                      f"{x['slab_ms']:.3f} ({x['slab_backend']})",
+                      f"{x['other_ms']:.3f} ({x['other_backend']})",
                       f"[{colour}]{x['speedup']:.2f}x[/{colour}]")
         out.append(s)
     return out
@@ -361,7 +392,8 @@ def serve_repo_summary(result: Any) -> Any:
     rows += [(f"note {i + 1}", n) for i, n in enumerate(result.notes)]
     rows.append(("written", f"{result.model_dir}/ ({', '.join(sorted(result.files))})"
                  + (", replacing the previous model" if result.replaced else "")))
-    return _key_value(f"triton model: {escape(result.name)} ({result.flavour})", [(k, escape(v)) for k, v in rows])
+    return _key_value(f"triton model: {escape(result.name)} ({result.flavour})",
+                      [(k, escape(v)) for k, v in rows])
 
 
 def serve_ready(server: Any, models: dict[str, str]) -> Any:
@@ -381,7 +413,8 @@ def load_table(report: Any) -> Any:
         ("load", f"{d['concurrency']} clients, batch {d['batch']}, {d['seconds']:.1f} s"),
         ("requests", f"{d['ok']} ok, {d['failed']} failed"),
         ("throughput", f"{d['throughput_rps']:.1f} requests/s ({d['throughput_images_s']:.1f} images/s)"),
-        ("latency", "ms: " + ", ".join(f"{k} {_num(lat[k], '.2f')}" for k in ("p50", "p90", "p99", "mean", "max"))),
+        ("latency", "ms: " + ", ".join(f"{k} {_num(lat[k], '.2f')}"
+                                       for k in ("p50", "p90", "p99", "mean", "max"))),
     ]
     rows += [(f"error x{n}", msg) for msg, n in d["errors"].items()]
     title = "serve-bench" + (" [red]FAILED REQUESTS[/red]" if d["failed"] else "")
