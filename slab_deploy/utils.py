@@ -98,7 +98,8 @@ def deferred_signals() -> Iterator[None]:
             signal.raise_signal(pending[0])
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
+def fsync_path(path: Path, directory: bool = False) -> None:
+    """Flush one file (or, with `directory`, a directory's entries) to disk; errors are ignored."""
     try:
         fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
     except OSError:
@@ -115,8 +116,8 @@ def fsync_tree(root: Path) -> None:
     """Flush every file below `root` and the directories themselves to disk."""
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath), directory=True)
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath), directory=True)
 
 
 # Names of the hidden siblings a directory swap uses (all in the target's parent):
@@ -174,7 +175,7 @@ def swap_in(staging: Path, target: Path) -> None:
             if os.path.lexists(target):
                 os.rename(target, aside)
             os.rename(staging, target)
-        _fsync_path(target.parent, directory=True)
+        fsync_path(target.parent, directory=True)
     finally:
         if os.path.lexists(aside):
             if os.path.lexists(target):

@@ -17,7 +17,7 @@ from typing import Any
 from slab_deploy import __version__
 from slab_deploy.errors import ArtifactError
 from slab_deploy.export.target import PLAN_NAME, RECORD_NAME  # what an export directory may hold
-from slab_deploy.utils import deferred_signals, file_mode, raise_if_interrupted, sha256_file
+from slab_deploy.utils import deferred_signals, file_mode, fsync_path, raise_if_interrupted, sha256_file
 
 RECORD_FORMAT = "slab-deploy engine record"
 RECORD_VERSION = 1
@@ -154,7 +154,7 @@ def commit_engine(folder: Path, plan: bytes, record: EngineRecord) -> tuple[Path
         tmp_record.write_text(json.dumps(record.to_dict(), indent=2) + "\n", encoding="utf-8")
         for tmp in (tmp_plan, tmp_record):
             os.chmod(tmp, file_mode())
-            _fsync(tmp)
+            fsync_path(tmp)
         backup = _temp(folder, PLAN_NAME, temps)
         raise_if_interrupted()
         with deferred_signals():  # a signal held here is delivered after both renames (or the rollback)
@@ -170,7 +170,7 @@ def commit_engine(folder: Path, plan: bytes, record: EngineRecord) -> tuple[Path
                 else:
                     plan_path.unlink(missing_ok=True)
                 raise
-        _fsync(folder)
+        fsync_path(folder, directory=True)
     finally:
         for t in temps:
             t.unlink(missing_ok=True)
@@ -182,19 +182,6 @@ def _temp(folder: Path, name: str, temps: list[Path]) -> Path:
     os.close(fd)
     temps.append(Path(tmp))
     return Path(tmp)
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_plan(
