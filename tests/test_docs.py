@@ -113,6 +113,27 @@ INDIRECT = {
         "ONNX export failed:",
         "exporter failed (",
     ],
+    ("runtime/engine.py", "ArtifactError", "str(exc)"): ["could not parse", "failed to build an engine from"],
+    ("serve/server.py", "ConfigError", "f'{cfg_path}: {exc}'"): [
+        "config.pbtxt: not a Triton model configuration:",
+    ],
+    # EngineMismatch(what, message): the first argument names what differs, the message is the second.
+    ("runtime/engine_record.py", "EngineMismatch", "'record'"): [
+        "engine.json (<why>); rebuild with",
+        "MiB; rebuild with",
+        "is not valid JSON; rebuild with",
+        "is not an engine record slab-deploy writes",
+        "is record version",
+        "lacks <fields>; rebuild with",
+        "is not an object; rebuild with",
+    ],
+    ("runtime/engine_record.py", "EngineMismatch", "'plan'"): [
+        "is missing beside its record",
+        "does not match its record engine.json",
+    ],
+    ("runtime/engine_record.py", "EngineMismatch", "'onnx'"): ["the graph there now is"],
+    ("runtime/engine_record.py", "EngineMismatch", "'tensorrt'"): ["this host runs"],
+    ("runtime/engine_record.py", "EngineMismatch", "'gpu'"): ["was built for compute capability"],
 }
 PREFIX_CHARS = 40  # literal characters of a message's beginning that the documentation must quote
 MIN_LETTERS = 6  # a beginning with fewer letters than this is no stable text
