@@ -5,6 +5,7 @@ the manifest; writing is one transaction per model (refused overwrite, nothing h
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -136,15 +137,28 @@ def _engine(exported: Path, tmp_path: Path, info: dict | None) -> Path:  # type:
     shutil.copytree(exported, d)
     # A stand-in for the engine: no TensorRT on this host to build a real model.plan. The writer
     # copies it as bytes and never parses it; what it checks comes from engine.json.
-    (d / "model.plan").write_bytes(b"stand-in engine bytes")
+    (d / "model.plan").write_bytes(STAND_IN)
     if info is not None:
         (d / "engine.json").write_text(json.dumps(info))
     return d
 
 
+STAND_IN = b"stand-in engine bytes"
+PLAN_SHA = hashlib.sha256(STAND_IN).hexdigest()
+
+
+def _record(onnx_sha: str, max_batch: int | None = 16, plan_sha: str = PLAN_SHA) -> dict:
+    """engine.json in the layout `slab-deploy build` writes (runtime/engine_record.py)."""
+    rec: dict = {"onnx": {"file": "model.onnx", "sha256": onnx_sha}, "plan": {"file": "model.plan",
+                                                                             "sha256": plan_sha}}
+    if max_batch is not None:
+        rec["profile"] = {"input": "images", "min": [1, 3, 32, 32], "max": [max_batch, 3, 32, 32]}
+    return rec
+
+
 def test_tensorrt_flavour_takes_the_engine_and_its_profile(exported: Path, tmp_path: Path) -> None:
     sha = manifest(exported)["files"]["model.onnx"]["sha256"]
-    d = _engine(exported, tmp_path, {"onnx_sha256": sha, "max_batch": 16})
+    d = _engine(exported, tmp_path, _record(sha))
     res = write_triton_repository(d, tmp_path / "r", RepoOptions(flavour="tensorrt", preferred_batch=(8,)))
     cfg = parsed(res.model_dir)
     assert cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
@@ -163,15 +177,22 @@ def test_tensorrt_flavour_takes_the_engine_and_its_profile(exported: Path, tmp_p
     ("info", "match"),
     [
         (None, "no engine.json"),
-        ({"onnx_sha256": "0" * 64, "max_batch": 8}, "built from another graph"),
-        ({"max_batch": 0}, "not a positive whole number"),
-        ({"precision": "fp32"}, "pass --max-batch N"),
+        ("another-graph", "built from another graph"),
+        ("another-plan", "is not the engine engine.json records"),
+        ("no-hashes", "records no onnx.sha256 and plan.sha256"),
+        ("max-0", "not a positive whole number"),
+        ("no-profile", "pass --max-batch N"),
     ],
 )
 def test_tensorrt_flavour_refuses_what_it_cannot_vouch_for(
     exported: Path, tmp_path: Path, info, match
 ) -> None:  # type: ignore[no-untyped-def]
-    d = _engine(exported, tmp_path, info)
+    sha = manifest(exported)["files"]["model.onnx"]["sha256"]
+    records = {None: None, "another-graph": _record("0" * 64),
+               "another-plan": _record(sha, plan_sha="1" * 64),
+               "no-hashes": {"profile": {"max": [8, 3, 32, 32]}}, "max-0": _record(sha, max_batch=0),
+               "no-profile": _record(sha, max_batch=None)}
+    d = _engine(exported, tmp_path, records[info])
     with pytest.raises((ArtifactError, ConfigError), match=match):
         write_triton_repository(d, tmp_path / "r", RepoOptions(flavour="tensorrt"))
     assert not (tmp_path / "r").exists() or not os.listdir(tmp_path / "r")
@@ -351,3 +372,11 @@ def test_repository_check_before_serving(exported: Path, tmp_path: Path) -> None
     (repo / ".left-over").mkdir()
     with pytest.raises(ConfigError, match="no config.pbtxt"):
         repository_models(repo, only_python)
+
+
+def test_an_int8_export_is_served_like_fp32(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    int8 = demo_export(tmp_path_factory, precision="int8")
+    res = write_triton_repository(int8, tmp_path / "r", RepoOptions(flavour="onnxruntime"))
+    cfg = parsed(res.model_dir)
+    assert cfg.platform == "onnxruntime_onnx"
+    assert [pb2.DataType.Name(t.data_type) for t in (*cfg.input, *cfg.output)] == ["TYPE_FP32", "TYPE_FP32"]

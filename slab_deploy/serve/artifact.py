@@ -124,8 +124,8 @@ def read_artifact(folder: str | Path, *, want_plan: bool = False) -> ServedArtif
         raise ArtifactError(f"{mp} names the graph {m.get('onnx')!r}, not {ONNX_NAME}; export again")
     prec = m.get("precision")
     precision = prec.get("mode") if isinstance(prec, dict) else None
-    if precision not in ("fp32", "fp16"):
-        raise ArtifactError(f"{mp}: precision mode {precision!r} is not fp32 or fp16; export again")
+    if precision not in ("fp32", "fp16", "int8"):  # an int8 Q/DQ graph takes and gives float32, as fp32
+        raise ArtifactError(f"{mp}: precision mode {precision!r} is not fp32, fp16 or int8; export again")
     inp, in_batch = _tensor(m, mp, "inputs", 4)
     out, out_batch = _tensor(m, mp, "outputs", 2)
     if in_batch != out_batch:
@@ -167,14 +167,21 @@ def _with_plan(art: ServedArtifact) -> ServedArtifact:
             "build the engine again with slab-deploy"
         )
     info = _read_json(info_path, "engine record")
-    built_from = info.get("onnx_sha256")
-    if built_from is not None and built_from != art.onnx_sha256:
+    # the record `slab-deploy build` writes (runtime/engine_record.py): onnx.sha256, plan.sha256
+    onnx_entry, plan_entry = info.get("onnx"), info.get("plan")
+    built_from = onnx_entry.get("sha256") if isinstance(onnx_entry, dict) else None
+    recorded = plan_entry.get("sha256") if isinstance(plan_entry, dict) else None
+    if not isinstance(built_from, str) or not isinstance(recorded, str):
         raise ArtifactError(
-            f"{plan} was built from another graph ({ENGINE_INFO_NAME} onnx_sha256 "
-            f"{str(built_from)[:12]}..., {ONNX_NAME} {art.onnx_sha256[:12]}...); build it again"
+            f"{info_path} records no onnx.sha256 and plan.sha256, so the engine cannot be vouched "
+            "for; build the engine again with `slab-deploy build`"
         )
-    recorded = info.get("sha256")
-    if recorded is not None and recorded != sha256_file(plan):
+    if built_from != art.onnx_sha256:
+        raise ArtifactError(
+            f"{plan} was built from another graph ({ENGINE_INFO_NAME} onnx.sha256 "
+            f"{built_from[:12]}..., {ONNX_NAME} {art.onnx_sha256[:12]}...); build it again"
+        )
+    if recorded != sha256_file(plan):
         raise ArtifactError(
             f"{plan} is not the engine {ENGINE_INFO_NAME} records (sha256 differs); build it again"
         )
