@@ -1,7 +1,7 @@
 """Train the demo models on scikit-learn's handwritten digits and write the shipped files.
 
     python tools/train_demo.py                 # both models, writes slab_deploy/data/
-    python tools/train_demo.py --out /tmp/demo --models slab_deit_demo --epochs 5
+    python tools/train_demo.py --out demo-train --models slab_deit_demo --epochs 5
 
 `slab_deit_demo` (SLA attention, PRepBN) and its LayerNorm twin `deit_demo` (softmax attention,
 LayerNorm) are trained the same way: the same split, augmentation, optimizer, schedule and seed.
