@@ -59,11 +59,11 @@ def export_format(model_name: str, checkpoint: str | Path | None, output: str | 
         engine = build_engine(result.onnx_path.parent, EngineOptions(force=True), progress=progress)
         return Delivered(fmt, export=result, engine=engine)
     from slab_deploy.serve.options import RepoOptions
-    from slab_deploy.serve.repository import write_triton_repository
+    from slab_deploy.serve.repository import check_replaceable, repository_target, write_triton_repository
 
-    repo = Path(output)  # type: ignore[arg-type]
-    if repo.exists() and not repo.is_dir():
-        raise ConfigError(f"--output {repo} is a file; pass the Triton model repository directory")
+    repo = Path(str(output))
+    # the repository's own refusals, before the export: a file for REPO, a model there without --force
+    check_replaceable(repository_target(repo, model_name), force)
     parent = repo.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{repo.name}.export-", dir=parent) as tmp:

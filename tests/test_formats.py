@@ -34,6 +34,13 @@ def test_triton_format_writes_a_repository_model(  # type: ignore[no-untyped-def
     assert manifest["model"] == DEMO and manifest["weights"]["kind"] == "demo"
     # the export was made beside the repository and is gone
     assert sorted(p.name for p in tmp_path.iterdir() if "export" in p.name) == []
+    # the model is there already: refused before any export is made (export_model is never called)
+    import slab_deploy.export.api as api
+
+    def no_export(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("exported before the repository's refusal")
+
+    monkeypatch.setattr(api, "export_model", no_export)
     code, out, err = run_cli(["export", "-m", DEMO, "--format", "triton", "-o", str(repo)],
                              capsys, monkeypatch)
     assert code == 1 and "--force" in err and "Traceback" not in err

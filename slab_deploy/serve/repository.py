@@ -162,7 +162,14 @@ class _Side:
                     os.rename(aside, self.target)
 
 
-def _check_replaceable(target: Path, force: bool) -> bool:
+def repository_target(repo: Path, name: str) -> Path:
+    """REPO/<name>, absolute; refused when REPO is a file."""
+    if os.path.lexists(repo) and not repo.is_dir():
+        raise ArtifactError(f"--output {repo} is a file; pass a directory for the model repository")
+    return Path(os.path.abspath(repo)) / name
+
+
+def check_replaceable(target: Path, force: bool) -> bool:
     """Whether `target` exists (and may be replaced); refuses what must not be."""
     if not os.path.lexists(target):
         return False
@@ -196,9 +203,7 @@ def write_triton_repository(
     text = render_config(cfg)
 
     root = Path(repo)
-    if os.path.lexists(root) and not root.is_dir():
-        raise ArtifactError(f"--output {root} is a file; pass a directory for the model repository")
-    target = Path(os.path.abspath(root)) / name
+    target = repository_target(root, name)
     side = _Side(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +220,7 @@ def write_triton_repository(
         raise ArtifactError(f"cannot write beside {root}: {exc.strerror or exc}") from None
     try:
         notes = [n for n in [side.recover()] if n]
-        replaced = _check_replaceable(target, force)
+        replaced = check_replaceable(target, force)
         staging = side.staging()
         try:
             files = _fill(staging, art, opts, text)
