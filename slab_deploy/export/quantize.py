@@ -176,7 +176,8 @@ def float_islands(model: onnx.ModelProto) -> list[FloatNode]:
     return list(out.values())
 
 
-def float_side_inputs(model: onnx.ModelProto) -> dict[str, int]:
+def float_side_inputs(model: onnx.ModelProto, float_nodes: set[str] | frozenset[str] = frozenset()
+                      ) -> dict[str, int]:
     """Edit the Q/DQ graph `quantize_static` wrote (in place) so that only compute ops read quantised
     activations, each through a Q/DQ pair of its own:
 
@@ -188,7 +189,8 @@ def float_side_inputs(model: onnx.ModelProto) -> dict[str, int]:
       fuses the op into QLinearMatMul/QLinearConv, only when the QuantizeLinear feeds a single
       DequantizeLinear that feeds that op alone.
 
-    Returns how many inputs were rewired to float and how many pairs were added."""
+    A compute op named in `float_nodes` (SLA's core) counts as a float consumer. Returns how many
+    inputs were rewired to float and how many pairs were added."""
     prod, cons, const = _graph_maps(model)
     rewired = added = 0
     new_nodes: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []
@@ -197,11 +199,12 @@ def float_side_inputs(model: onnx.ModelProto) -> dict[str, int]:
             continue
         q = prod.get(dq.input[0])
         users = cons.get(dq.output[0], [])
-        compute = [u for u in users if u.op_type in COMPUTE_OPS]
+        compute = [u for u in users if u.op_type in COMPUTE_OPS and u.name not in float_nodes]
         if q is None or q.op_type != "QuantizeLinear" or not compute:
             continue
+        ids = {id(u) for u in compute}
         for u in users:
-            if u.op_type not in COMPUTE_OPS:
+            if id(u) not in ids:
                 for k, i in enumerate(u.input):
                     if i == dq.output[0]:
                         u.input[k] = q.input[0]
@@ -343,7 +346,7 @@ def quantize_int8(
             calibration_cache_path=str(cache),
         )
         model = onnx.load(str(dst))
-    settings["compute_op_inputs"] = float_side_inputs(model)
+    settings["compute_op_inputs"] = float_side_inputs(model, set(excluded))
     return QuantizeResult(model, islands, time.perf_counter() - t0, t_cal, feed, settings)
 
 
