@@ -4,7 +4,8 @@ Recipe (measured in docs/int8.md):
 - `quantize_static` in QDQ format; INT8 weights (symmetric) and biases left float. Activations are
   `int8` (the default: signed, symmetric, zero point 0, the explicit-precision form TensorRT builds
   from; `audit` checks it) or `uint8` (asymmetric, a zero point fitted to the range: ONNX Runtime's
-  CPU form, which TensorRT refuses; `tensorrt_refusal` names the fix wherever an engine is asked for).
+  CPU form, which TensorRT refuses; `require_tensorrt_form` names the fix wherever an engine is
+  asked for).
 - Only the inputs of the compute ops are quantised (Conv, MatMul, Gemm), where TensorRT and
   NVIDIA's ModelOpt place Q/DQ too; the residual stream, LayerNorms and activations stay float.
   `quantize_static` gives every consumer of a quantised tensor its DequantizeLinear output, so in a
