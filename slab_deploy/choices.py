@@ -30,6 +30,9 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")  # what an exported artefact holds
 EXPORT_FORMATS = ("onnx", "engine", "triton")  # `export --format` (slab_deploy/formats.py)
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # how INT8 activation ranges are calibrated
+# INT8 activations: int8 signed symmetric (TensorRT's explicit precision; the default) or uint8 asymmetric
+# (ONNX Runtime CPU only)
+ACTIVATION_TYPES = ("int8", "uint8")
 SLA_POLICIES = ("fp32", "mixed")  # half precision SLA: fp32 island, or fp16 matmuls with an fp32 normaliser
 EXPORTERS = ("auto", "dynamo", "torchscript")
 SIMPLIFIERS = ("auto", "onnxslim", "onnxsim", "none")

@@ -46,6 +46,10 @@ def export_format(model_name: str, checkpoint: str | Path | None, output: str | 
     if fmt == "engine":
         from slab_deploy.runtime.tensorrt import require_tensorrt
 
+        if opts.precision == "int8" and opts.activations != "int8":
+            raise ConfigError(f"--format engine needs --activation-type int8 (TensorRT builds signed int8 "
+                              f"Q/DQ only), not {opts.activations}: drop --activation-type or pass int8")
+
         require_tensorrt("export --format engine")  # no TensorRT: refused before anything is written
     if fmt != "triton":
         result = export_model(model_name, checkpoint, output, opts, force=force, progress=progress,

@@ -10,7 +10,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from slab_deploy.choices import BACKENDS, COMPILE_MODES, DEVICES, EXPORTERS, PRECISIONS, SLA_POLICIES
+from slab_deploy.choices import (
+    ACTIVATION_TYPES,
+    BACKENDS,
+    COMPILE_MODES,
+    DEVICES,
+    EXPORTERS,
+    PRECISIONS,
+    SLA_POLICIES,
+)
 from slab_deploy.errors import ConfigError
 
 
@@ -31,6 +39,7 @@ class Profile:
     compile_mode: str = "max-autotune-no-cudagraphs"
     sla_policy: str = "fp32"  # half-precision policy of SLA (see SLACore): fp32 | mixed
     exporter: str = "auto"  # ONNX exporter for the ONNX Runtime / TensorRT backends
+    activation_type: str = "int8"  # int8 cases: int8 (signed symmetric, TensorRT's) or uint8 (CPU only)
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -42,7 +51,8 @@ MAX_THREADS = 1024  # a sanity bound: more threads than this is a typo, not an e
 MAX_PROFILE_BYTES = 1 << 20  # a profile is a few hundred bytes; refuse to parse a huge file
 
 _FIELDS = ("name", "description", "device", "backends", "precisions", "batches", "threads", "warmup", "iters",
-           "min_seconds", "peak_tflops", "emulated", "compile_mode", "sla_policy", "exporter")
+           "min_seconds", "peak_tflops", "emulated", "compile_mode", "sla_policy", "exporter",
+           "activation_type")
 _REQUIRED = ("name", "description", "device", "backends", "precisions", "batches")
 
 
@@ -167,6 +177,7 @@ def validate(data: Any, source: str) -> Profile:
         compile_mode=c.choice("compile_mode", COMPILE_MODES, "max-autotune-no-cudagraphs"),
         sla_policy=c.choice("sla_policy", SLA_POLICIES, "fp32"),
         exporter=c.choice("exporter", EXPORTERS, "auto"),
+        activation_type=c.choice("activation_type", ACTIVATION_TYPES, "int8"),
         source=source,
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,14 @@ def test_bench_int8_cases_are_labelled_and_cached_by_quantisation(tmp_path: Path
     assert cache_problem(d / "model.onnx", d / CACHE_RECORD, want) is None
     other = {**want, "int8": {**want["int8"], "method": "entropy"}}
     assert "written for another int8" in str(cache_problem(d / "model.onnx", d / CACHE_RECORD, other))
+    assert record["int8"]["activation_type"] == "int8" and "int8 activations" in demo
+    # --activation-type uint8: its own graph (the cache does not hand back the int8 one), and its case
+    # and manifest say uint8
+    u8 = replace(prof, activation_type="uint8", precisions=("int8",))
+    rep8 = run_bench(build_targets(models=["test_slab_deit"]), u8, tmp_path)
+    (res8,) = rep8.results
+    assert res8.status == "ok" and "uint8 activations (CPU only)" in res8.note, res8.reason
+    d8 = tmp_path / "onnx" / f"test_slab_deit-folded-int8-minmax-pc-uint8-random-ck{ck}"
+    m8 = json.loads((d8 / "manifest.json").read_text())
+    assert m8["precision"]["int8"]["activation_type"] == "uint8"
+    assert json.loads((d8 / CACHE_RECORD).read_text())["int8"]["activation_type"] == "uint8"

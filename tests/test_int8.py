@@ -52,10 +52,11 @@ def _maps(
     return prod, cons, {t.name: t for t in g.graph.initializer}
 
 
-def _assert_explicit_precision(g: onnx.ModelProto, float_nodes: set[str]) -> None:
+def _assert_explicit_precision(g: onnx.ModelProto, float_nodes: set[str], activations: str = "int8") -> None:
     """What TensorRT needs of a Q/DQ graph, read off the graph itself: QuantizeLinear/DequantizeLinear
     with constant positive scales and int8 zero points of 0; INT8 weights dequantised per output
-    channel; float biases; every Conv/MatMul/Gemm fed by DequantizeLinear unless listed as float."""
+    channel; float biases; every Conv/MatMul/Gemm fed by DequantizeLinear unless listed as float.
+    `activations="uint8"`: the same but for the activations' Q/DQ, uint8 with a zero point of any value."""
     prod, _, inits = _maps(g)
     qdq = [n for n in g.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert (
@@ -65,7 +66,10 @@ def _assert_explicit_precision(g: onnx.ModelProto, float_nodes: set[str]) -> Non
     for n in qdq:
         scale, zp = numpy_helper.to_array(inits[n.input[1]]), numpy_helper.to_array(inits[n.input[2]])
         assert (scale > 0).all() and np.isfinite(scale).all(), n.name
-        assert zp.dtype == np.int8 and not zp.any(), n.name
+        if n.input[0] in inits or activations == "int8":
+            assert zp.dtype == np.int8 and not zp.any(), n.name
+        else:
+            assert zp.dtype == np.uint8, n.name
     for n in g.graph.node:
         if n.op_type not in ("Conv", "MatMul", "Gemm"):
             continue
@@ -337,3 +341,159 @@ def test_check_int8_of_a_model_without_images_is_refused(
 ) -> None:
     code, _, err = run_cli(["check", "-m", "test_slab_deit", "--precision", "int8"], capsys, monkeypatch)
     assert code == 1 and "check exports INT8 itself only for the demo models" in " ".join(err.split())
+
+
+# ------------------------------------------------------------------------------------------------
+# --activation-type: the uint8 (CPU only) form, and what ONNX Runtime makes of either
+
+
+@pytest.fixture(scope="module")
+def demo_uint8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("uint8") / "demo"
+    export_model(DEMO, _demo_ckpt(), out, ExportOptions(precision="int8", activation_type="uint8"))
+    return out
+
+
+def _assert_compute_ops_own_their_pairs(g: onnx.ModelProto) -> None:
+    """Only compute ops read the DequantizeLinear of an activation, each through a QuantizeLinear ->
+    DequantizeLinear pair of its own (what ONNX Runtime needs to fuse them); everything else that reads
+    the tensor (the residual Add) reads it in float."""
+    prod, cons, inits = _maps(g)
+    for dq in g.graph.node:
+        if dq.op_type != "DequantizeLinear" or dq.input[0] in inits:
+            continue
+        users = cons.get(dq.output[0], [])
+        if any(u.op_type in ("Conv", "MatMul", "Gemm") for u in users):
+            assert len(users) == 1, (dq.name, [u.op_type for u in users])
+            assert len(cons[prod[dq.input[0]].output[0]]) == 1, dq.name
+
+
+def test_demo_uint8_graph_manifest_and_accuracy(demo_uint8: Path) -> None:
+    import torch
+
+    from slab_deploy.weights import load_model
+
+    m = json.loads((demo_uint8 / "manifest.json").read_text())
+    i8 = m["precision"]["int8"]
+    assert m["status"] == "ok" and i8["activation_type"] == "uint8"
+    assert "uint8 asymmetric" in i8["activations"]
+    assert i8["qdq"]["problems"] == [] and not i8["qdq"]["tensorrt_explicit_precision"]
+    assert "TensorRT" in i8["qdq"]["tensorrt_refusal"]
+    g = onnx.load(str(demo_uint8 / "model.onnx"))
+    _assert_explicit_precision(g, {f["name"] for f in i8["float_nodes"]}, "uint8")
+    _assert_compute_ops_own_their_pairs(g)
+    _, _, inits = _maps(g)
+    act_zps = {numpy_helper.to_array(inits[n.input[2]]).dtype for n in g.graph.node
+               if n.op_type == "QuantizeLinear"}
+    assert act_zps == {np.dtype(np.uint8)}  # every activation QuantizeLinear writes uint8
+    meta = {p.key: p.value for p in g.metadata_props}
+    assert "uint8" in meta["slab_deploy.int8_activations"] and "uint8 activations" in g.doc_string
+    data = demo_heldout(DEMO, m["preprocessing"])
+    with torch.no_grad():
+        fp32 = load_model(DEMO, _demo_ckpt())(torch.from_numpy(data.x)).numpy().argmax(1)
+    got = run_onnx(demo_uint8 / "model.onnx", data.x).argmax(1)
+    acc32, acc8 = (fp32 == data.labels).mean(), (got == data.labels).mean()
+    assert acc32 > 0.95 and acc8 >= acc32 - tolerance_for("ort_cpu", "int8").max_accuracy_drop, (acc32, acc8)
+
+
+def test_demo_int8_manifest_names_its_activation_type(demo_int8: Path) -> None:
+    m = json.loads((demo_int8 / "manifest.json").read_text())
+    i8 = m["precision"]["int8"]
+    assert i8["activation_type"] == "int8" and i8["qdq"]["tensorrt_explicit_precision"]
+    assert i8["qdq"]["tensorrt_refusal"] is None
+    g = onnx.load(str(demo_int8 / "model.onnx"))
+    _assert_compute_ops_own_their_pairs(g)
+    assert "int8 symmetric" in {p.key: p.value for p in g.metadata_props}["slab_deploy.int8_activations"]
+
+
+def test_check_of_a_uint8_export_passes_with_the_int8_rows(
+    demo_uint8: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["check", "-m", DEMO, "-c", str(_demo_ckpt()), "--backends", "torch,onnx,ort-cpu", "--json"]
+    code, out, err = run_cli([*args, "-a", str(demo_uint8)], capsys, monkeypatch)
+    assert code == 0, out + err
+    ran = {r["rung"]: r for r in json.loads(out)["rungs"]}
+    for rung in ("simplified", "ort_cpu"):
+        assert ran[rung]["status"] == "pass"
+        assert ran[rung]["tolerance"] == tolerance_for(rung, "int8").to_dict()
+
+
+@pytest.mark.parametrize("activations", ["int8", "uint8"])
+def test_onnx_runtime_fuses_every_quantised_op_of_a_folded_swin(activations: str, tmp_path: Path) -> None:
+    """In a folded SLAB-Swin the qkv and fc1 Linears read the residual stream itself. quantize_static
+    had the residual Add read the same DequantizeLinear, and ONNX Runtime then left those Linears as
+    float MatMuls behind a dequantisation of their weights on every run (int8 activations; it converts
+    an int8 Q/DQ pair to uint8 on x86 only when the QuantizeLinear feeds one DequantizeLinear). Now no
+    weight is dequantised at run time: every quantised MatMul, Conv and Gemm is fused."""
+    from slab_deploy._deps import require
+
+    ort = require("onnxruntime", "this test")
+    ckpt = random_checkpoint("test_slab_swin", tmp_path / "c.pth", seed=5)
+    folder = digit_folder(tmp_path / "digits", 40)
+    res = export_model("test_slab_swin", ckpt, tmp_path / "o", ExportOptions(
+        precision="int8", calibration=folder, calibration_samples=16, activation_type=activations))
+    i8 = res.manifest["precision"]["int8"]
+    assert i8["compute_op_inputs"]["inputs_rewired_to_float"] > 0  # the residual Adds
+    g = onnx.load(str(res.onnx_path))
+    _assert_explicit_precision(g, {f["name"] for f in i8["float_nodes"]}, activations)
+    _assert_compute_ops_own_their_pairs(g)
+    prod, _, inits = _maps(g)
+    def dequantised(t: str) -> bool:
+        return t in prod and prod[t].op_type == "DequantizeLinear"
+
+    quantised = sum(n.op_type == "MatMul" and all(map(dequantised, n.input)) for n in g.graph.node)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    ort.InferenceSession(str(res.onnx_path), so, providers=["CPUExecutionProvider"])
+    opt = onnx.load(str(tmp_path / "ort.onnx"))
+    opt_inits = {t.name for t in opt.graph.initializer}
+    weight_dq = [n.name for n in opt.graph.node
+                 if n.op_type == "DequantizeLinear" and n.input[0] in opt_inits]
+    assert weight_dq == [], weight_dq
+    assert sum(n.op_type == "QLinearMatMul" for n in opt.graph.node) == quantised > 0
+    assert res.manifest["parity"]["ort_cpu"]["passed"]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--activation-type", "uint8"], "--activation-type applies to --precision int8 only"),
+        (["--precision", "int8", "--activation-type", "int16"],
+         "unsupported --activation-type 'int16'; use one of int8, uint8"),
+        (["--precision", "int8", "--activation-type", "uint8", "--format", "engine"],
+         "--format engine needs --activation-type int8 (TensorRT builds signed int8 Q/DQ only), not uint8"),
+    ],
+)
+def test_bad_activation_type_refused_in_one_line(
+    args: list[str], match: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / "out"
+    code, _, err = run_cli(["export", "-m", DEMO, *args, "-o", str(out)], capsys, monkeypatch)
+    assert code == 1, err
+    assert match in " ".join(err.split()) and "Traceback" not in err, err
+    assert not out.exists() and not (tmp_path / "out.failed").exists()
+
+
+def test_build_and_tensorrt_serving_refuse_a_uint8_export(
+    demo_uint8: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused from the manifest's quantisation record, before TensorRT is looked for and before
+    anything is written."""
+    d = tmp_path / "u8"
+    shutil.copytree(demo_uint8, d)
+    before = sorted(p.name for p in d.iterdir())
+    code, _, err = run_cli(["build", str(d)], capsys, monkeypatch)
+    line = " ".join(err.split())
+    assert code == 1 and "Traceback" not in err, err
+    assert ("slab-deploy build needs an INT8 export with signed int8 activations, and this one has uint8 "
+            "activations (CPU only): export again with --activation-type int8") in line, err
+    assert sorted(p.name for p in d.iterdir()) == before  # no model.plan, no engine.json
+    repo = tmp_path / "repo"
+    code, _, err = run_cli(["serve-repo", str(d), "-o", str(repo), "--flavour", "tensorrt"],
+                           capsys, monkeypatch)
+    assert code == 1 and "--flavour tensorrt needs an INT8 export with signed int8 activations" in " ".join(
+        err.split()), err
+    assert not repo.exists() or not any(repo.iterdir())

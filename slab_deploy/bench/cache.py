@@ -37,7 +37,7 @@ def checkpoint_identity(t: Target) -> str:
 
 
 def onnx_for(t: Target, precision: str, cache: Path, sla_policy: str = "fp32", exporter: str = "auto",
-              *, notes: list[str] | None = None) -> Path:
+              *, notes: list[str] | None = None, activation_type: str = "int8") -> Path:
     """The ONNX graph of a target at `precision`: reused from `cache` only when the record bench
     wrote beside it (CACHE_RECORD) matches the request (model, variant, precision, SLA policy,
     exporter, checkpoint sha256) and the file's sha256; otherwise exported afresh (and `notes`
@@ -52,7 +52,7 @@ def onnx_for(t: Target, precision: str, cache: Path, sla_policy: str = "fp32", e
     if precision == "int8" and t.variant == "unfolded":
         raise UnsupportedBackend(
             "int8 quantises the folded graph; the unfolded variant runs in fp32 and fp16 only")
-    opts = export_options(t, precision, sla_policy, exporter)
+    opts = export_options(t, precision, sla_policy, exporter, activation_type)
     ck = checkpoint_identity(t)
     want = {"model": t.model, "variant": t.variant, "precision": precision,
             "sla_policy": sla_policy if precision == "fp16" else None, "exporter": exporter,
@@ -76,7 +76,8 @@ def onnx_for(t: Target, precision: str, cache: Path, sla_policy: str = "fp32", e
     return path
 
 
-def export_options(t: Target, precision: str, sla_policy: str = "fp32", exporter: str = "auto") -> Any:
+def export_options(t: Target, precision: str, sla_policy: str = "fp32", exporter: str = "auto",
+                   activation_type: str = "int8") -> Any:
     """The export a bench case runs on. INT8: the demo models calibrate on their held-out digits; any
     other model on seeded random images, which is good for latency and nothing else (`calibration_note`)."""
     from slab_deploy.datasets import is_demo_model
@@ -84,26 +85,31 @@ def export_options(t: Target, precision: str, sla_policy: str = "fp32", exporter
 
     random = precision == "int8" and not is_demo_model(t.model)
     return ExportOptions(precision=precision, fold=t.variant != "unfolded", simplifier="auto",
-                         sla_policy=sla_policy, exporter=exporter, random_calibration=random)
+                         sla_policy=sla_policy, exporter=exporter, random_calibration=random,
+                         activation_type=activation_type if precision == "int8" else None)
 
 
 def int8_tag(opts: Any) -> str:
     key = opts.int8_key()
     weights = "pc" if key["per_channel"] else "pt"
-    return f"{key['method']}-{weights}-{'random' if opts.random_calibration else 'cal'}"
+    acts = "" if key["activation_type"] == "int8" else f"-{key['activation_type']}"
+    return f"{key['method']}-{weights}{acts}-{'random' if opts.random_calibration else 'cal'}"
 
 
-def calibration_note(model: str, precision: str) -> str:
-    """What a bench result says about where its INT8 scales came from ("" for other precisions)."""
+def calibration_note(model: str, precision: str, activation_type: str = "int8") -> str:
+    """What a bench result says about its INT8 graph: the activation type, and where its scales came
+    from ("" for other precisions)."""
     if precision != "int8":
         return ""
     from slab_deploy.datasets import is_demo_model
 
+    acts = ("int8 activations (TensorRT's form)" if activation_type == "int8"
+            else f"{activation_type} activations (CPU only)")
     if is_demo_model(model):
-        return "int8 calibrated on the demo model's held-out digits"
+        return f"int8, {acts}, calibrated on the demo model's held-out digits"
     from slab_deploy.export.calibration import RANDOM_LABEL
 
-    return f"int8 calibrated on {RANDOM_LABEL}"
+    return f"int8, {acts}, calibrated on {RANDOM_LABEL}"
 
 
 def cache_problem(path: Path, record: Path, want: dict[str, Any]) -> str | None:

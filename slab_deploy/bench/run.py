@@ -116,12 +116,12 @@ def run_bench(
                 if graph in export_failed:
                     raise ExportError(f"{export_failed[graph]} "
                                       "(the export failed for an earlier case of this run)")
-                res.note = calibration_note(t.model, case.precision)
+                res.note = calibration_note(t.model, case.precision, profile.activation_type)
                 if res.note and "LATENCY ONLY" in res.note and f"{t.model}: {res.note}" not in notes:
                     notes.append(f"{t.model}: {res.note}")
                 try:
                     source = onnx_for(t, case.precision, cache, profile.sla_policy, profile.exporter,
-                                      notes=notes)
+                                      notes=notes, activation_type=profile.activation_type)
                 except UnsupportedBackend:
                     raise
                 except Exception as exc:

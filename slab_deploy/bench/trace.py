@@ -220,7 +220,7 @@ def trace_case(target: Target, case: Case, profile: Profile, out_dir: Path, *, i
                               if k in comps}
     else:
         onnx_path = onnx_for(target, case.precision, export_cache or out_dir.parent / "onnx",
-                             profile.sla_policy, profile.exporter)
+                             profile.sla_policy, profile.exporter, activation_type=profile.activation_type)
         p = runner(onnx_path).prepare(x_np)
         res.latency_ms = float(np.median(
             time_prepared(p, profile.warmup, profile.iters, profile.min_seconds)))

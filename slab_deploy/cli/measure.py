@@ -69,6 +69,9 @@ def bench(
         "--sla-policy", help="Half precision SLA policy: fp32 or mixed.")] = None,
     exporter: Annotated[str | None, typer.Option(
         "--exporter", help="ONNX exporter for ORT/TensorRT cases: auto, dynamo, torchscript.")] = None,
+    activation_type: Annotated[str | None, typer.Option("--activation-type", help=(
+        "int8 cases: int8 activations (signed symmetric, TensorRT's; the default) "
+        "or uint8 (asymmetric, ONNX Runtime CPU only)."))] = None,
     warmup: Annotated[int | None, typer.Option("--warmup", help="Warm-up iterations.")] = None,
     checkpoint: CkptOpt = None,
     output: Annotated[Path, typer.Option(
@@ -113,7 +116,7 @@ def bench(
     prof = resolve_profile(device, profile, {
         "backends": backends, "precisions": precision, "batches": batch, "threads": threads,
         "iters": iters, "warmup": warmup, "min_seconds": min_seconds, "compile_mode": compile_mode,
-        "sla_policy": sla_policy, "exporter": exporter,
+        "sla_policy": sla_policy, "exporter": exporter, "activation_type": activation_type,
     })
     with progress_bar() as progress:
         done = benchmark(targets, prof, output, against=against, threshold=threshold,
@@ -164,6 +167,8 @@ def trace(
         "--sla-policy", help="Half precision SLA policy: fp32 or mixed.")] = "fp32",
     exporter: Annotated[str, typer.Option(
         "--exporter", help="ONNX exporter for ORT cases: auto, dynamo, torchscript.")] = "auto",
+    activation_type: Annotated[str, typer.Option("--activation-type", help=(
+        "int8: int8 activations (signed symmetric, TensorRT's) or uint8 (asymmetric, CPU only)."))] = "int8",
     compile_mode: Annotated[str, typer.Option(
         "--compile-mode", help="torch.compile mode for the torch-compile backend.")
     ] = "max-autotune-no-cudagraphs",
@@ -179,6 +184,7 @@ def trace(
     prof = resolve_profile(device, None, {
         "backends": backends, "precisions": precision, "batches": batch, "threads": threads,
         "compile_mode": compile_mode, "sla_policy": sla_policy, "exporter": exporter,
+        "activation_type": activation_type,
     }, command="trace")
     targets = bench_targets(compare, models_, unfolded, checkpoint)
     with progress_bar() as progress:

@@ -194,6 +194,10 @@ def export(
     per_channel: Annotated[bool | None, typer.Option(
         "--per-channel/--per-tensor",
         help="int8: one weight scale per output channel (default) or per tensor.")] = None,
+    activation_type: Annotated[str | None, typer.Option("--activation-type", help=(
+        "int8: int8 activations (signed symmetric: what TensorRT builds, and as fast on ONNX Runtime "
+        "x86; the default) or uint8 (asymmetric; ONNX Runtime CPU only, refused by build and "
+        "--format engine). docs/int8.md."))] = None,
     fmt: Annotated[str, typer.Option("--format", help=(
         "onnx (DIR/model.onnx), engine (also DIR/model.plan: TensorRT) or triton (--output is a Triton "
         "model repository: REPO/<model>/config.pbtxt, 1/model.onnx)."))] = "onnx",
@@ -217,7 +221,8 @@ def export(
                                    img_size=img_size, precision=precision, simplifier=simplifier,
                                    exporter=exporter, seed=seed, sla_policy=sla_policy,
                                    calibration=calibration, calibration_samples=calibration_samples,
-                                   calibration_method=calibration_method, per_channel=per_channel)
+                                   calibration_method=calibration_method, per_channel=per_channel,
+                                   activation_type=activation_type)
     with console(stderr=True).status("exporting", spinner="dots") as status:
         done = export_format(model, checkpoint, output, opts, fmt=fmt, force=force, ema=ema,
                              allow_unfinished_prepbn=allow_unfinished_prepbn,

@@ -177,7 +177,8 @@ def _export_into(
     weights = str(getattr(ref, "weights", "checkpoint"))
     meta = onnx_metadata(model_name, opts, pre, info, weights, int8.calibration if int8 else None)
     set_metadata(final, meta)
-    final.doc_string = f"{model_name} exported by slab-deploy {__version__} ({opts.precision}, folded)" + (
+    mode = f"int8, {opts.activations} activations" if int8 else opts.precision
+    final.doc_string = f"{model_name} exported by slab-deploy {__version__} ({mode}, folded)" + (
         f"; {int8.calibration.source}" if int8 and int8.calibration.latency_only else "")
     spec = model_spec(ref)
     passed = all(r.get("passed", True) for r in rungs.values())

@@ -19,6 +19,7 @@ from slab_deploy.export.calibration import CalibrationSet
 from slab_deploy.export.onnx_export import INPUT_NAME, OUTPUT_NAME, ExportInfo, file_opset
 from slab_deploy.export.onnx_passes import LintResult, SimplifyResult, op_counts, set_metadata
 from slab_deploy.export.options import ExportOptions
+from slab_deploy.export.quantize import activation_description
 from slab_deploy.export.steps import Int8Step
 from slab_deploy.export.target import FAILED_ONNX_NAME, MANIFEST_NAME, ONNX_NAME, UNSIMPLIFIED_NAME
 from slab_deploy.models.checkpoint import CheckpointInfo
@@ -61,6 +62,7 @@ def onnx_metadata(model_name: str, opts: ExportOptions, pre: dict[str, Any], inf
         record = calibration.to_dict()
         meta["slab_deploy.calibration"] = json.dumps(
             {k: record[k] for k in ("kind", "source", "count", "sha256", "latency_only")})
+        meta["slab_deploy.int8_activations"] = activation_description(opts.activations)
     return meta
 
 
@@ -73,6 +75,7 @@ def int8_block(opts: ExportOptions, step: Int8Step) -> dict[str, Any]:
     return {
         "method": opts.method,
         "per_channel": opts.channelwise,
+        "activation_type": opts.activations,
         "calibration": step.calibration.to_dict(),
         "onnxruntime": module_version("onnxruntime"),
         **res.settings,

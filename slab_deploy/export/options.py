@@ -9,7 +9,14 @@ from typing import Any
 
 import torch
 
-from slab_deploy.choices import CALIBRATION_METHODS, EXPORT_PRECISIONS, EXPORTERS, SIMPLIFIERS, SLA_POLICIES
+from slab_deploy.choices import (
+    ACTIVATION_TYPES,
+    CALIBRATION_METHODS,
+    EXPORT_PRECISIONS,
+    EXPORTERS,
+    SIMPLIFIERS,
+    SLA_POLICIES,
+)
 from slab_deploy.errors import UnsupportedInputError
 from slab_deploy.export.onnx_export import DEFAULT_OPSET, exporter_plan
 from slab_deploy.utils import available_memory
@@ -44,6 +51,7 @@ class ExportOptions:
     calibration_samples: int | None = None
     calibration_method: str | None = None  # minmax (default), entropy or percentile
     per_channel: bool | None = None  # per-output-channel weight scales (default) or one per tensor
+    activation_type: str | None = None  # int8 (default: signed symmetric, TensorRT) or uint8 (CPU only)
     random_calibration: bool = False  # seeded random images: for latency only (bench), and labelled so
 
     @property
@@ -54,13 +62,18 @@ class ExportOptions:
     def channelwise(self) -> bool:
         return True if self.per_channel is None else self.per_channel
 
+    @property
+    def activations(self) -> str:
+        return self.activation_type or "int8"
+
     def int8_key(self) -> dict[str, Any] | None:
         """What an INT8 artefact depends on beyond the model (None for other precisions): bench keys
         its cache by it."""
         if self.precision != "int8":
             return None
         source = "random" if self.random_calibration else str(self.calibration or "demo-heldout")
-        return {"method": self.method, "per_channel": self.channelwise, "calibration": source,
+        return {"method": self.method, "per_channel": self.channelwise, "activation_type": self.activations,
+                "calibration": source,
                 "calibration_samples": self.calibration_samples, "seed": self.seed}
 
     def validate(self, model_name: str | None = None) -> Footprint | None:
@@ -90,7 +103,8 @@ class ExportOptions:
         """INT8 options only with --precision int8; their values; a calibration source that exists."""
         flags = (("--calibration", self.calibration), ("--calibration-samples", self.calibration_samples),
                  ("--calibration-method", self.calibration_method),
-                 ("--per-channel/--per-tensor", self.per_channel))
+                 ("--per-channel/--per-tensor", self.per_channel),
+                 ("--activation-type", self.activation_type))
         given = [flag for flag, v in flags if v is not None]
         if self.precision != "int8":
             if given or self.random_calibration:
@@ -103,6 +117,8 @@ class ExportOptions:
 
         if self.calibration_method is not None:
             _choice("--calibration-method", self.calibration_method, CALIBRATION_METHODS)
+        if self.activation_type is not None:
+            _choice("--activation-type", self.activation_type, ACTIVATION_TYPES)
         if self.per_channel is not None and not isinstance(self.per_channel, bool):
             raise UnsupportedInputError(f"per_channel must be true or false, not {self.per_channel!r}")
         if not self.fold:

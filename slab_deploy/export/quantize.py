@@ -1,10 +1,19 @@
 """INT8: the folded, simplified fp32 graph -> a Q/DQ graph, by ONNX Runtime's static quantisation.
 
 Recipe (measured in docs/int8.md):
-- `quantize_static` in QDQ format; INT8 weights and activations, both symmetric (zero point 0) and the
-  biases left float: the explicit-precision form TensorRT builds from (`audit` checks it).
+- `quantize_static` in QDQ format; INT8 weights (symmetric) and biases left float. Activations are
+  `int8` (the default: signed, symmetric, zero point 0, the explicit-precision form TensorRT builds
+  from; `audit` checks it) or `uint8` (asymmetric, a zero point fitted to the range: ONNX Runtime's
+  CPU form, which TensorRT refuses; `require_tensorrt_form` names the fix wherever an engine is
+  asked for).
 - Only the inputs of the compute ops are quantised (Conv, MatMul, Gemm), where TensorRT and
   NVIDIA's ModelOpt place Q/DQ too; the residual stream, LayerNorms and activations stay float.
+  `quantize_static` gives every consumer of a quantised tensor its DequantizeLinear output, so in a
+  folded SLAB graph (whose qkv and fc1 Linears read the residual stream itself) the residual Add read
+  the INT8-rounded stream, and ONNX Runtime, seeing one QuantizeLinear feed two DequantizeLinear,
+  neither converted it to uint8 on x86 nor fused the Linear (a float MatMul behind a runtime
+  dequantisation of its weights). `float_side_inputs` rewires every other consumer to the float
+  tensor and gives each compute op its own Q/DQ pair.
 - Linear attention keeps its core in float (`float_islands`): the normaliser (sum of k over tokens,
   q . sum k, + eps, the reciprocal and the scaling by it) and the two activation-by-activation
   products feeding it. INT8 there took the demo model's held-out top-1 from 99.4% to 37.5%.
@@ -32,6 +41,7 @@ from onnx import numpy_helper
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 COMPUTE_OPS = QUANTIZED_OPS
+TENSORRT_ACTIVATION_TYPE = "int8"  # the activation type TensorRT builds (choices.ACTIVATION_TYPES)
 # Histogram settings of the calibrators (ONNX Runtime's names). Entropy: 512 bins searched for the
 # threshold that keeps 128 quantised bins closest in KL divergence; percentile: 99.999% of |x|.
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
@@ -59,6 +69,19 @@ REASONS = {
         "INT8 here cost the demo model about 2 points of held-out top-1 (docs/int8.md)"
     ),
 }
+
+
+def method_options(method: str, activation_type: str) -> dict[str, Any]:
+    """The calibrator's settings: symmetric ranges for int8 activations, the observed range for uint8."""
+    opts = dict(METHOD_OPTIONS[method])
+    if "symmetric" in opts:
+        opts["symmetric"] = activation_type == "int8"
+    return opts
+
+
+def activation_description(activation_type: str) -> str:
+    return ("int8 symmetric (zero point 0)" if activation_type == "int8"
+            else "uint8 asymmetric (zero point from the calibrated range; CPU only, TensorRT refuses it)")
 
 
 @dataclass(frozen=True)
@@ -154,6 +177,61 @@ def float_islands(model: onnx.ModelProto) -> list[FloatNode]:
     return list(out.values())
 
 
+def float_side_inputs(model: onnx.ModelProto, float_nodes: set[str] | frozenset[str] = frozenset()
+                      ) -> dict[str, int]:
+    """Edit the Q/DQ graph `quantize_static` wrote (in place) so that only compute ops read quantised
+    activations, each through a Q/DQ pair of its own:
+
+    - a node that is not Conv/MatMul/Gemm (the residual Add, a Reshape) and reads the DequantizeLinear
+      of an activation a compute op reads reads the float tensor instead: the residual stream stays
+      float, as the recipe says;
+    - an activation read by several compute ops gets one QuantizeLinear -> DequantizeLinear pair per
+      op (same scale and zero point): ONNX Runtime converts an int8 Q/DQ pair to uint8 on x86, and
+      fuses the op into QLinearMatMul/QLinearConv, only when the QuantizeLinear feeds a single
+      DequantizeLinear that feeds that op alone.
+
+    A compute op named in `float_nodes` (SLA's core) counts as a float consumer. Returns how many
+    inputs were rewired to float and how many pairs were added."""
+    prod, cons, const = _graph_maps(model)
+    rewired = added = 0
+    new_nodes: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []
+    for dq in list(model.graph.node):
+        if dq.op_type != "DequantizeLinear" or dq.input[0] in const:
+            continue
+        q = prod.get(dq.input[0])
+        users = cons.get(dq.output[0], [])
+        compute = [u for u in users if u.op_type in COMPUTE_OPS and u.name not in float_nodes]
+        if q is None or q.op_type != "QuantizeLinear" or not compute:
+            continue
+        ids = {id(u) for u in compute}
+        for u in users:
+            if id(u) not in ids:
+                for k, i in enumerate(u.input):
+                    if i == dq.output[0]:
+                        u.input[k] = q.input[0]
+                        rewired += 1
+        extra: list[onnx.NodeProto] = []
+        for j, u in enumerate(compute[1:], start=1):
+            q2, dq2 = onnx.NodeProto(), onnx.NodeProto()
+            q2.CopyFrom(q)
+            dq2.CopyFrom(dq)
+            q2.name, dq2.name = f"{q.name}/pair{j}", f"{dq.name}/pair{j}"
+            q2.output[0], dq2.output[0] = f"{q.output[0]}/pair{j}", f"{dq.output[0]}/pair{j}"
+            dq2.input[0] = q2.output[0]
+            for k, i in enumerate(u.input):
+                if i == dq.output[0]:
+                    u.input[k] = dq2.output[0]
+            extra += [q2, dq2]
+            added += 1
+        if extra:
+            new_nodes.append((dq, extra))
+    for dq, extra in new_nodes:  # keep the node list topologically sorted: each pair right after its DQ
+        at = list(model.graph.node).index(dq) + 1
+        for n in reversed(extra):
+            model.graph.node.insert(at, n)
+    return {"inputs_rewired_to_float": rewired, "qdq_pairs_added": added}
+
+
 @contextlib.contextmanager
 def _quiet_quantiser() -> Iterator[None]:
     """ONNX Runtime's quantiser prints progress to stdout and logs a pre-processing hint as a root
@@ -206,6 +284,7 @@ def quantize_int8(
     workdir: Path,
     feed: int,
     static_batch: int | None,
+    activation_type: str = TENSORRT_ACTIVATION_TYPE,
 ) -> QuantizeResult:
     """Calibrate `fp32` on `images` and quantise it (see the module docstring); files go to a
     scratch folder inside `workdir`, removed on return."""
@@ -220,15 +299,18 @@ def quantize_int8(
         "entropy": ortq.CalibrationMethod.Entropy,
         "percentile": ortq.CalibrationMethod.Percentile,
     }[method]
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+    signed = activation_type == "int8"
+    calibrator_options = method_options(method, activation_type)
+    extra = {"ActivationSymmetric": signed, "WeightSymmetric": True, "QuantizeBias": False}
     settings = {
         "tool": "onnxruntime.quantization.quantize_static",
         "format": "QDQ",
-        "activations": "int8 symmetric",
+        "activation_type": activation_type,
+        "activations": activation_description(activation_type),
         "weights": "int8 symmetric" + (" per output channel" if per_channel else " per tensor"),
         "bias": "float",
         "quantized_ops": list(QUANTIZED_OPS),
-        "calibrator_options": METHOD_OPTIONS[method],
+        "calibrator_options": calibrator_options,
         "extra_options": extra,
         "pre_process": "not run (docs/int8.md: no gain on these graphs, and it fails on FLatten's)",
     }
@@ -242,7 +324,7 @@ def quantize_int8(
             list(QUANTIZED_OPS),
             augmented_model_path=str(Path(tmp) / "augmented.onnx"),
             calibrate_method=method_enum,
-            extra_options=METHOD_OPTIONS[method],
+            extra_options=calibrator_options,
         )
         for batch in chunks(images, feed, static_batch):
             calibrator.collect_data(_Feed(name, batch))
@@ -257,7 +339,7 @@ def quantize_int8(
             op_types_to_quantize=list(QUANTIZED_OPS),
             per_channel=per_channel,
             reduce_range=False,
-            activation_type=ortq.QuantType.QInt8,
+            activation_type=ortq.QuantType.QInt8 if signed else ortq.QuantType.QUInt8,
             weight_type=ortq.QuantType.QInt8,
             nodes_to_exclude=excluded,
             calibrate_method=method_enum,
@@ -265,6 +347,7 @@ def quantize_int8(
             calibration_cache_path=str(cache),
         )
         model = onnx.load(str(dst))
+    settings["compute_op_inputs"] = float_side_inputs(model, set(excluded))
     return QuantizeResult(model, islands, time.perf_counter() - t0, t_cal, feed, settings)
 
 
@@ -276,26 +359,34 @@ def _array(t: str, inits: dict[str, onnx.TensorProto]) -> np.ndarray | None:
     return numpy_helper.to_array(inits[t]) if t in inits else None
 
 
-def audit(model: onnx.ModelProto, float_nodes: list[str] | None = None) -> dict[str, Any]:
+def audit(model: onnx.ModelProto, float_nodes: list[str] | None = None,
+          activation_type: str = TENSORRT_ACTIVATION_TYPE) -> dict[str, Any]:
     """Q/DQ counts and the explicit-precision rules TensorRT holds a Q/DQ graph to: INT8 only, zero
     point 0, positive finite constant scales, per-channel only on a weight's output-channel axis,
     biases float; and every Conv/MatMul/Gemm fed by DequantizeLinear on all its (data) inputs but
-    the named float nodes. `problems` lists what breaks a rule (empty: the graph conforms)."""
+    the named float nodes. `problems` lists what breaks a rule (empty: the graph conforms). A
+    `uint8` graph is held to the same rules but for its activations, which must be uint8 (any zero
+    point); it is never TensorRT's (`tensorrt_explicit_precision` false, `tensorrt_refusal` says why)."""
     prod, _, _ = _graph_maps(model)
     inits = {t.name: t for t in model.graph.initializer}
     problems: list[str] = []
     counts = {"QuantizeLinear": 0, "DequantizeLinear": 0, "int8_weights": 0, "per_channel_weights": 0}
+    act_dtype = np.int8 if activation_type == "int8" else np.uint8
     for n in model.graph.node:
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         counts[n.op_type] += 1
         scale = _array(n.input[1], inits)
         zp = _array(n.input[2], inits) if len(n.input) > 2 and n.input[2] else None
+        weight = n.op_type == "DequantizeLinear" and n.input[0] in inits
         if scale is None or not (np.isfinite(scale).all() and (scale > 0).all()):
             problems.append(f"{n.name}: scale is not a positive finite initializer")
-        if zp is None or zp.dtype != np.int8 or (zp != 0).any():
-            problems.append(f"{n.name}: zero point is not int8 zero")
-        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+        if weight or activation_type == "int8":
+            if zp is None or zp.dtype != np.int8 or (zp != 0).any():
+                problems.append(f"{n.name}: zero point is not int8 zero")
+        elif zp is None or zp.dtype != act_dtype:
+            problems.append(f"{n.name}: activation zero point is not {activation_type}")
+        if weight:
             w = inits[n.input[0]]
             if w.data_type != onnx.TensorProto.INT8:
                 problems.append(
@@ -338,9 +429,31 @@ def audit(model: onnx.ModelProto, float_nodes: list[str] | None = None) -> dict[
             f"{len(unexpected)} Conv/MatMul/Gemm node(s) run in float without being listed: "
             + ", ".join(unexpected[:5])
         )
+    refusal = None if activation_type == TENSORRT_ACTIVATION_TYPE else (
+        f"{activation_type} activations: TensorRT builds signed int8 symmetric Q/DQ only")
     return {
         **counts,
+        "activation_type": activation_type,
         "float_compute_nodes": compute_float,
-        "tensorrt_explicit_precision": not problems,
+        "tensorrt_explicit_precision": not problems and refusal is None,
+        "tensorrt_refusal": refusal,
         "problems": problems[:20],
     }
+
+
+def require_tensorrt_form(manifest: Any, what: str) -> None:
+    """Refuse (ConfigError, one line naming the fix) to make a TensorRT engine, or serve one, from an
+    export whose quantisation record (the manifest's `precision.int8.activation_type`) says its
+    activations are not signed int8; `what` is what asked ("slab-deploy build", ...). An INT8 record
+    without the field predates the option, whose only value then was int8."""
+    from slab_deploy.errors import ConfigError
+
+    prec = manifest.get("precision") if isinstance(manifest, dict) else None
+    if not isinstance(prec, dict) or prec.get("mode") != "int8":
+        return
+    rec = prec.get("int8")
+    act = rec.get("activation_type", TENSORRT_ACTIVATION_TYPE) if isinstance(rec, dict) else None
+    if act != TENSORRT_ACTIVATION_TYPE:
+        raise ConfigError(f"{what} needs an INT8 export with signed int8 activations, and this one has "
+                          f"{act if isinstance(act, str) else 'no readable'} activations (CPU only): "
+                          "export again with --activation-type int8")

@@ -199,17 +199,19 @@ def quantize(model_name: str, fp32: onnx.ModelProto, ref: nn.Module, opts: Expor
              stage: Path, generator: torch.Generator, largest_activation: int,
              num_classes: int | None) -> Int8Step:
     """Calibrate on the export's calibration images and quantise the simplified fp32 graph; the
-    result must pass the explicit-precision audit (else ExportError: nothing would judge it)."""
+    result must pass the Q/DQ audit (else ExportError: nothing would judge it): TensorRT's
+    explicit-precision rules for int8 activations, the same rules but the activation type for uint8."""
     from slab_deploy.export.calibration import INT8_PARITY_FEED, calibration_set
     from slab_deploy.export.quantize import audit, feed_size, quantize_int8
 
     cal = calibration_set(model_name, opts, pre, num_classes=num_classes)
     res = quantize_int8(fp32, cal.images, method=opts.method, per_channel=opts.channelwise, workdir=stage,
-                        feed=feed_size(largest_activation, opts.batch), static_batch=opts.batch)
-    report = audit(res.model, [f.name for f in res.float_nodes])
+                        feed=feed_size(largest_activation, opts.batch), static_batch=opts.batch,
+                        activation_type=opts.activations)
+    report = audit(res.model, [f.name for f in res.float_nodes], opts.activations)
     if report["problems"]:
-        raise ExportError("the INT8 graph is not the explicit-precision Q/DQ graph TensorRT builds: "
-                          + report["problems"][0])
+        raise ExportError(f"the INT8 graph breaks the Q/DQ rules of its form "
+                          f"({opts.activations} activations): {report['problems'][0]}")
     return Int8Step(res, cal, reference_on(ref, cal.parity, generator, INT8_PARITY_FEED), report)
 
 

@@ -155,6 +155,16 @@ def read_export(folder: str | Path) -> Export:
     return Export(d, str(model), onnx, sha, str(precision), batch, shape, attention)
 
 
+
+def _refuse_cpu_only_int8(folder: Path) -> None:
+    """An INT8 export with uint8 activations (a CPU-only graph) is refused before anything is
+    built or written; read_export has checked the manifest already."""
+    from slab_deploy.export.quantize import require_tensorrt_form
+
+    with open(folder / "manifest.json", "rb") as fh:
+        manifest = json.loads(fh.read(MAX_MANIFEST_BYTES + 1).decode("utf-8"))
+    require_tensorrt_form(manifest, "slab-deploy build")
+
 def batch_range(opts: EngineOptions, export: Export) -> tuple[int, int, int]:
     """min/opt/max batch of the engine: the export's own batch for a static graph (a range there is
     refused), else the options, then the device profile's batches (min, median, max), then 1/1/64."""
@@ -286,6 +296,7 @@ def _build_locked(
     from slab_deploy.runtime.tensorrt import build_serialized_engine
 
     export = read_export(folder)
+    _refuse_cpu_only_int8(folder)
     lo, op, hi = batch_range(opts, export)
     if (folder / PLAN_NAME).exists() and not opts.force:
         raise ArtifactError(f"{folder / PLAN_NAME} exists; pass --force to rebuild it")

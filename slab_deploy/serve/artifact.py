@@ -126,6 +126,10 @@ def read_artifact(folder: str | Path, *, want_plan: bool = False) -> ServedArtif
     precision = prec.get("mode") if isinstance(prec, dict) else None
     if precision not in ("fp32", "fp16", "int8"):  # an int8 Q/DQ graph takes and gives float32, as fp32
         raise ArtifactError(f"{mp}: precision mode {precision!r} is not fp32, fp16 or int8; export again")
+    if want_plan:  # a TensorRT engine: a uint8-activation INT8 export never has one (build refuses it)
+        from slab_deploy.export.quantize import require_tensorrt_form
+
+        require_tensorrt_form(m, "--flavour tensorrt")
     inp, in_batch = _tensor(m, mp, "inputs", 4)
     out, out_batch = _tensor(m, mp, "outputs", 2)
     if in_batch != out_batch:
