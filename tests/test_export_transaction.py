@@ -108,6 +108,21 @@ def test_an_earlier_export_needs_force(ckpt: Path, tmp_path: Path) -> None:
     assert _leftovers(tmp_path) == []
 
 
+def test_force_replaces_an_export_that_holds_an_engine(ckpt: Path, tmp_path: Path) -> None:
+    """`slab-deploy build` adds model.plan and engine.json to an export: they are export artefacts,
+    so --force replaces the directory (engine and record go with the graph they were built from)."""
+    out = tmp_path / "out"
+    export_model(NAME, ckpt, out, ExportOptions(**FAST))
+    (out / "model.plan").write_bytes(b"plan bytes of the earlier graph")
+    (out / "engine.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="holds an earlier export; pass --force"):
+        export_model(NAME, ckpt, out, ExportOptions(**FAST))
+    export_model(NAME, ckpt, out, ExportOptions(**FAST, seed=7), force=True)
+    assert not (out / "model.plan").exists() and not (out / "engine.json").exists()
+    assert json.loads((out / "manifest.json").read_text())["parity"]["seed"] == 7
+    assert _leftovers(tmp_path) == []
+
+
 def test_the_lock_refuses_a_second_writer(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with FileLock(str(tmp_path / ".out.lock")):  # held as a running export holds it
