@@ -113,7 +113,11 @@ def test_demo_int8_graph_and_manifest(demo_int8: Path) -> None:
     # denominator, eps, reciprocal and scaling, and the two activation products
     blocks = _linear_attentions(DEMO)
     ops = [n.op_type for n in g.graph.node if n.name in float_nodes]
-    assert ops.count("Reciprocal") == ops.count("ReduceSum") == blocks and ops.count("MatMul") == 3 * blocks
+    from slab_deploy.export.onnx_passes import token_sums
+
+    sums = [n for n in token_sums(g.graph) if n.name in float_nodes]
+    assert [n.op_type for n in sums] == ["MatMul"] * blocks  # the token sum of k: a MatMul by ones
+    assert ops.count("Reciprocal") == blocks and ops.count("MatMul") == 4 * blocks
     assert {n.op_type for n in g.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
     assert not [n for n in g.graph.node if n.op_type in ("LayerNormalization", "BatchNormalization")]
     meta = {p.key: p.value for p in g.metadata_props}

@@ -224,8 +224,9 @@ def test_sla_normaliser_nodes_of_a_real_export(exported: Path) -> None:
     picked = sorted(ops[n] for n in nodes)
     blocks = sum(1 for op in ops.values() if op == "Reciprocal")
     assert blocks == 2  # test_slab_deit: two SLA blocks
-    # per block: token sum of k, its transpose, q . sum(k), + eps, reciprocal, and the scaling by it
-    assert picked == sorted(["ReduceSum", "Transpose", "MatMul", "Add", "Reciprocal", "Mul"] * blocks)
+    # per block: token sum of k (a MatMul by a row of ones), its transpose, q . sum(k), + eps,
+    # reciprocal, and the scaling by it
+    assert picked == sorted(["MatMul", "Transpose", "MatMul", "Add", "Reciprocal", "Mul"] * blocks)
     assert not any("qkv" in n or "proj" in n for n in nodes)
 
 

@@ -24,6 +24,34 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(c.items()))
 
 
+ONES_MAX_ELEMENTS = 1 << 16  # a token-sum row of ones is (1, N); larger constants are weights
+
+
+def ones_constants(graph: onnx.GraphProto) -> frozenset[str]:
+    """Names of the graph's small constants (initializers, Constant nodes) whose every element is 1:
+    the row of ones that writes SLA's token sum as `MatMul(ones, k)` (`models.layers.token_ones`)."""
+    from onnx import numpy_helper
+
+    tensors = [(t.name, t) for t in graph.initializer]
+    tensors += [(n.output[0], a.t) for n in graph.node if n.op_type == "Constant"
+                for a in n.attribute if a.name == "value"]
+    out = set()
+    for name, t in tensors:
+        size = int(np.prod(t.dims)) if len(t.dims) else 1
+        if size > ONES_MAX_ELEMENTS or t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        if size > 1 and np.all(numpy_helper.to_array(t) == 1):
+            out.add(name)
+    return frozenset(out)
+
+
+def token_sums(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes that sum (or average) tokens: ReduceSum/ReduceMean, and a MatMul by a row of ones."""
+    ones = ones_constants(graph)
+    return [n for n in graph.node if n.op_type in ("ReduceSum", "ReduceMean")
+            or (n.op_type == "MatMul" and any(i in ones for i in n.input[:2]))]
+
+
 def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in model.graph.node for o in n.output}
 

@@ -39,6 +39,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from slab_deploy.export.onnx_passes import token_sums
+
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 COMPUTE_OPS = QUANTIZED_OPS
 TENSORRT_ACTIVATION_TYPE = "int8"  # the activation type TensorRT builds (choices.ACTIVATION_TYPES)
@@ -111,9 +113,11 @@ def float_islands(model: onnx.ModelProto) -> list[FloatNode]:
     """The nodes of every linear-attention normaliser and its products, which stay float.
 
     A normaliser is `1 / (MatMul(q, f(Reduce(k))) + eps)` (a Reciprocal, or the denominator of a
-    Div), where f is a chain of Transpose/Reshape/Unsqueeze/Squeeze/Mul and Reduce a ReduceSum or
-    ReduceMean: SLA's and FLatten's, whichever exporter wrote them. Softmax attention has none."""
+    Div), where f is a chain of Transpose/Reshape/Unsqueeze/Squeeze/Mul and Reduce a token sum
+    (ReduceSum, ReduceMean, or a MatMul by a row of ones): SLA's and FLatten's, whichever exporter
+    wrote them. Softmax attention has none."""
     prod, cons, const = _graph_maps(model)
+    sums = {n.name for n in token_sums(model.graph)}
     out: dict[str, FloatNode] = {}
 
     def add(n: onnx.NodeProto, why: str) -> None:
@@ -128,7 +132,7 @@ def float_islands(model: onnx.ModelProto) -> list[FloatNode]:
             p = prod.get(t)
             if p is None:
                 return None
-            if p.op_type in ("ReduceSum", "ReduceMean"):
+            if p.name in sums:
                 return [p, *path]
             if p.op_type not in ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Mul", "Cast"):
                 return None

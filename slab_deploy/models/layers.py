@@ -144,17 +144,17 @@ class SLACore(nn.Module):
 
     Inputs are already ReLU'd and split into heads: q, k (BH, N, c), v (BH, N, d). The
     association order is chosen statically from the shapes, as in the authors' code. Written
-    with MatMul/Mul/ReduceSum only (no einsum), so it exports to a portable ONNX graph.
+    with MatMul/Mul only (no einsum; the token sum of k is a MatMul with a row of ones), so it
+    exports to a portable ONNX graph.
 
     `policy` sets the precision of half-precision deployments:
       native  everything in the input dtype (fp32 models: exact);
       fp32    q, k, v cast to fp32 for the whole product, as the authors' code does (the
               "fp32 island": safe, but the big matmuls leave the tensor cores' fp16 path);
       mixed   the two big matmuls in fp16 with fp32 accumulation, on k scaled by 1/N so k^T v
-              is a token average; the normaliser's token mean accumulated in fp32, q . mean(k)
+              is a token average; the normaliser's token mean a GEMV accumulated in fp32, q . mean(k)
               on mean(k) scaled to max 1 (no overflow), its reciprocal and the final scaling
-              in fp32. No full-size fp32 copy of q or v is made (nor of k in torch; an
-              exported graph casts k to fp32 for its ReduceMean).
+              in fp32. No full-size fp32 copy of q, k or v is made.
     Mathematically all three are the same function (q (k/N)^T v / (q . mean k + eps/N)).
     """
 
@@ -183,14 +183,17 @@ class SLACore(nn.Module):
             # Normaliser: token mean of k accumulated in fp32 (no fp32 copy of k); q . mean(k)
             # as an fp16 GEMV on mean(k) scaled to max 1, so it cannot overflow whatever the
             # scale of k; the reciprocal in fp32.
-            k_mean = k.mean(dim=-2, keepdim=True, dtype=torch.float32)  # (BH, 1, c)
+            # k scaled by 1/N makes k^T v a token average, and ones . (k/N) the token mean: a GEMV
+            # with fp32 accumulation, not a reduction (an exported ReduceMean needs an fp32 copy of
+            # k, and ONNX Runtime CUDA sends it to a slow cuDNN reduction).
+            k_avg = k * (1.0 / n)
+            k_mean = torch.matmul(token_ones(k), k_avg).float()  # (BH, 1, c)
             k_max = k_mean.amax(dim=-1, keepdim=True).clamp_min(1e-30)  # (BH, 1, 1)
             qk = torch.matmul(q, (k_mean / k_max).to(q.dtype).transpose(-2, -1))  # (BH, N, 1)
             # n / (n q.mean(k) + eps) == 1 / (q.mean(k) + eps/n); written without the tiny
             # constant eps/n, which an fp16 graph would round to zero.
             z = n / (qk.float() * (k_max * n) + self.eps)
-            # Products in fp16 with fp32 accumulation; k scaled by 1/N makes k^T v a token average.
-            k_avg = k * (1.0 / n)
+            # Products in fp16 with fp32 accumulation.
             if kv_first:
                 out = torch.matmul(q, torch.matmul(k_avg.transpose(-2, -1), v))
             else:
@@ -198,13 +201,22 @@ class SLACore(nn.Module):
             return (out * z).to(out_dtype)  # out is q (k/N)^T v, so z carries the factor N
         if half and self.policy == "fp32":
             q, k, v = q.float(), k.float(), v.float()
-        k_sum = k.sum(dim=-2, keepdim=True)  # (BH, 1, c)
+        k_sum = torch.matmul(token_ones(k), k)  # (BH, 1, c): the token sum, as a GEMV
         z = 1.0 / (torch.matmul(q, k_sum.transpose(-2, -1)) + self.eps)  # (BH, N, 1)
         if kv_first:
             out = torch.matmul(q, torch.matmul(k.transpose(-2, -1), v))
         else:
             out = torch.matmul(torch.matmul(q, k.transpose(-2, -1)), v)
         return (out * z).to(out_dtype)
+
+
+def token_ones(x: torch.Tensor) -> torch.Tensor:
+    """A (1, N) row of ones in x's dtype: `token_ones(x) @ x` sums x (.., N, c) over its tokens.
+
+    Written as a MatMul, a token sum runs as a GEMV (tensor cores, fp32 accumulation) in torch,
+    ONNX Runtime and TensorRT alike, where a ReduceSum/ReduceMean is a separate reduction kernel
+    (cuDNN's in ONNX Runtime CUDA). N is static in these models, so the row is a graph constant."""
+    return torch.ones(1, x.shape[-2], dtype=x.dtype, device=x.device)
 
 
 def set_sla_policy(model: nn.Module, policy: str) -> int:

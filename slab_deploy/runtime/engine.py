@@ -213,8 +213,11 @@ def gpu_info() -> dict[str, Any] | None:
 
 def sla_normaliser_nodes(onnx_path: Path, max_hops: int = 6) -> frozenset[str]:
     """The ONNX nodes of SLA's normaliser: every node on a path of at most `max_hops` from a token
-    sum (ReduceSum/ReduceMean) to a Reciprocal, the Reciprocal, and the Mul that scales by it."""
+    sum (ReduceSum/ReduceMean, or a MatMul by a row of ones) to a Reciprocal, the Reciprocal, and the
+    Mul that scales by it."""
     import onnx
+
+    from slab_deploy.export.onnx_passes import token_sums
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     producer = {o: n for n in graph.node for o in n.output}
@@ -235,7 +238,7 @@ def sla_normaliser_nodes(onnx_path: Path, max_hops: int = 6) -> frozenset[str]:
                 frontier += [(m, d + 1) for m in step(n)]
         return seen
 
-    reductions = [n for n in graph.node if n.op_type in ("ReduceSum", "ReduceMean")]
+    reductions = token_sums(graph)
     reciprocals = [n for n in graph.node if n.op_type == "Reciprocal"]
     down = reach(reductions, lambda n: [c for o in n.output for c in consumers.get(o, [])])
     up = reach(reciprocals, lambda n: [producer[i] for i in n.input if i in producer])
@@ -313,7 +316,7 @@ def _build_locked(
     targets = _targets(trt, opts, gpu)
     pin = sla_normaliser_nodes(export.onnx) if opts.weak_fp16 else frozenset()
     if opts.weak_fp16 and "sla" in export.attention and not pin:
-        raise ConfigError("--weak-fp16: no SLA normaliser (ReduceSum -> ... -> Reciprocal) found in "
+        raise ConfigError("--weak-fp16: no SLA normaliser (token sum -> ... -> Reciprocal) found in "
                           f"{export.onnx} to pin to fp32; "
                           "export with --precision fp16 and build that graph instead")
     cache_in = _read_timing_cache(opts.timing_cache)
