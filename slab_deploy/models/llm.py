@@ -30,7 +30,8 @@ from slab_deploy.models.checkpoint import (
     strict_load,
 )
 from slab_deploy.models.folded import restore_folded_structure
-from slab_deploy.models.llama import LlamaConfig, LlamaForCausalLM, rotary_inv_freq
+from slab_deploy.models.layers import RepBN
+from slab_deploy.models.llama import LlamaConfig, LlamaForCausalLM, LlamaPRepBN, rotary_inv_freq
 
 _AUTHORS_SRC = "xinghaochen/SLAB llama/modeling/llama-350M/modeling_llama.py"
 _HF_SRC = "huggingface/transformers LlamaForCausalLM"
@@ -105,10 +106,17 @@ def is_llm(name: str) -> bool:
     return name in _REGISTRY
 
 
-def build_llm(name: str) -> LlamaForCausalLM:
-    """Build `name` with random initial weights, in eval mode; `.spec` is its LLMSpec."""
+def build_llm(name: str, seed: int = 0) -> LlamaForCausalLM:
+    """Build `name` with seeded random initial weights (the same for every call with `seed`: an
+    export, a check and a bench of the random model agree), in eval mode; `.spec` is its LLMSpec.
+
+    PRepBN layers are as the authors initialise them (alpha and the BN affine zero, the schedule
+    at its start), which makes every normalised tensor zero; `create_llm` without a checkpoint
+    gives a usable random model instead (see `untrained_norms`)."""
     spec = get_llm_spec(name)
-    model = _REGISTRY[name].fn()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _REGISTRY[name].fn()
     model.spec = spec  # type: ignore[assignment]
     return model.eval()
 
@@ -181,14 +189,33 @@ def detect_llms(sd: Mapping[str, torch.Tensor], *, include_test: bool = False) -
     return hits
 
 
+@torch.no_grad()
+def untrained_norms(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """Give the PRepBN layers of a randomly initialised model a finished schedule and an identity-like
+    RepBN (alpha 1, BN weight 1, bias 0, default running statistics): a random model whose tokens
+    are not all normalised to zero, for speed measurements and smoke tests without a checkpoint."""
+    for m in model.modules():
+        if isinstance(m, LlamaPRepBN):
+            m.warm.zero_()
+            m.iter.zero_()
+            rep = cast(RepBN, m.norm2)
+            rep.alpha.fill_(1.0)
+            rep.bn.weight.fill_(1.0)
+            rep.bn.bias.zero_()
+    return model
+
+
 def create_llm(name: str, checkpoint: str | Path | None = None, *, allow_unfinished_prepbn: bool = False,
                ema: bool = False) -> LlamaForCausalLM:
-    """Build language model `name` in eval mode; with `checkpoint`, load it strictly (see module doc).
+    """Build language model `name` in eval mode; with `checkpoint`, load it strictly (see module doc);
+    without, seeded random weights (`build_llm`, then `untrained_norms`): the same model every time.
     The returned module carries `.spec` (LLMSpec) and `.checkpoint_info` (CheckpointInfo or None)."""
     spec = get_llm_spec(name)
     model = build_llm(name)
     info: CheckpointInfo | None = None
-    if checkpoint is not None:
+    if checkpoint is None:
+        untrained_norms(model)
+    else:
         sd, info = read_checkpoint(checkpoint, ema=ema)
         src = str(checkpoint)
         if info.folded is not None:

@@ -16,14 +16,16 @@ import torch
 from torch import nn
 
 from slab_deploy.models.folded import FoldReport
+from slab_deploy.models.llama import LlamaForCausalLM
 from slab_deploy.passes.fold import fold_model
 
 PROBE_BATCH = 2
 PROBE_TOKENS = 16
 
 
-def token_probe(model: nn.Module, batch: int = PROBE_BATCH, tokens: int = PROBE_TOKENS,
-                seed: int = 0) -> torch.Tensor:
+def token_probe(
+    model: nn.Module, batch: int = PROBE_BATCH, tokens: int = PROBE_TOKENS, seed: int = 0
+) -> torch.Tensor:
     """Seeded random token ids (batch, tokens) over the model's vocabulary, on the model's device."""
     vocab = int(cast(Any, model).config.vocab_size)  # a LlamaConfig
     g = torch.Generator().manual_seed(seed)
@@ -32,8 +34,10 @@ def token_probe(model: nn.Module, batch: int = PROBE_BATCH, tokens: int = PROBE_
     return torch.randint(0, vocab, (batch, tokens), generator=g).to(device)
 
 
-def fold_llm(model: nn.Module, *, probe: torch.Tensor | None = None, inplace: bool = False,
-             verify: bool = True) -> tuple[nn.Module, FoldReport]:
+def fold_llm(
+    model: LlamaForCausalLM, *, probe: torch.Tensor | None = None, inplace: bool = False, verify: bool = True
+) -> tuple[LlamaForCausalLM, FoldReport]:
     """Fold `model` (a registered LLaMA); returns (folded model, report). See `fold_model`."""
     probe = token_probe(model) if probe is None else probe
-    return fold_model(model, probe=probe, inplace=inplace, verify=verify)
+    folded, report = fold_model(model, probe=probe, inplace=inplace, verify=verify)
+    return cast(LlamaForCausalLM, folded), report
