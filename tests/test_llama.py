@@ -36,7 +36,7 @@ def randomise(model: torch.nn.Module, seed: int = 0, *, finished: bool = True) -
 
 
 def test_registry() -> None:
-    assert list_llms() == ["llama_350m", "slab_llama_350m"]
+    assert list_llms() == ["llama_350m", "llama_small", "slab_llama_350m", "slab_llama_small"]
     assert set(list_llms("test_*", include_test=True)) == {"test_llama", "test_slab_llama"}
     assert get_llm_spec("slab_llama_350m").compare_with == ("llama_350m",)
     with pytest.raises(ModelNotFoundError, match="slab_llama_350m"):

@@ -241,3 +241,30 @@ def test_bench_reports_prefill_decode_and_ttft(tmp_path: Path, capsys, monkeypat
     assert len(d["speedups"]) == 4 and d["environment"]
     code, _, err = run_cli(["llm", "bench", "-m", "test_llama", "--backend", "tensorrt"], capsys, monkeypatch)
     assert code == 1 and "unknown backend 'tensorrt'" in err
+
+
+@pytest.mark.cuda
+def test_torch_cuda_rung(exported: tuple[str, Path], slab_ckpt: Path) -> None:
+    precision, out = exported
+    rep = check_llm("test_slab_llama", slab_ckpt, out, rungs=("torch_cuda",))
+    assert rep.passed and rep.rungs[0].greedy_equal, rep.rungs[0]
+
+
+@pytest.mark.gpu_ort
+def test_ort_cuda_rung_and_bench(exported: tuple[str, Path], slab_ckpt: Path) -> None:
+    from slab_deploy.bench.llm import bench_llm
+
+    precision, out = exported
+    rep = check_llm("test_slab_llama", slab_ckpt, out, rungs=("ort_cuda",))
+    assert rep.passed and rep.rungs[0].greedy_equal, rep.rungs[0]
+    b = bench_llm(
+        ["test_slab_llama"],
+        backends=("torch-cuda", "ort-cuda"),
+        precision=precision,
+        batches=(1, 4),
+        prompt_tokens=8,
+        new_tokens=4,
+        runs=2,
+        warmup=1,
+    )
+    assert len(b.cases) == 8 and all(c.decode_tok_s > 0 for c in b.cases)

@@ -46,6 +46,8 @@ class LLMCase:
     decode_step_ms: float
     decode_step_p90_ms: float
     folded: bool
+    prefill_cv: float = 0.0  # coefficient of variation of the prefill and run-decode samples:
+    decode_cv: float = 0.0  # differences below them are noise
 
 
 @dataclass
@@ -96,6 +98,10 @@ def _time_case(
             decode.append(t2 - t1)
             steps += step_times
     return prefill, decode, steps
+
+
+def _cv(samples: list[float]) -> float:
+    return statistics.stdev(samples) / statistics.mean(samples) if len(samples) > 1 else 0.0
 
 
 def bench_llm(
@@ -182,6 +188,8 @@ def bench_llm(
                             decode_step_ms=1e3 * statistics.median(steps),
                             decode_step_p90_ms=1e3 * float(np.percentile(steps, 90)),
                             folded=folded,
+                            prefill_cv=_cv(pre),
+                            decode_cv=_cv(dec),
                         )
                     )
                 del runner

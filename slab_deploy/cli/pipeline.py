@@ -58,7 +58,9 @@ def inspect(
     from slab_deploy.models.checkpoint import detect_variants, read_checkpoint
 
     sd, info = read_checkpoint(checkpoint, ema=ema)
-    variants = detect_variants(sd)
+    from slab_deploy.models.llm import detect_llms
+
+    variants = detect_variants(sd) + detect_llms(sd)  # vision variants, then language models
     if as_json:
         echo_json({**info.to_dict(), "variants": variants})
         return

@@ -262,6 +262,23 @@ def llama_350m(**kwargs: Any) -> LlamaForCausalLM:
                                         vocab_size=32000, norm="rmsnorm", **kwargs))
 
 
+@register_llm(family="llama", norm="prepbn", layout="authors", source=_AUTHORS_SRC,
+              compare_with=("llama_small",))
+def slab_llama_small(**kwargs: Any) -> LlamaForCausalLM:
+    """A 66M-parameter PRepBN LLaMA (not in the paper): the 350M's shape at half the width and under half
+    the depth, for measurements on small CPUs."""
+    return LlamaForCausalLM(LlamaConfig(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048,
+                                        vocab_size=32000, norm="prepbn", prepbn_warm=10000,
+                                        prepbn_steps=18000, **kwargs))
+
+
+@register_llm(family="llama", norm="rmsnorm", layout="hf", source=_HF_SRC)
+def llama_small(**kwargs: Any) -> LlamaForCausalLM:
+    """The RMSNorm twin of slab_llama_small (not in the paper)."""
+    return LlamaForCausalLM(LlamaConfig(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048,
+                                        vocab_size=32000, norm="rmsnorm", **kwargs))
+
+
 @register_llm(family="llama", norm="prepbn", layout="authors", source=_AUTHORS_SRC, test=True,
               compare_with=("test_llama",))
 def test_slab_llama(**kwargs: Any) -> LlamaForCausalLM:

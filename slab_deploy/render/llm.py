@@ -104,8 +104,16 @@ def llm_bench_tables(report: Any) -> list[Any]:
             "prefill tok/s",
             "decode tok/s",
             "decode step ms (p90)",
+            "CV prefill / decode",
         ],
-        right=["batch", "TTFT ms", "prefill tok/s", "decode tok/s", "decode step ms (p90)"],
+        right=[
+            "batch",
+            "TTFT ms",
+            "prefill tok/s",
+            "decode tok/s",
+            "decode step ms (p90)",
+            "CV prefill / decode",
+        ],
     )
     for c in report.cases:
         t.add_row(
@@ -117,6 +125,7 @@ def llm_bench_tables(report: Any) -> list[Any]:
             num(c.prefill_tok_s, ".0f"),
             num(c.decode_tok_s, ".1f"),
             f"{c.decode_step_ms:.2f} ({c.decode_step_p90_ms:.2f})",
+            f"{c.prefill_cv:.1%} / {c.decode_cv:.1%}",
         )
     out = [t]
     if report.speedups:
