@@ -268,3 +268,19 @@ def test_ort_cuda_rung_and_bench(exported: tuple[str, Path], slab_ckpt: Path) ->
         warmup=1,
     )
     assert len(b.cases) == 8 and all(c.decode_tok_s > 0 for c in b.cases)
+
+
+def test_check_rungs_need_what_they_run(tmp_path: Path) -> None:
+    rep = check_llm("test_llama", None, None, new_tokens=4)  # no export: fold and torch_cuda only
+    assert [r.rung for r in rep.rungs] == ["fold", "torch_cuda"] and rep.rungs[0].status == "passed"
+    with pytest.raises(UnsupportedInputError, match="rung ort_cpu runs an exported graph: pass --export"):
+        check_llm("test_llama", None, None, rungs=("fold", "ort_cpu"))
+    with pytest.raises(UnsupportedInputError, match="unknown rung 'tensorrt'"):
+        check_llm("test_llama", None, None, rungs=("tensorrt",))
+    big = tmp_path / "exp"
+    big.mkdir()
+    (big / "model.onnx").write_bytes(b"")
+    with open(big / "manifest.json", "wb") as f:
+        f.truncate(17 << 20)
+    with pytest.raises(ArtifactError, match="more than any manifest"):
+        read_llm_export(big)

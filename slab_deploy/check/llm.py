@@ -123,21 +123,30 @@ def check_llm(
     prompt_tokens: int = 8,
     new_tokens: int = 16,
     seed: int = 0,
-    rungs: tuple[str, ...] = LLM_RUNGS,
+    rungs: tuple[str, ...] | None = None,
     allow_unfinished_prepbn: bool = False,
     threads: int | None = None,
 ) -> LLMCheckReport:
     """Run the language-model ladder (see module doc); returns the report (the CLI fails on it)."""
+    from slab_deploy.errors import UnsupportedInputError
     from slab_deploy.export.llm import ONNX_FILE, read_llm_export
     from slab_deploy.models.llm import create_llm
     from slab_deploy.passes.fold_llm import fold_llm
     from slab_deploy.runtime.llm import OrtLLMRunner, TorchLLMRunner
 
+    if rungs is None:  # every rung the inputs allow; a rung the host lacks is skipped, saying so
+        rungs = LLM_RUNGS if export_dir is not None else ("fold", "torch_cuda")
     unknown = [r for r in rungs if r not in LLM_RUNGS]
     if unknown:
-        from slab_deploy.errors import UnsupportedInputError
-
         raise UnsupportedInputError(f"unknown rung {unknown[0]!r}; choose from {', '.join(LLM_RUNGS)}")
+    needs = [r for r in rungs if r in ("onnx", "ort_cpu", "ort_cuda")]
+    if needs and export_dir is None:
+        raise UnsupportedInputError(
+            f"rung {needs[0]} runs an exported graph: pass --export DIR "
+            "(written by `slab-deploy llm export`), or leave it out of --rungs"
+        )
+    if not rungs:
+        raise UnsupportedInputError("--rungs names no rung; choose from " + ", ".join(LLM_RUNGS))
     manifest = read_llm_export(export_dir) if export_dir is not None else None
     if manifest is not None and manifest.get("model") != model_name:
         raise ArtifactError(
@@ -182,17 +191,7 @@ def check_llm(
                 )
             )
             continue
-        if manifest is None or export_dir is None:
-            out.append(
-                LLMRung(
-                    rung,
-                    rung.replace("_", "-"),
-                    precision,
-                    "skipped",
-                    reason="no export given (pass --export DIR)",
-                )
-            )
-            continue
+        assert manifest is not None and export_dir is not None  # refused above otherwise
         from slab_deploy._deps import available
 
         if not available("onnxruntime"):

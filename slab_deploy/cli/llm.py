@@ -122,8 +122,15 @@ def check(
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="Greedy decoding steps.")] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the prompts.")] = 0,
     rungs: Annotated[
-        str, typer.Option("--rungs", help="Comma-separated: fold, onnx, ort_cpu, ort_cuda, torch_cuda.")
-    ] = "fold,onnx,ort_cpu,ort_cuda,torch_cuda",
+        str | None,
+        typer.Option(
+            "--rungs",
+            help=(
+                "Comma-separated: fold, onnx, ort_cpu, ort_cuda, torch_cuda (default: all; "
+                "the ONNX rungs only with --export)."
+            ),
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="ONNX Runtime intra-op threads.")] = None,
     allow_unfinished_prepbn: UnfinishedOpt = False,
     as_json: JsonOpt = False,
@@ -143,7 +150,7 @@ def check(
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,
         seed=seed,
-        rungs=tuple(csv(rungs)),
+        rungs=None if rungs is None else tuple(csv(rungs)),
         allow_unfinished_prepbn=allow_unfinished_prepbn,
         threads=threads,
     )

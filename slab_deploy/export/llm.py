@@ -38,6 +38,7 @@ from slab_deploy.models.llama import LlamaForCausalLM
 LLM_PRECISIONS = ("fp32", "fp16")
 LLM_OPSET = 18
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 16 << 20  # a 350M export's manifest is about 22 kB
 ONNX_FILE = "model.onnx"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -157,7 +158,8 @@ def export_llm(
     t0 = time.perf_counter()
     import copy
 
-    m = copy.deepcopy(model).eval().to(_DTYPES[precision])
+    # fp32 exports the model as it is (eval mode); other precisions convert a copy
+    m = model.eval() if precision == "fp32" else copy.deepcopy(model).eval().to(_DTYPES[precision])
     staging = make_staging(out)
     try:
         path = staging / ONNX_FILE
@@ -228,6 +230,10 @@ def read_llm_export(directory: str | Path) -> dict[str, Any]:
             f"{d} is not a language-model export (no {ONNX_FILE} and {MANIFEST}); "
             "run `slab-deploy llm export` first"
         )
+    if mp.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(
+            f"{mp} is {mp.stat().st_size} bytes, more than any manifest `llm export` writes; export again"
+        )
     try:
         man = json.loads(mp.read_text())
     except (ValueError, OSError, UnicodeDecodeError):
@@ -261,7 +267,7 @@ def export_llm_model(
     info = getattr(model, "checkpoint_info", None)
     report = None
     if fold:
-        model, report = fold_llm(model)
+        model, report = fold_llm(model, inplace=True)  # the model is ours: no second copy
         if not report.verified:
             raise ExportError(
                 f"folding {name} is not verified ({report.summary()}); export with --no-fold "
