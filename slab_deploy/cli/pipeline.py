@@ -33,7 +33,9 @@ def models(
     ] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """List the model zoo: family, norm, attention per stage, params, GMACs, released weights."""
+    """List the model zoo: family, norm, attention per stage, params, GMACs, released weights.
+
+    Language models are listed by `slab-deploy llm models`."""
     from slab_deploy.models import zoo_rows
 
     rows = zoo_rows(pattern, include_test=all_, measure=measure)
