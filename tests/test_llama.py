@@ -82,6 +82,11 @@ def test_prepbn_layout_is_the_authors() -> None:
     for i in range(2):
         want |= _authors_layer_keys(i)
     assert set(sd) == want
+    # and in their order: per layer q, k, v, o, RoPE, then gate, down, up, then the two norms
+    layer0 = [k[len("model.layers.0."):] for k in sd if k.startswith("model.layers.0.")]
+    assert layer0[:8] == [*(f"self_attn.{x}_proj.weight" for x in "qkvo"), "self_attn.rotary_emb.inv_freq",
+                          "mlp.gate_proj.weight", "mlp.down_proj.weight", "mlp.up_proj.weight"]
+    assert list(sd)[0] == "model.embed_tokens.weight" and list(sd)[-1] == "lm_head.weight"
     assert [k.rsplit(".", 1)[-1] for k in sd if k.startswith("model.norm.")][:4] == [
         "num_step", "warm", "iter", "total_step"]  # their registration order
     assert all(sd[f"model.norm.{k}"].dtype == torch.int64
@@ -207,6 +212,7 @@ def _hf_twin(seed: int = 0):  # type: ignore[no-untyped-def]
 def test_hugging_face_state_dict_loads_strict_with_equal_logits() -> None:
     hf = _hf_twin()
     ours = build_llm("test_llama")
+    assert list(ours.state_dict()) == list(hf.state_dict())  # the same keys in the same order
     ours.load_state_dict(hf.state_dict(), strict=True)
     x = token_probe(ours, 2, 9, seed=1)
     tol = tolerance_for("fold", "fp32").max_rel

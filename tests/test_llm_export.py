@@ -62,6 +62,11 @@ def test_graph_has_no_norms_and_dynamic_io(exported: tuple[str, Path]) -> None:
     logits = next(o for o in g.graph.output if o.name == "logits")
     assert logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert len(man["inputs"]) == len(man["outputs"]) == 5
+    if precision == "fp16":  # the softmax runs on fp32 scores
+        inferred = onnx.shape_inference.infer_shapes(g)
+        types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+        soft = [n for n in inferred.graph.node if n.op_type == "Softmax"]
+        assert len(soft) == 2 and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in soft)
 
 
 def test_greedy_parity_token_for_token(exported: tuple[str, Path], slab_ckpt: Path) -> None:
@@ -100,6 +105,20 @@ def test_dynamic_batch_and_lengths(exported: tuple[str, Path], slab_ckpt: Path) 
             assert np.abs(got - want).max() <= tol.max_rel * np.abs(want).max()
         else:
             assert (got.argmax(-1) == want.argmax(-1)).mean() >= (tol.min_top1 or 1.0)
+
+
+def test_io_binding_path_keeps_the_cache_as_ortvalues(exported: tuple[str, Path], slab_ckpt: Path) -> None:
+    """The ORT CUDA runner's IO-binding path (the cache fed back as OrtValues), taken on the CPU."""
+    from slab_deploy.runtime.llm import OrtLLMRunner, teacher_forced
+
+    _, out = exported
+    man = read_llm_export(out)
+    plain = OrtLLMRunner(out / "model.onnx", man)
+    bound = OrtLLMRunner(out / "model.onnx", man, io_binding=True)
+    prompts, tokens = seeded_prompts(256, 2, 5, seed=3), seeded_prompts(256, 2, 6, seed=4)
+    _, cache = bound.prefill(prompts)
+    assert not isinstance(cache[0], np.ndarray)  # OrtValues, not host arrays
+    assert np.array_equal(teacher_forced(bound, prompts, tokens), teacher_forced(plain, prompts, tokens))
 
 
 def test_broken_graph_fails_the_check(slab_ckpt: Path, tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]

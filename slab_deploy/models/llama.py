@@ -60,8 +60,10 @@ class LlamaConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"hidden_size {self.hidden_size} must split into {self.num_heads} heads "
-                             "of an even size (RoPE rotates pairs of channels)")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must split into {self.num_heads} heads "
+                "of an even size (RoPE rotates pairs of channels)"
+            )
         if self.norm not in ("rmsnorm", "prepbn"):
             raise ValueError(f"unknown norm {self.norm!r}; use rmsnorm or prepbn")
 
@@ -113,8 +115,9 @@ class LlamaPRepBN(LinearNorm):
     num_step: torch.Tensor
 
     def __init__(self, dim: int, eps: float = 1e-6, warm: int = 10000, step: int = 18000) -> None:
-        super().__init__(dim, norm1=partial(RMSNorm, eps=eps), norm2=partial(TokenRepBN, eps=eps),
-                         warm=warm, step=step)
+        super().__init__(
+            dim, norm1=partial(RMSNorm, eps=eps), norm2=partial(TokenRepBN, eps=eps), warm=warm, step=step
+        )
         self.register_buffer("num_step", torch.tensor(0))
         # The authors register num_step first: keep their state_dict order too.
         self._buffers = {"num_step": self._buffers.pop("num_step"), **self._buffers}
@@ -180,8 +183,13 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(c, c, bias=False)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, rope_persistent)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
-                past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        allowed: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, ...]:
         b, t, _ = x.shape
         h, d = self.num_heads, self.head_dim
         q = self.q_proj(x).view(b, t, h, d).transpose(1, 2)
@@ -204,26 +212,36 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU: `down_proj(silu(gate_proj(x)) * up_proj(x))`, no biases."""
 
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    def __init__(self, hidden: int, intermediate: int, *, authors_order: bool = False) -> None:
         super().__init__()
+        # Registration order only decides the state_dict's key order: the authors' code registers
+        # down_proj before up_proj, Hugging Face's after.
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        if authors_order:
+            self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        if not authors_order:
+            self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, *, rope_persistent: bool) -> None:
+    def __init__(self, cfg: LlamaConfig, *, authors_layout: bool) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rope_persistent=rope_persistent)
-        self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.self_attn = LlamaAttention(cfg, rope_persistent=authors_layout)
+        self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size, authors_order=authors_layout)
         self.input_layernorm = _norm(cfg)
         self.post_attention_layernorm = _norm(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
-                past: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        allowed: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, ...]:
         a, k, v = self.self_attn(self.input_layernorm(x), positions, allowed, past)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -235,10 +253,12 @@ class LlamaModel(nn.Module):
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        persistent = cfg.norm == "prepbn"  # the authors' code saves inv_freq; Hugging Face's does not
+        # PRepBN models take the authors' layout (inv_freq saved, their key order), RMSNorm ones HF's
+        authors = cfg.norm == "prepbn"
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(cfg, rope_persistent=persistent) for _ in range(cfg.num_layers)])
+            [LlamaDecoderLayer(cfg, authors_layout=authors) for _ in range(cfg.num_layers)]
+        )
         self.norm = _norm(cfg)
 
 
@@ -258,8 +278,14 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.apply(_init_weights)
 
-    def forward(self, input_ids: torch.Tensor, past: KVCache | None = None, *, use_cache: bool = False,
-                last_only: bool = False) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        past: KVCache | None = None,
+        *,
+        use_cache: bool = False,
+        last_only: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, KVCache]:
         t = input_ids.shape[1]
         p = 0 if not past else past[0][0].shape[2]
         positions = torch.arange(t, device=input_ids.device) + p
@@ -276,8 +302,9 @@ class LlamaForCausalLM(nn.Module):
         return (logits, present) if use_cache else logits
 
     @torch.no_grad()
-    def generate_greedy(self, input_ids: torch.Tensor,
-                        new_tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def generate_greedy(
+        self, input_ids: torch.Tensor, new_tokens: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Greedy decoding with the cache: (tokens (B, new_tokens), last-position logits of every step)."""
         logits, past = self(input_ids, None, use_cache=True, last_only=True)  # type: ignore[misc]
         steps = [logits[:, -1].float()]

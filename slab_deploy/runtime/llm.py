@@ -53,7 +53,9 @@ class TorchLLMRunner:
 
 class OrtLLMRunner:
     """An `export_llm` graph in ONNX Runtime. `provider` is "cpu" or "cuda"; `graph_opt` as in
-    `runtime.ort.session` ("none" shows exporter faults apart from optimiser ones)."""
+    `runtime.ort.session` ("none" shows exporter faults apart from optimiser ones). CUDA always runs
+    through IO binding (the cache stays on the GPU as OrtValues); `io_binding=True` takes the same
+    path on the CPU (what the tests use to check that path where there is no GPU)."""
 
     def __init__(
         self,
@@ -62,6 +64,7 @@ class OrtLLMRunner:
         provider: str = "cpu",
         graph_opt: str = "all",
         threads: int | None = None,
+        io_binding: bool = False,
     ) -> None:
         from slab_deploy.runtime.ort import session
 
@@ -83,6 +86,7 @@ class OrtLLMRunner:
         self.inputs, self.outputs = list(manifest["inputs"]), list(manifest["outputs"])
         self.dtype = _NP[manifest["cache_dtype"]]
         self.cuda = provider == "cuda"
+        self.binding_device = "cuda" if self.cuda else ("cpu" if io_binding else None)
         opt = "" if graph_opt == "all" else f", graph optimisation {graph_opt}"
         self.name = f"ort-{provider} {manifest['precision']}{opt}"
 
@@ -92,7 +96,7 @@ class OrtLLMRunner:
 
     def _run(self, ids: np.ndarray, cache: list[Any]) -> tuple[np.ndarray, list[Any]]:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if not self.cuda:
+        if self.binding_device is None:
             out = self.sess.run(
                 self.outputs, {"input_ids": ids, **dict(zip(self.inputs[1:], cache, strict=True))}
             )
@@ -106,7 +110,7 @@ class OrtLLMRunner:
                 b.bind_ortvalue_input(name, v)
         b.bind_output(self.outputs[0], "cpu")
         for name in self.outputs[1:]:
-            b.bind_output(name, "cuda")
+            b.bind_output(name, self.binding_device)
         self.sess.run_with_iobinding(b)
         outs = b.get_outputs()
         return np.asarray(outs[0].numpy(), dtype=np.float32), list(outs[1:])
