@@ -154,9 +154,18 @@ def test_unfinished_prepbn_is_refused(tmp_path: Path) -> None:
     assert int(got.model.norm.warm) == 10000
 
 
-def test_finished_checkpoint_loads_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["training-dict", "legacy", "safetensors"])
+def test_finished_checkpoint_loads_exactly(fmt: str, tmp_path: Path) -> None:
     m = randomise(build_llm("test_slab_llama"), seed=4)
-    ckpt = _save({"model": m.state_dict(), "epoch": 3}, tmp_path / "done.pth")
+    if fmt == "training-dict":
+        ckpt = _save({"model": m.state_dict(), "epoch": 3}, tmp_path / "done.pth")
+    elif fmt == "legacy":
+        ckpt = tmp_path / "done.pth"
+        torch.save(m.state_dict(), ckpt, _use_new_zipfile_serialization=False)
+    else:
+        st = pytest.importorskip("safetensors.torch")
+        ckpt = tmp_path / "model.safetensors"
+        st.save_file(m.state_dict(), str(ckpt))
     got = create_llm("test_slab_llama", ckpt)
     info = got.checkpoint_info
     assert info is not None and info.layout == "prepbn" and info.prepbn_finished and len(info.prepbn) == 5

@@ -214,7 +214,10 @@ def bench_llm(
     device = "cuda" if any(b.endswith("cuda") for b in backends) else "cpu"
     env = environment(device)
     env["torch_threads"] = torch.get_num_threads()
+    import datetime
+
     settings = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "precision": precision,
         "batches": list(batches),
         "prompt_tokens": prompt_tokens,
