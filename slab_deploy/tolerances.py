@@ -101,3 +101,28 @@ def tolerance_for(
     if overrides and rung in overrides:
         tol = replace(tol, **overrides[rung])
     return tol
+
+
+# Language models (`slab-deploy llm check`): the last-position logits of every step of greedy decoding
+# with the key/value cache, teacher-forced on the reference's tokens, so top-1 here is token agreement
+# and `min_top1=1.0` means greedy decoding token for token. fp32 rungs are exact rewrites (fold, export)
+# judged like the vision rows plus every token; fp16 by the vision fp16 bounds. Measured on the tiny
+# test models (test_slab_llama folded, test_llama; 2 seeds of randomised weights and BN statistics, 2
+# prompts x 8 tokens, 16 steps; ORT 1.32 CPU): fp32 fold / ONNX / ORT max_rel <= 4.0e-6 (SQNR >= 112
+# dB); fp16 graphs cosine >= 0.99998, SQNR >= 52.6 dB, max_rel <= 4.4e-3; every token equal in all.
+LLM_FP16 = Tolerance(min_cosine=0.999, min_sqnr_db=30.0, min_top1=0.99)
+LLM_TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    "fold": {"fp32": Tolerance(max_rel=1e-4, min_top1=1.0)},
+    "onnx": {"fp32": Tolerance(max_rel=1e-4, min_top1=1.0), "fp16": LLM_FP16},
+    "ort_cpu": {"fp32": Tolerance(max_rel=1e-4, min_top1=1.0), "fp16": LLM_FP16},
+    "ort_cuda": {"fp32": Tolerance(max_rel=1e-3, min_top1=1.0), "fp16": LLM_FP16},  # not measured on a GPU
+    "torch_cuda": {"fp32": Tolerance(max_rel=1e-3, min_top1=1.0), "fp16": LLM_FP16},  # not measured on a GPU
+}
+
+
+def llm_tolerance_for(rung: str, precision: str = "fp32") -> Tolerance:
+    """Tolerance of a language-model rung (see LLM_TOLERANCES)."""
+    try:
+        return LLM_TOLERANCES[rung][precision]
+    except KeyError:
+        raise KeyError(f"no language-model tolerance for rung {rung!r} at precision {precision!r}") from None

@@ -33,7 +33,9 @@ def models(
     ] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """List the model zoo: family, norm, attention per stage, params, GMACs, released weights."""
+    """List the model zoo: family, norm, attention per stage, params, GMACs, released weights.
+
+    Language models are listed by `slab-deploy llm models`."""
     from slab_deploy.models import zoo_rows
 
     rows = zoo_rows(pattern, include_test=all_, measure=measure)
@@ -58,7 +60,9 @@ def inspect(
     from slab_deploy.models.checkpoint import detect_variants, read_checkpoint
 
     sd, info = read_checkpoint(checkpoint, ema=ema)
-    variants = detect_variants(sd)
+    from slab_deploy.models.llm import detect_llms
+
+    variants = detect_variants(sd) + detect_llms(sd)  # vision variants, then language models
     if as_json:
         echo_json({**info.to_dict(), "variants": variants})
         return

@@ -139,6 +139,9 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(lvl)
 
 
+quiet_exporters = _quiet  # public name for the other exporters of the package (export/llm.py)
+
+
 def _export_dynamo(model: nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic: bool) -> None:
     from slab_deploy._deps import require
 

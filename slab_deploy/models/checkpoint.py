@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -296,6 +296,8 @@ _BUFFER_SUFFIXES = (
     ".iter",
     ".warm",
     ".total_step",
+    ".num_step",  # the LLaMA PRepBN's 16-call tick
+    "rotary_emb.inv_freq",
 )
 
 
@@ -422,8 +424,10 @@ def _short(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def strict_load(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str, model_name: str) -> None:
-    """Load `sd` into `model` strictly; on any mismatch raise one readable CheckpointError."""
+def strict_load(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str, model_name: str,
+                guess: Callable[[Mapping[str, torch.Tensor]], list[str]] | None = None) -> None:
+    """Load `sd` into `model` strictly; on any mismatch raise one readable CheckpointError. `guess`
+    names the variants a mismatching file looks like (default: the vision zoo's `detect_variants`)."""
     own = model.state_dict()
     missing = sorted(k for k in own if k not in sd)
     unexpected = sorted(k for k in sd if k not in own)
@@ -437,12 +441,15 @@ def strict_load(model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str
         if mis:
             shapes = [f"{k}: file {list(sd[k].shape)} vs model {list(own[k].shape)}" for k in mis]
             parts.append(f"{len(mis)} shape mismatches ({_short(shapes, 2)})")
-        from slab_deploy.models.registry import get_spec
+        if guess is None:
+            from slab_deploy.models.registry import get_spec
 
-        guess = detect_variants(sd, include_test=get_spec(model_name).test)
+            looks = detect_variants(sd, include_test=get_spec(model_name).test)
+        else:
+            looks = guess(sd)
         hint = (
-            f"; it looks like {' or '.join(guess)}: pass --model {guess[0]}"
-            if guess and model_name not in guess
+            f"; it looks like {' or '.join(looks)}: pass --model {looks[0]}"
+            if looks and model_name not in looks
             else "; check that the checkpoint belongs to this model"
         )
         raise CheckpointError(f"{source} does not fit {model_name}: " + "; ".join(parts) + hint)

@@ -50,6 +50,8 @@ def norm_kinds(model: nn.Module) -> dict[str, tuple[str, int]]:
             kinds[name] = ("affine", m.weight.numel())
         elif isinstance(m, nn.LayerNorm):
             kinds[name] = ("layernorm", int(m.normalized_shape[-1]))
+        elif isinstance(m, nn.RMSNorm):  # the LLaMA baselines' norm
+            kinds[name] = ("rmsnorm", int(m.normalized_shape[-1]))
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             kinds[name] = ("batchnorm", m.num_features)
     return kinds
@@ -129,9 +131,10 @@ def fold_model(
         kind, ch = kinds.get(r.norm, ("affine", 0))
         entries[r.norm] = NormFold(r.norm, kind, ch, "kept-affine", reason=r.reason)
     for n, (kind, ch) in kinds.items():
-        if kind == "layernorm" and n not in entries:
+        if kind in ("layernorm", "rmsnorm") and n not in entries:
+            what = "LayerNorm" if kind == "layernorm" else "RMSNorm"
             entries[n] = NormFold(n, kind, ch, "kept-layernorm",
-                                  reason="LayerNorm statistics depend on the input: nothing fixed to fold")
+                                  reason=f"{what} statistics depend on the input: nothing fixed to fold")
         elif n not in entries and kind in ("prepbn", "repbn", "affine"):
             entries[n] = NormFold(n, kind, ch, "kept-affine", reason="not reached by the probe forward pass")
     order = list(kinds)

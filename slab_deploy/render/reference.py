@@ -132,6 +132,10 @@ def cli_reference(group: Any, prog: str = "slab-deploy") -> str:
         lines += [f"Options of `{prog}` itself, before the command:", "", *table(group)]
     for name, cmd in commands:
         lines += section(f"## `{prog} {name}`", cmd, name)
+        # A command group (`llm`): each of its commands, one level down.
+        for sub, sc in getattr(cmd, "commands", {}).items():
+            if not getattr(sc, "hidden", False):
+                lines += section(f"### `{prog} {name} {sub}`", sc, f"{name} {sub}")
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
