@@ -194,3 +194,44 @@ def test_fp16_mixed_sla_export_passes_parity(tmp_path: Path) -> None:
     n_sla = sum(1 for a in get_spec(name).attention if a == "sla")
     assert fp32_matmuls["mixed"] == 0
     assert fp32_matmuls["fp32"] >= 2 * n_sla
+
+
+def _ort_fused_ops(model: onnx.ModelProto, tmp: Path) -> set[str]:
+    """The op types ONNX Runtime's CPU provider runs after its graph optimisations."""
+    from slab_deploy._deps import require
+
+    ort = require("onnxruntime", "the test")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp / "optimised.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(str(tmp / "optimised.onnx")).graph.node}
+
+
+def test_exported_gelu_is_the_form_onnx_runtime_fuses(tmp_path: Path) -> None:
+    """torch.export writes GELU as x * (0.5 * (1 + erf(x / sqrt 2))), which ONNX Runtime runs as five
+    kernels; the export rewrites it to (x * 0.5) * (...), which it fuses into one Gelu (BiasGelu
+    with a bias add before it), with the same output bits."""
+    import torch
+
+    from slab_deploy.export.onnx_export import _export_dynamo
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 5, 8)
+    _export_dynamo(mlp, x, tmp_path / "raw.onnx", 18, False)  # the exporter alone, no rewrite
+    raw = onnx.load(str(tmp_path / "raw.onnx"))
+    assert "Erf" in _ort_fused_ops(raw, tmp_path)  # the premise: ORT leaves the exporter's form unfused
+    fixed = onnx.load(str(tmp_path / "raw.onnx"))
+    assert onnx_passes.canonical_gelu(fixed) == 1
+    onnx.checker.check_model(fixed)
+    ops = _ort_fused_ops(fixed, tmp_path)
+    assert ops & {"Gelu", "BiasGelu"} and "Erf" not in ops, ops
+    from slab_deploy.runtime.ort import session
+
+    outs = []
+    for m in (raw, fixed):
+        sess = session(m, graph_opt="none")  # the graphs as written
+        outs.append(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    assert np.array_equal(outs[0], outs[1])
+    assert onnx_passes.canonical_gelu(fixed) == 0  # idempotent

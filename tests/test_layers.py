@@ -1,11 +1,14 @@
-"""Shared layers: RepBN's eval affine, SLA's core against a direct formula, its half-precision policies."""
+"""Shared layers: RepBN's eval affine, SLA's core against a direct formula, its half-precision policies,
+the shared DWC of all heads against the per-head conv."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from slab_deploy.models.layers import RepBN, SLACore, head_merge, head_split, repbn_affine
+from slab_deploy.models.layers import RepBN, SLACore, head_merge, head_split, repbn_affine, shared_dwc
 
 
 def _direct_sla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -75,3 +78,45 @@ def test_repbn_eval_is_the_affine() -> None:
     x = torch.randn(3, 7, 8)
     a, b = repbn_affine(m)
     torch.testing.assert_close(m(x).double(), x.double() * a + b, rtol=1e-6, atol=1e-6)
+
+
+def test_mixed_policy_keeps_tokens_with_no_query_finite() -> None:
+    """A token whose relu(q) is all zero has z = N/eps, beyond fp16: the mixed policy's fp16 scaling
+    caps z, so the token's output is 0, not 0 * inf = NaN."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 49, 16, generator=g).relu() for _ in range(3))
+    q[:, 5] = 0.0
+    q[:, 6] = 1e-7  # q.mean(k) far below 1/65504: the capped product stays below max|v|
+    core = SLACore()
+    core.policy = "mixed"
+    out = core(q.half(), k.half(), v.half())
+    assert torch.isfinite(out).all()
+    assert (out[:, 5] == 0).all() and out[:, 6].abs().max() <= v.abs().max()
+    ref = _direct_sla(q, k, v)
+    ok = torch.ones(49, dtype=torch.bool)
+    ok[5:7] = False
+    cos = F.cosine_similarity(out[:, ok].double().flatten(), ref[:, ok].flatten(), dim=0)
+    assert cos > 0.9999, float(cos)
+
+
+@pytest.mark.parametrize("with_lepe", [False, True])
+def test_shared_dwc_is_the_per_head_conv(with_lepe: bool) -> None:
+    """One depthwise conv over all heads (kernel tiled per head, CSWin's 3x3 LePE added into it)
+    equals the authors' conv of each head's v, plus the LePE conv of the whole map."""
+    torch.manual_seed(4)
+    b, heads, d, (h, w) = 3, 3, 4, (4, 5)
+    dwc = nn.Conv2d(d, d, 5, padding=2, groups=d)
+    lepe = nn.Conv2d(heads * d, heads * d, 3, padding=1, groups=heads * d) if with_lepe else None
+    for m in (dwc, lepe):
+        if m is not None:
+            nn.init.normal_(m.weight)
+            nn.init.normal_(m.bias)
+    v = torch.randn(b, h * w, heads * d)
+    vh = head_split(v, heads)  # (B heads, N, d)
+    ref = head_merge(dwc(vh.transpose(1, 2).reshape(-1, d, h, w)).flatten(2).transpose(1, 2), heads)
+    if lepe is not None:
+        ref = ref + lepe(v.transpose(1, 2).reshape(b, -1, h, w)).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        got = shared_dwc(v, dwc, (h, w), heads, extra=lepe)
+    assert got.shape == v.shape
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -26,6 +26,7 @@ from torch import nn
 
 from slab_deploy.choices import EXPORTERS
 from slab_deploy.errors import ExportError, UnsupportedInputError
+from slab_deploy.export.onnx_passes import canonical_gelu
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -232,6 +233,8 @@ def onnx_from_torch(
                     raise ExportError(f"{why}; choose --opset {got} or another --exporter")
                 reason = why
                 continue
+            if canonical_gelu(graph):  # the GELU form ONNX Runtime fuses (same outputs, bit for bit)
+                onnx.save(graph, str(path))
             return ExportInfo(name, got, dynamic_batch, time.perf_counter() - t0, reason, graph)
         raise AssertionError("unreachable: exporter_plan returns at least one exporter")  # pragma: no cover
     finally:

@@ -52,6 +52,58 @@ def token_sums(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
             or (n.op_type == "MatMul" and any(i in ones for i in n.input[:2]))]
 
 
+def _scalar_constants(graph: onnx.GraphProto) -> dict[str, float]:
+    """The graph's one-element constants (initializers and Constant nodes) by name."""
+    from onnx import numpy_helper
+
+    tensors = [(t.name, t) for t in graph.initializer]
+    tensors += [(n.output[0], a.t) for n in graph.node if n.op_type == "Constant"
+                for a in n.attribute if a.name == "value"]
+    return {name: float(numpy_helper.to_array(t).reshape(-1)[0]) for name, t in tensors
+            if int(np.prod(t.dims)) == 1 and t.data_location != onnx.TensorProto.EXTERNAL}
+
+
+def canonical_gelu(model: onnx.ModelProto) -> int:
+    """Rewrite the exact GELU as torch.export writes it, `x * (0.5 * (1 + erf(x / sqrt 2)))`,
+    into `(x * 0.5) * (1 + erf(x / sqrt 2))`, in place; returns how many were rewritten.
+
+    The second form is the one ONNX Runtime's GeluFusion matches: it then runs one Gelu kernel,
+    BiasGelu with the Linear's bias add before it, where the first form costs five elementwise
+    kernels (Erf, Add and two Muls, and the bias Add; 1.7 of SLAB-DeiT-S's 7.8 ms of kernels at
+    batch 64 fp16 on an H200). Both are plain ONNX; the outputs are the same bits (halving is
+    exact, so both round x * a / 2 once)."""
+    graph = model.graph
+    consts = _scalar_constants(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: Counter[str] = Counter(i for n in graph.node for i in n.input)
+    done = 0
+    for m2 in graph.node:
+        if m2.op_type != "Mul" or len(m2.input) != 2:
+            continue
+        for x, t in (m2.input, m2.input[::-1]):
+            m1 = producer.get(t)
+            if m1 is None or m1.op_type != "Mul" or consumers[t] != 1:
+                continue
+            half = [i for i in m1.input if consts.get(i) == 0.5]
+            rest = [i for i in m1.input if i not in half]
+            add = producer.get(rest[0]) if half and len(rest) == 1 else None
+            if add is None or add.op_type != "Add":
+                continue
+            erf = next((producer[i] for i in add.input
+                        if i in producer and producer[i].op_type == "Erf"), None)
+            one = [i for i in add.input if consts.get(i) == 1.0]
+            div = producer.get(erf.input[0]) if erf is not None and one else None
+            if div is None or div.op_type != "Div" or div.input[0] != x:
+                continue
+            if abs(consts.get(div.input[1], 0.0) - 2**0.5) > 1e-3:
+                continue
+            m1.input[:] = [x, half[0]]
+            m2.input[:] = [t, rest[0]]
+            done += 1
+            break
+    return done
+
+
 def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in model.graph.node for o in n.output}
 

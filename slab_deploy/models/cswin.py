@@ -42,6 +42,7 @@ from slab_deploy.models.layers import (
     head_split,
     init_weights,
     norm_factory,
+    shared_dwc,
     to_tokens,
 )
 from slab_deploy.models.registry import register_model
@@ -151,18 +152,13 @@ class SimplifiedLinearAttention(_StripeAttention):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         heads = self.num_heads
-        n = self.h_sp * self.w_sp
         q, k, v = self.stripes(q), self.stripes(k), self.stripes(v)
-        d = v.shape[-1] // heads
-        lepe = self.get_v(_tokens_to_map(v, self.h_sp, self.w_sp))
-        lepe = lepe.reshape(-1, d, n).transpose(1, 2)  # (B' heads, N, d)
+        # DWC(v) + LePE(v): one depthwise conv (the LePE kernel added into the tiled DWC kernel)
+        convs = shared_dwc(v, self.dwc, (self.h_sp, self.w_sp), heads, extra=self.get_v)
         q = F.relu(q)
         k = F.relu(k + self.positional_encoding)
-        q, k, v = (head_split(t, heads) for t in (q, k, v))
-        x = self.core(q, k, v)
-        x = x + self.dwc(_tokens_to_map(v, self.h_sp, self.w_sp)).flatten(2).transpose(1, 2)
-        x = x + lepe
-        return self.unstripes(head_merge(x, heads))
+        x = head_merge(self.core(*(head_split(t, heads) for t in (q, k, v))), heads)
+        return self.unstripes(x + convs)
 
 
 class FocusedLinearAttention(_StripeAttention):
@@ -197,7 +193,8 @@ class FocusedLinearAttention(_StripeAttention):
         heads = self.num_heads
         n = self.h_sp * self.w_sp
         r = self.resolution
-        lepe = self.get_v(_tokens_to_map(v, r, r)).flatten(2).transpose(1, 2)  # (B, N, C)
+        # DWC(v) + LePE(v): one depthwise conv (the LePE kernel added into the tiled DWC kernel)
+        convs = shared_dwc(v, self.dwc, (r, r), heads, extra=self.get_v)
         k = k + self.positional_encoding
         q = focused_kernel(q, self.scale, self.focusing_factor)
         k = focused_kernel(k, self.scale, self.focusing_factor)
@@ -205,10 +202,7 @@ class FocusedLinearAttention(_StripeAttention):
         z = 1.0 / (torch.matmul(q, k.mean(dim=-2, keepdim=True).transpose(-2, -1)) + 1e-6)
         s = n**-0.5
         kv = torch.matmul(k.transpose(-2, -1) * s, v * s)
-        x = head_merge(torch.matmul(q, kv) * z, heads)
-        dwc = self.dwc(_tokens_to_map(v, r, r))  # (B heads, d, r, r)
-        x = x + dwc.reshape(-1, self.dim, n).transpose(1, 2)
-        return x + lepe
+        return head_merge(torch.matmul(q, kv) * z, heads) + convs
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from slab_deploy.models.layers import (
     head_split,
     init_weights,
     norm_factory,
+    shared_dwc,
     to_tokens,
 )
 from slab_deploy.models.registry import register_model
@@ -95,12 +96,8 @@ class SimplifiedLinearAttention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = F.relu(q)
         k = F.relu(k + self.positional_encoding)
-        q, k, v = (head_split(t, self.num_heads) for t in (q, k, v))
-        out = self.core(q, k, v)
-        h, w = self.grid
-        v_img = v.reshape(-1, h, w, v.shape[-1]).permute(0, 3, 1, 2)
-        out = out + self.dwc(v_img).flatten(2).transpose(1, 2)
-        return self.proj(head_merge(out, self.num_heads))
+        out = head_merge(self.core(*(head_split(t, self.num_heads) for t in (q, k, v))), self.num_heads)
+        return self.proj(out + shared_dwc(v, self.dwc, self.grid, self.num_heads))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, grid={self.grid}"

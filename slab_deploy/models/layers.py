@@ -198,7 +198,11 @@ class SLACore(nn.Module):
                 out = torch.matmul(q, torch.matmul(k_avg.transpose(-2, -1), v))
             else:
                 out = torch.matmul(torch.matmul(q, k_avg.transpose(-2, -1)), v)
-            return (out * z).to(out_dtype)  # out is q (k/N)^T v, so z carries the factor N
+            # out is q (k/N)^T v, so z carries the factor N. The scaling is an fp16 multiply by z
+            # rounded to fp16 (an fp32 one would cast all of out up and back: three passes over it).
+            # z is capped at the largest fp16: z > 65504 only where q.mean(k) < 1/65504, and since
+            # q, k >= 0, |out| <= max|v| * q.mean(k) there, so the capped product stays below max|v|.
+            return out * z.clamp_max(HALF_MAX[out.dtype]).to(out.dtype)
         if half and self.policy == "fp32":
             q, k, v = q.float(), k.float(), v.float()
         k_sum = torch.matmul(token_ones(k), k)  # (BH, 1, c): the token sum, as a GEMV
@@ -210,6 +214,9 @@ class SLACore(nn.Module):
         return (out * z).to(out_dtype)
 
 
+HALF_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.3895313892515355e38}
+
+
 def token_ones(x: torch.Tensor) -> torch.Tensor:
     """A (1, N) row of ones in x's dtype: `token_ones(x) @ x` sums x (.., N, c) over its tokens.
 
@@ -217,6 +224,33 @@ def token_ones(x: torch.Tensor) -> torch.Tensor:
     ONNX Runtime and TensorRT alike, where a ReduceSum/ReduceMean is a separate reduction kernel
     (cuDNN's in ONNX Runtime CUDA). N is static in these models, so the row is a graph constant."""
     return torch.ones(1, x.shape[-2], dtype=x.dtype, device=x.device)
+
+
+def shared_dwc(v: torch.Tensor, dwc: nn.Conv2d, grid: tuple[int, int], heads: int,
+               extra: nn.Conv2d | None = None) -> torch.Tensor:
+    """SLA's depthwise conv `dwc` (head_dim channels, shared by all heads) of every head of v at
+    once: v is in token layout (B', h*w, heads*head_dim), and so is the result.
+
+    One depthwise conv over all channels, its kernel tiled once per head, equals the per-head conv
+    of the authors' code (channel i of v is channel i % head_dim of its head). v is read as a
+    (B', h, w, C) map viewed as NCHW, i.e. channels-last in memory: torch runs cuDNN's NHWC
+    depthwise kernels on it with no copy in or out, and an exported graph has the Transpose pair
+    that ONNX Runtime's NHWC layout (CUDA `prefer_nhwc`) and TensorRT cancel. `extra`, a depthwise
+    conv over all C channels of the same map with an odd kernel no larger than dwc's (CSWin's LePE),
+    is added into the same conv: its kernel is zero-padded to dwc's size and summed (one conv
+    instead of two; exact, convolution being linear in its kernel)."""
+    b, n, c = v.shape
+    h, w = grid
+    weight = dwc.weight.repeat(heads, 1, 1, 1)
+    bias = dwc.bias.repeat(heads) if dwc.bias is not None else None
+    if extra is not None:
+        pad = (weight.shape[-1] - extra.weight.shape[-1]) // 2
+        weight = weight + F.pad(extra.weight, (pad, pad, pad, pad))
+        if extra.bias is not None:
+            bias = extra.bias if bias is None else bias + extra.bias
+    x = v.reshape(b, h, w, c).permute(0, 3, 1, 2)
+    y = F.conv2d(x, weight, bias, padding=dwc.padding, groups=c)
+    return y.permute(0, 2, 3, 1).reshape(b, n, c)
 
 
 def set_sla_policy(model: nn.Module, policy: str) -> int:

@@ -50,6 +50,7 @@ from slab_deploy.models.layers import (
     head_split,
     init_weights,
     norm_factory,
+    shared_dwc,
     to_tokens,
 )
 from slab_deploy.models.registry import register_model
@@ -151,12 +152,8 @@ class SimplifiedLinearAttention(nn.Module):
         kv = self.kv(x).reshape(-1, n, 2, c)
         k, v = kv[:, :, 0], kv[:, :, 1]
         k = F.relu(k + self.positional_encoding)
-        q, k, v = (head_split(t, self.num_heads) for t in (q, k, v))
-        out = self.core(q, k, v)
-        h, w = self.resolution
-        v_img = v.reshape(-1, h, w, v.shape[-1]).permute(0, 3, 1, 2)
-        out = out + self.dwc(v_img).flatten(2).transpose(1, 2)
-        return self.proj(head_merge(out, self.num_heads))
+        out = head_merge(self.core(*(head_split(t, self.num_heads) for t in (q, k, v))), self.num_heads)
+        return self.proj(out + shared_dwc(v, self.dwc, self.resolution, self.num_heads))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, resolution={self.resolution}"
@@ -196,14 +193,12 @@ class FocusedLinearAttention(nn.Module):
         k = k + self.positional_encoding
         q = focused_kernel(q, self.scale, self.focusing_factor)
         k = focused_kernel(k, self.scale, self.focusing_factor)
+        dwc = shared_dwc(v, self.dwc, self.resolution, self.num_heads)
         q, k, v = (head_split(t, self.num_heads) for t in (q, k, v))
         z = 1.0 / (torch.matmul(q, k.mean(dim=-2, keepdim=True).transpose(-2, -1)) + 1e-6)
         s = n**-0.5
         out = torch.matmul(q, torch.matmul(k.transpose(-2, -1) * s, v * s)) * z
-        h, w = self.resolution
-        v_img = v.reshape(-1, h, w, v.shape[-1]).permute(0, 3, 1, 2)
-        out = out + self.dwc(v_img).flatten(2).transpose(1, 2)
-        return self.proj(head_merge(out, self.num_heads))
+        return self.proj(head_merge(out, self.num_heads) + dwc)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, resolution={self.resolution}"

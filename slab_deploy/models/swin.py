@@ -44,6 +44,7 @@ from slab_deploy.models.layers import (
     head_split,
     init_weights,
     norm_factory,
+    shared_dwc,
     to_tokens,
 )
 from slab_deploy.models.registry import register_model
@@ -177,12 +178,8 @@ class SimplifiedLinearAttention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = F.relu(q)
         k = F.relu(k + self.positional_encoding)
-        q, k, v = (head_split(t, self.num_heads) for t in (q, k, v))
-        out = self.core(q, k, v)
-        d = self.dim // self.num_heads
-        v_img = v.reshape(-1, self.window, self.window, d).permute(0, 3, 1, 2)
-        out = out + self.dwc(v_img).flatten(2).transpose(1, 2)
-        return self.proj(head_merge(out, self.num_heads))
+        out = head_merge(self.core(*(head_split(t, self.num_heads) for t in (q, k, v))), self.num_heads)
+        return self.proj(out + shared_dwc(v, self.dwc, (self.window, self.window), self.num_heads))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window={self.window}, num_heads={self.num_heads}"
@@ -220,15 +217,13 @@ class FocusedLinearAttention(nn.Module):
         k = k + self.positional_encoding
         q = focused_kernel(q, self.scale, self.focusing_factor)
         k = focused_kernel(k, self.scale, self.focusing_factor)
+        dwc = shared_dwc(v, self.dwc, (self.window, self.window), self.num_heads)
         q, k, v = (head_split(t, self.num_heads) for t in (q, k, v))
         z = 1.0 / (torch.matmul(q, k.mean(dim=-2, keepdim=True).transpose(-2, -1)) + 1e-6)
         s = n**-0.5
         kv = torch.matmul(k.transpose(-2, -1) * s, v * s)
         out = torch.matmul(q, kv) * z
-        d = self.dim // self.num_heads
-        v_img = v.reshape(-1, self.window, self.window, d).permute(0, 3, 1, 2)
-        out = out + self.dwc(v_img).flatten(2).transpose(1, 2)
-        return self.proj(head_merge(out, self.num_heads))
+        return self.proj(head_merge(out, self.num_heads) + dwc)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window={self.window}, num_heads={self.num_heads}"
