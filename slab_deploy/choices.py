@@ -33,6 +33,8 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # how INT8 activation
 # INT8 activations: int8 signed symmetric (TensorRT's explicit precision; the default) or uint8 asymmetric
 # (ONNX Runtime CPU only)
 ACTIVATION_TYPES = ("int8", "uint8")
+# ONNX Runtime CUDA convolution layout: its default NCHW, or NHWC (the provider's `prefer_nhwc`)
+ORT_CUDA_LAYOUTS = ("nchw", "nhwc")
 SLA_POLICIES = ("fp32", "mixed")  # half precision SLA: fp32 island, or fp16 matmuls with an fp32 normaliser
 EXPORTERS = ("auto", "dynamo", "torchscript")
 SIMPLIFIERS = ("auto", "onnxslim", "onnxsim", "none")

@@ -16,6 +16,7 @@ from slab_deploy.choices import (
     COMPILE_MODES,
     DEVICES,
     EXPORTERS,
+    ORT_CUDA_LAYOUTS,
     PRECISIONS,
     SLA_POLICIES,
 )
@@ -40,6 +41,7 @@ class Profile:
     sla_policy: str = "fp32"  # half-precision policy of SLA (see SLACore): fp32 | mixed
     exporter: str = "auto"  # ONNX exporter for the ONNX Runtime / TensorRT backends
     activation_type: str = "int8"  # int8 cases: int8 (signed symmetric, TensorRT's) or uint8 (CPU only)
+    ort_cuda_layout: str = "nchw"  # ONNX Runtime CUDA: nchw (its default) or nhwc (prefer_nhwc)
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -52,7 +54,7 @@ MAX_PROFILE_BYTES = 1 << 20  # a profile is a few hundred bytes; refuse to parse
 
 _FIELDS = ("name", "description", "device", "backends", "precisions", "batches", "threads", "warmup", "iters",
            "min_seconds", "peak_tflops", "emulated", "compile_mode", "sla_policy", "exporter",
-           "activation_type")
+           "activation_type", "ort_cuda_layout")
 _REQUIRED = ("name", "description", "device", "backends", "precisions", "batches")
 
 
@@ -178,6 +180,7 @@ def validate(data: Any, source: str) -> Profile:
         sla_policy=c.choice("sla_policy", SLA_POLICIES, "fp32"),
         exporter=c.choice("exporter", EXPORTERS, "auto"),
         activation_type=c.choice("activation_type", ACTIVATION_TYPES, "int8"),
+        ort_cuda_layout=c.choice("ort_cuda_layout", ORT_CUDA_LAYOUTS, "nchw"),
         source=source,
     )
 

@@ -75,6 +75,7 @@ GOOD = "name: p\ndescription: d\ndevice: cpu\nbackends: [ort-cpu]\nprecisions: [
         ("compile_mode: fast", "compile_mode", "one of default, reduce-overhead"),
         ("sla_policy: half", "sla_policy", "one of fp32, mixed"),
         ("exporter: onnx", "exporter", "one of auto, dynamo, torchscript"),
+        ("ort_cuda_layout: nhcw", "ort_cuda_layout", "one of nchw, nhwc"),
         ("device: gpu", "device", "one of cpu, cuda"),
         ("description: 3", "description", "a string, not 3 (int)"),
         ("backends: ort-cpu", "backends", "a non-empty list of torch"),
@@ -164,6 +165,7 @@ def test_cli_profile_with_bool_batch_exits_1_writing_nothing(  # type: ignore[no
         (["--compile-mode", "fast"], "compile_mode must be one of"),
         (["--sla-policy", "half"], "sla_policy must be one of fp32, mixed"),
         (["--exporter", "onnx"], "exporter must be one of auto"),
+        (["--ort-cuda-layout", "NHWC"], "ort_cuda_layout must be one of nchw, nhwc"),
     ],
 )
 def test_cli_bad_options_exit_1_writing_nothing(  # type: ignore[no-untyped-def]

@@ -159,3 +159,28 @@ def test_trace_ort_cuda_kernels(tmp_path: Path, capsys, monkeypatch) -> None:  #
         assert r["categories"]["matmul"] > 0.0 and r["latency_ms"] > 0.0
     assert res["test_slab_swin"]["categories"].get("norm", 0.0) == 0.0
     assert res["test_swin"]["categories"]["norm"] > 0.0
+
+
+@pytest.mark.gpu_ort
+def test_ort_cuda_nhwc_layout_runs_the_same_function(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`--ort-cuda-layout nhwc` (the CUDA provider's prefer_nhwc) is measured, recorded in the report's
+    profile, and computes what the default layout computes (judged by the ort_cuda rung's tolerance)."""
+    import numpy as np
+
+    from slab_deploy.parity import compare, judge
+    from slab_deploy.runtime.ort import ORTRunner
+    from slab_deploy.tolerances import tolerance_for
+
+    out = tmp_path / "b"
+    code, _, err = run_cli(["bench", "--device", "cuda", "--models", "test_slab_swin",
+                            "--backends", "ort-cuda", "--precision", "fp32", "--batch", "4",
+                            "--iters", "3", "--warmup", "1",
+                            "--ort-cuda-layout", "nhwc", "-o", str(out)], capsys, monkeypatch)
+    assert code == 0, err
+    rep = json.loads((out / "bench.json").read_text())
+    assert rep["profile"]["ort_cuda_layout"] == "nhwc"
+    assert [r["status"] for r in rep["results"]] == ["ok"]
+    graph = next(out.glob("onnx/*/model.onnx"))
+    x = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    ref, got = (ORTRunner(graph, "cuda", layout=lay)(x) for lay in ("nchw", "nhwc"))
+    assert judge(compare(ref, got), tolerance_for("ort_cuda", "fp32")).passed

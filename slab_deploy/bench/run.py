@@ -177,7 +177,8 @@ def measure(
     with torch.inference_mode():
         runner = make_runner(case.backend, source, profile.device, case.precision,
                              sla_policy=profile.sla_policy, compile_mode=profile.compile_mode,
-                             threads=case.threads, max_batch=max(profile.batches))
+                             threads=case.threads, max_batch=max(profile.batches),
+                             ort_cuda_layout=profile.ort_cuda_layout)
         p = runner.prepare(x_np)
         samples = time_prepared(p, profile.warmup, profile.iters, profile.min_seconds)
         extra: dict[str, Any] = {**p.details, "timer": p.timer}

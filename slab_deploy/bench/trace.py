@@ -181,7 +181,7 @@ def trace_case(target: Target, case: Case, profile: Profile, out_dir: Path, *, i
     def runner(source: Any, backend: str = case.backend, profile_prefix: str | None = None) -> Any:
         return make_runner(backend, source, profile.device, case.precision, sla_policy=profile.sla_policy,
                            compile_mode=profile.compile_mode, threads=case.threads,
-                           profile_prefix=profile_prefix)
+                           profile_prefix=profile_prefix, ort_cuda_layout=profile.ort_cuda_layout)
 
     if case.backend.startswith("torch"):
         model = load_target(target)

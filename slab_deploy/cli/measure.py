@@ -73,6 +73,9 @@ def bench(
         "int8 cases: int8 activations (signed symmetric, TensorRT's; the default) "
         "or uint8 (asymmetric, ONNX Runtime CPU only)."))] = None,
     warmup: Annotated[int | None, typer.Option("--warmup", help="Warm-up iterations.")] = None,
+    ort_cuda_layout: Annotated[str | None, typer.Option("--ort-cuda-layout", help=(
+        "ONNX Runtime CUDA convolution layout: nchw (its default) or nhwc (the provider's "
+        "prefer_nhwc)."))] = None,
     checkpoint: CkptOpt = None,
     output: Annotated[Path, typer.Option(
         "--output", "-o", help="Directory for bench.json/csv/md, plots and exported graphs.")
@@ -117,6 +120,7 @@ def bench(
         "backends": backends, "precisions": precision, "batches": batch, "threads": threads,
         "iters": iters, "warmup": warmup, "min_seconds": min_seconds, "compile_mode": compile_mode,
         "sla_policy": sla_policy, "exporter": exporter, "activation_type": activation_type,
+        "ort_cuda_layout": ort_cuda_layout,
     })
     with progress_bar() as progress:
         done = benchmark(targets, prof, output, against=against, threshold=threshold,
@@ -172,6 +176,9 @@ def trace(
     compile_mode: Annotated[str, typer.Option(
         "--compile-mode", help="torch.compile mode for the torch-compile backend.")
     ] = "max-autotune-no-cudagraphs",
+    ort_cuda_layout: Annotated[str | None, typer.Option("--ort-cuda-layout", help=(
+        "ONNX Runtime CUDA convolution layout: nchw (its default) or nhwc (the provider's "
+        "prefer_nhwc)."))] = None,
     checkpoint: CkptOpt = None,
     output: Annotated[Path, typer.Option(
         "--output", "-o", help="Directory for trace.json/md and the raw profiles.")] = Path("trace-out"),
@@ -184,7 +191,7 @@ def trace(
     prof = resolve_profile(device, None, {
         "backends": backends, "precisions": precision, "batches": batch, "threads": threads,
         "compile_mode": compile_mode, "sla_policy": sla_policy, "exporter": exporter,
-        "activation_type": activation_type,
+        "activation_type": activation_type, "ort_cuda_layout": ort_cuda_layout,
     }, command="trace")
     targets = bench_targets(compare, models_, unfolded, checkpoint)
     with progress_bar() as progress:

@@ -11,7 +11,8 @@ from slab_deploy.runtime.base import TimedRunner, UnsupportedBackend
 
 def make_runner(backend: str, model_or_onnx: Any, device: str, precision: str, *, sla_policy: str = "fp32",
                 compile_mode: str = "max-autotune-no-cudagraphs", threads: int | None = None,
-                max_batch: int = 64, profile_prefix: str | None = None) -> TimedRunner:
+                max_batch: int = 64, profile_prefix: str | None = None,
+                ort_cuda_layout: str = "nchw") -> TimedRunner:
     """The runner of `backend`: torch backends take an nn.Module (moved to `device` and
     `precision`), the others the path of an ONNX graph. Raises UnsupportedBackend for what this
     host or device cannot run (torch below fp32 on the CPU is not a deployment target), and
@@ -35,4 +36,5 @@ def make_runner(backend: str, model_or_onnx: Any, device: str, precision: str, *
 
     provider = "cpu" if backend == "ort-cpu" else "cuda"
     return ORTRunner(path, provider, threads=threads if provider == "cpu" else None, precision=precision,
-                     cuda_graph=backend == "ort-cuda-graph", profile_prefix=profile_prefix)
+                     cuda_graph=backend == "ort-cuda-graph", profile_prefix=profile_prefix,
+                     layout=ort_cuda_layout)

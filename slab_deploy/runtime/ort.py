@@ -41,6 +41,14 @@ def run_onnx(model: onnx.ModelProto | str | Path, inputs: np.ndarray, providers:
     return np.asarray(out, dtype=np.float32)
 
 
+def cuda_provider_options(fp32: bool) -> dict[str, str]:
+    """The CUDA provider's options for a graph: an fp32 graph runs in fp32. ONNX Runtime's CUDA
+    provider computes fp32 MatMuls in TF32 unless told not to (`use_tf32`), 10 mantissa bits where
+    torch's default keeps 23: fp32 parity against torch then misses 1e-3 (the tiny test LLaMA's logits:
+    max rel 5.8e-3 on an H200), and fp32 timings would not be fp32 ones."""
+    return {"device_id": "0", **({"use_tf32": "0"} if fp32 else {})}
+
+
 def cuda_available() -> bool:
     from slab_deploy._deps import available
 
@@ -54,7 +62,9 @@ def cuda_available() -> bool:
 class ORTRunner:
     """ONNX Runtime on CPU or CUDA. `graph_opt="none"` interprets the graph as written (the check
     ladder uses it to tell graph faults from optimiser faults). On CUDA, `cuda_graph` captures the
-    run in a CUDA graph (ONNX Runtime replays it while the bound buffers stay the same); a
+    run in a CUDA graph (ONNX Runtime replays it while the bound buffers stay the same), and
+    `layout="nhwc"` sets the provider's `prefer_nhwc` (convolutions in NHWC, ONNX Runtime's layout
+    transformer cancelling the graph's own NCHW transposes where it can; ignored on the CPU); a
     `profile_prefix` turns on ONNX Runtime's profiler (`end_profiling` returns its file).
 
     Raises `UnsupportedBackend` only for what the host lacks (no CUDA provider, no kernel for an op),
@@ -62,7 +72,7 @@ class ORTRunner:
 
     def __init__(self, model_path: str | Path, provider: str = "cpu", *, threads: int | None = None,
                  graph_opt: str = "all", precision: str = "fp32", cuda_graph: bool = False,
-                 profile_prefix: str | None = None) -> None:
+                 profile_prefix: str | None = None, layout: str = "nchw") -> None:
         from slab_deploy.runtime.base import RunnerInfo, UnsupportedBackend
 
         ort = _ort()
@@ -70,7 +80,9 @@ class ORTRunner:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise UnsupportedBackend(
                     "ONNX Runtime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
-            opts = {"device_id": 0, **({"enable_cuda_graph": "1"} if cuda_graph else {})}
+            opts = {**cuda_provider_options(precision == "fp32"),
+                    **({"enable_cuda_graph": "1"} if cuda_graph else {}),
+                    **({"prefer_nhwc": "1"} if layout == "nhwc" else {})}
             providers: list[Any] = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
         elif cuda_graph:
             raise UnsupportedBackend("an ONNX Runtime CUDA graph needs the CUDA provider")
@@ -100,7 +112,8 @@ class ORTRunner:
         self.info = RunnerInfo(
             backend, provider, precision,
             {"onnxruntime": ort.__version__, "graph_opt": graph_opt, "threads": threads,
-             "providers": self.session.get_providers()},
+             "providers": self.session.get_providers(),
+             **({"cuda_layout": layout} if provider == "cuda" else {})},
         )
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
