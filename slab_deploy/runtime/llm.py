@@ -68,8 +68,11 @@ class OrtLLMRunner:
     ) -> None:
         from slab_deploy.runtime.ort import session
 
+        from slab_deploy.runtime.ort import cuda_provider_options
+
         providers: list[Any] = (
-            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            [("CUDAExecutionProvider", cuda_provider_options(manifest["cache_dtype"] == "fp32")),
+             "CPUExecutionProvider"]
             if provider == "cuda"
             else ["CPUExecutionProvider"]
         )
