@@ -306,3 +306,18 @@ def test_folded_checkpoint_round_trip(tmp_path: Path) -> None:
         assert torch.equal(got(x), folded(x))
     with pytest.raises(CheckpointError, match="folded test_slab_llama checkpoint, not test_llama"):
         create_llm("test_llama", path)
+
+
+def test_random_models_stay_in_fp16_range() -> None:
+    """Without a checkpoint (what `llm bench` measures), the 350M pair's logits are finite in fp16 and
+    of the embeddings' scale: with alpha 1 each of the SLAB model's 37 norms doubled the residual
+    stream (logits ~1e11 in fp32, inf in fp16), and the bench measured nothing."""
+    g = torch.Generator().manual_seed(7)
+    for name in ("slab_llama_350m", "llama_350m"):
+        m = create_llm(name)
+        ids = torch.randint(0, m.config.vocab_size, (1, 16), generator=g)
+        with torch.no_grad():
+            ref = m(ids)
+            half = m.half()(ids).float()
+        assert float(ref.abs().max()) < 100.0, name
+        assert torch.isfinite(half).all(), name

@@ -264,9 +264,18 @@ def test_bench_reports_prefill_decode_and_ttft(tmp_path: Path, capsys, monkeypat
 
 @pytest.mark.cuda
 def test_torch_cuda_rung(exported: tuple[str, Path], slab_ckpt: Path) -> None:
+    """fp32 passes token for token. In fp16 this fixture (weights scaled up until greedy decoding stops
+    repeating a token; logits up to ~840) is beyond what torch's fp16 keeps: one of 32 tokens flips
+    (torch fp16 on the CPU flips the same one, folded or not, the unfolded model with a lower cosine),
+    and the rung must fail on it, not pass."""
     precision, out = exported
     rep = check_llm("test_slab_llama", slab_ckpt, out, rungs=("torch_cuda",))
-    assert rep.passed and rep.rungs[0].greedy_equal, rep.rungs[0]
+    rung = rep.rungs[0]
+    if precision == "fp32":
+        assert rep.passed and rung.greedy_equal, rung
+    else:
+        assert not rep.passed and rung.status == "failed" and not rung.greedy_equal, rung
+        assert any(f.startswith("top-1 agreement") for f in rung.failures), rung.failures
 
 
 @pytest.mark.gpu_ort

@@ -66,9 +66,7 @@ class OrtLLMRunner:
         threads: int | None = None,
         io_binding: bool = False,
     ) -> None:
-        from slab_deploy.runtime.ort import session
-
-        from slab_deploy.runtime.ort import cuda_provider_options
+        from slab_deploy.runtime.ort import cuda_provider_options, session
 
         providers: list[Any] = (
             [("CUDAExecutionProvider", cuda_provider_options(manifest["cache_dtype"] == "fp32")),
