@@ -27,22 +27,23 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
 ONES_MAX_ELEMENTS = 1 << 16  # a token-sum row of ones is (1, N); larger constants are weights
 
 
-def ones_constants(graph: onnx.GraphProto) -> frozenset[str]:
-    """Names of the graph's small constants (initializers, Constant nodes) whose every element is 1:
-    the row of ones that writes SLA's token sum as `MatMul(ones, k)` (`models.layers.token_ones`)."""
+def _small_constants(graph: onnx.GraphProto, max_elements: int) -> list[tuple[str, np.ndarray]]:
+    """The graph's constants (initializers, Constant nodes) of at most `max_elements` elements,
+    stored in the file, by name."""
     from onnx import numpy_helper
 
     tensors = [(t.name, t) for t in graph.initializer]
     tensors += [(n.output[0], a.t) for n in graph.node if n.op_type == "Constant"
                 for a in n.attribute if a.name == "value"]
-    out = set()
-    for name, t in tensors:
-        size = int(np.prod(t.dims)) if len(t.dims) else 1
-        if size > ONES_MAX_ELEMENTS or t.data_location == onnx.TensorProto.EXTERNAL:
-            continue
-        if size > 1 and np.all(numpy_helper.to_array(t) == 1):
-            out.add(name)
-    return frozenset(out)
+    return [(name, numpy_helper.to_array(t)) for name, t in tensors
+            if int(np.prod(t.dims)) <= max_elements and t.data_location != onnx.TensorProto.EXTERNAL]
+
+
+def ones_constants(graph: onnx.GraphProto) -> frozenset[str]:
+    """Names of the graph's small constants (initializers, Constant nodes) whose every element is 1:
+    the row of ones that writes SLA's token sum as `MatMul(ones, k)` (`models.layers.token_ones`)."""
+    return frozenset(name for name, a in _small_constants(graph, ONES_MAX_ELEMENTS)
+                     if a.size > 1 and np.all(a == 1))
 
 
 def token_sums(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -54,13 +55,7 @@ def token_sums(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
 
 def _scalar_constants(graph: onnx.GraphProto) -> dict[str, float]:
     """The graph's one-element constants (initializers and Constant nodes) by name."""
-    from onnx import numpy_helper
-
-    tensors = [(t.name, t) for t in graph.initializer]
-    tensors += [(n.output[0], a.t) for n in graph.node if n.op_type == "Constant"
-                for a in n.attribute if a.name == "value"]
-    return {name: float(numpy_helper.to_array(t).reshape(-1)[0]) for name, t in tensors
-            if int(np.prod(t.dims)) == 1 and t.data_location != onnx.TensorProto.EXTERNAL}
+    return {name: float(a.reshape(-1)[0]) for name, a in _small_constants(graph, 1) if a.size == 1}
 
 
 def canonical_gelu(model: onnx.ModelProto) -> int:
