@@ -184,3 +184,29 @@ def test_ort_cuda_nhwc_layout_runs_the_same_function(tmp_path: Path, capsys, mon
     x = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
     ref, got = (ORTRunner(graph, "cuda", layout=lay)(x) for lay in ("nchw", "nhwc"))
     assert judge(compare(ref, got), tolerance_for("ort_cuda", "fp32")).passed
+
+
+def test_ort_cuda_graph_capture_refusal_is_a_failed_case_naming_the_fix(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime refuses a CUDA graph when some nodes leave the CUDA provider (DeiT-S with
+    prefer_nhwc on an H200): a failed case saying what to measure instead, not a broken artefact.
+    This host has no CUDA provider, so its presence and the refusal (ONNX Runtime's own words) are
+    stand-ins."""
+    from slab_deploy.errors import ArtifactError, BenchCaseError
+    from slab_deploy.runtime import ort as ort_runtime
+
+    mod = ort_runtime._ort()
+    monkeypatch.setattr(mod, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError(
+            "[ONNXRuntimeError] : 1 : FAIL : This session cannot use the graph capture feature as requested "
+            "by the user  as all compute graph nodes have not been partitioned to the CUDAExecutionProvider")
+
+    monkeypatch.setattr(ort_runtime, "session", refuse)
+    with pytest.raises(BenchCaseError, match="--ort-cuda-layout nchw") as info:
+        ort_runtime.ORTRunner(tmp_path / "model.onnx", "cuda", cuda_graph=True, layout="nhwc")
+    assert not isinstance(info.value, ArtifactError) and info.value.exit_code == 5
+    with pytest.raises(BenchCaseError, match="with the ort-cuda backend$"):
+        ort_runtime.ORTRunner(tmp_path / "model.onnx", "cuda", cuda_graph=True)

@@ -98,6 +98,17 @@ class ORTRunner:
                 raise UnsupportedBackend(
                     f"ONNX Runtime {ort.__version__} ({provider}) has no kernel for this graph: {text}"
                 ) from None
+            if cuda_graph and "graph capture" in text:
+                # The graph loads, but ONNX Runtime placed some of its nodes off the CUDA provider
+                # (seen with prefer_nhwc): the case cannot be measured as asked, which is a failure,
+                # not a broken artefact and not a skip.
+                from slab_deploy.errors import BenchCaseError
+
+                hint = " or --ort-cuda-layout nchw" if layout == "nhwc" else ""
+                raise BenchCaseError(
+                    f"ONNX Runtime {ort.__version__} cannot capture {model_path} in a CUDA graph: not "
+                    f"every node runs on the CUDA provider; measure it with the ort-cuda backend{hint}"
+                ) from None
             # Anything else is the graph's fault (truncated, invalid, not ONNX): a broken artefact,
             # never a skip.
             from slab_deploy.errors import ArtifactError
