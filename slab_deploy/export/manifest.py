@@ -156,8 +156,8 @@ def build_manifest(
             "fp32_islands": (
                 "SLA normaliser, reciprocal and k^T v product (policy fp32); FLatten focused kernel"
                 if opts.sla_policy == "fp32"
-                else "SLA token mean of k, normaliser and reciprocal, final scaling "
-                "(policy mixed; matmuls fp16 with fp32 accumulation); FLatten focused kernel"
+                else "SLA token mean of k, normaliser and reciprocal (policy mixed; matmuls fp16 with "
+                "fp32 accumulation, final scaling fp16); FLatten focused kernel"
             ) if fp16 else (
                 "linear-attention normaliser and products (see int8.float_nodes); everything but the inputs "
                 "of Conv, MatMul and Gemm" if int8 is not None else ""),

@@ -153,8 +153,9 @@ class SLACore(nn.Module):
               "fp32 island": safe, but the big matmuls leave the tensor cores' fp16 path);
       mixed   the two big matmuls in fp16 with fp32 accumulation, on k scaled by 1/N so k^T v
               is a token average; the normaliser's token mean a GEMV accumulated in fp32, q . mean(k)
-              on mean(k) scaled to max 1 (no overflow), its reciprocal and the final scaling
-              in fp32. No full-size fp32 copy of q, k or v is made.
+              on mean(k) scaled to max 1 (no overflow), its reciprocal in fp32, and the final
+              scaling an fp16 multiply by that reciprocal capped at the fp16 maximum. No full-size
+              fp32 copy of q, k, v or the output is made.
     Mathematically all three are the same function (q (k/N)^T v / (q . mean k + eps/N)).
     """
 
