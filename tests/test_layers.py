@@ -48,6 +48,25 @@ def test_sla_half_policies() -> None:
         assert cos > 0.9999, (policy, float(cos))
 
 
+def test_mixed_normaliser_cannot_overflow() -> None:
+    """q . mean(k) far beyond the fp16 range (here ~1e6) with a small v, so the output is in range:
+    the mixed policy's normaliser runs on mean(k) scaled to sum 1 and stays exact, where an fp16
+    q . mean(k) would be inf and zero the output."""
+    g = torch.Generator().manual_seed(5)
+    n, d = 196, 64
+    q = torch.rand(4, n, d, generator=g) * 300
+    k = torch.rand(4, n, d, generator=g) * 300
+    v = torch.rand(4, n, d, generator=g) * 0.01
+    assert float((q.double() @ k.double().mean(1, keepdim=True).transpose(1, 2)).min()) > 65504
+    ref = _direct_sla(q, k, v)
+    core = SLACore()
+    core.policy = "mixed"
+    out = core(q.half(), k.half(), v.half()).double()
+    assert torch.isfinite(out).all()
+    cos = F.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.9999, float(cos)
+
+
 def test_policy_does_not_touch_fp32() -> None:
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 49, 16, generator=g).relu() for _ in range(3))

@@ -40,10 +40,12 @@ def _small_constants(graph: onnx.GraphProto, max_elements: int) -> list[tuple[st
 
 
 def ones_constants(graph: onnx.GraphProto) -> frozenset[str]:
-    """Names of the graph's small constants (initializers, Constant nodes) whose every element is 1:
-    the row of ones that writes SLA's token sum as `MatMul(ones, k)` (`models.layers.token_ones`)."""
+    """Names of the graph's small constants (initializers, Constant nodes) whose elements are all one
+    positive value: the row of ones (or of 1/N) that writes SLA's token sum (mean) as `MatMul(ones, k)`
+    (`models.layers.token_ones`)."""
     return frozenset(name for name, a in _small_constants(graph, ONES_MAX_ELEMENTS)
-                     if a.size > 1 and np.all(a == 1))
+                     if a.size > 1 and np.issubdtype(a.dtype, np.floating)
+                     and a.reshape(-1)[0] > 0 and np.all(a == a.reshape(-1)[0]))
 
 
 def token_sums(graph: onnx.GraphProto) -> list[onnx.NodeProto]:

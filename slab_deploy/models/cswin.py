@@ -276,8 +276,7 @@ class CSWinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.dim
-        qkv = self.qkv(self.norm1(x)).reshape(-1, self.resolution**2, 3, c)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = self.qkv(self.norm1(x)).split(c, dim=-1)
         if self.num_branches == 1:
             out = self.attns[0](q, k, v)
         else:

@@ -91,9 +91,8 @@ class SimplifiedLinearAttention(nn.Module):
         self.core = SLACore()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[1], x.shape[2]
-        qkv = self.qkv(x).reshape(-1, n, 3, c)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        c = x.shape[2]
+        q, k, v = self.qkv(x).split(c, dim=-1)
         q = F.relu(q)
         k = F.relu(k + self.positional_encoding)
         out = head_merge(self.core(*(head_split(t, self.num_heads) for t in (q, k, v))), self.num_heads)

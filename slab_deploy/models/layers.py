@@ -151,11 +151,12 @@ class SLACore(nn.Module):
       native  everything in the input dtype (fp32 models: exact);
       fp32    q, k, v cast to fp32 for the whole product, as the authors' code does (the
               "fp32 island": safe, but the big matmuls leave the tensor cores' fp16 path);
-      mixed   the two big matmuls in fp16 with fp32 accumulation, on k scaled by 1/N so k^T v
-              is a token average; the normaliser's token mean a GEMV accumulated in fp32, q . mean(k)
-              on mean(k) scaled to max 1 (no overflow), its reciprocal in fp32, and the final
-              scaling an fp16 multiply by that reciprocal capped at the fp16 maximum. No full-size
-              fp32 copy of q, k, v or the output is made.
+      mixed   the two big matmuls in fp16 with fp32 accumulation, on k^T scaled by 1/N so k^T v
+              is a token average; the normaliser's token mean a GEMV accumulated in fp32; every
+              fp16 value normalised per head by s = sum_c mean(k)_c (q . mean(k) / s <= max q, no
+              overflow or subnormal reciprocal whatever the scale of k); the reciprocal in fp32,
+              and the final scaling an fp16 multiply by that reciprocal capped at the fp16
+              maximum. No full-size fp32 copy of q, k, v or the output is made.
     Mathematically all three are the same function (q (k/N)^T v / (q . mean k + eps/N)).
     """
 
@@ -180,29 +181,40 @@ class SLACore(nn.Module):
             if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
                 self._kv_first = kv_first
         if half and self.policy == "mixed":
-            n = k.shape[-2]
-            # Normaliser: token mean of k accumulated in fp32 (no fp32 copy of k); q . mean(k)
-            # as an fp16 GEMV on mean(k) scaled to max 1, so it cannot overflow whatever the
-            # scale of k; the reciprocal in fp32.
-            # k scaled by 1/N makes k^T v a token average, and ones . (k/N) the token mean: a GEMV
-            # with fp32 accumulation, not a reduction (an exported ReduceMean needs an fp32 copy of
-            # k, and ONNX Runtime CUDA sends it to a slow cuDNN reduction).
-            k_avg = k * (1.0 / n)
-            k_mean = torch.matmul(token_ones(k), k_avg).float()  # (BH, 1, c)
-            k_max = k_mean.amax(dim=-1, keepdim=True).clamp_min(1e-30)  # (BH, 1, 1)
-            qk = torch.matmul(q, (k_mean / k_max).to(q.dtype).transpose(-2, -1))  # (BH, N, 1)
-            # n / (n q.mean(k) + eps) == 1 / (q.mean(k) + eps/n); written without the tiny
-            # constant eps/n, which an fp16 graph would round to zero.
-            z = n / (qk.float() * (k_max * n) + self.eps)
-            # Products in fp16 with fp32 accumulation.
+            n, c = k.shape[-2], k.shape[-1]
+            # Everything is normalised per head by s = sum_c mean(k)_c, so that no fp16 value
+            # scales with k: w = mean(k) / s >= 0 sums to 1, q . w <= max(q); (k^T v) / s makes the
+            # numerator q (k^T v) / s <= max|v| (q . w); and the reciprocal 1 / (q . w) >= 1 / max(q)
+            # is an fp16 normal number. (Unnormalised, an fp16 1 / (q . mean k) went subnormal, with
+            # a few bits left, once q . mean(k) passed 16384.)
+            # The token mean of k: a GEMV by a constant row of 1/N, accumulated in fp32 (no fp32
+            # copy of k, no reduction: an exported ReduceMean needs an fp32 copy of k, and ONNX
+            # Runtime CUDA sends reductions to slow cuDNN kernels); s the same with a column of ones
+            # (not a ReduceMax or ReduceSum, 0.2 ms of cuDNN reductions in SLAB-DeiT-S at batch 64 on
+            # an H200), clamped to [2^-14, 2^14] so that 1/s is an fp16 normal number too.
+            k_mean = torch.matmul(token_ones(k, 1.0 / n), k).float()  # (BH, 1, c)
+            ones_c = torch.ones(c, 1, dtype=k_mean.dtype, device=k_mean.device)
+            s = torch.matmul(k_mean, ones_c).clamp(2.0**-14, 2.0**14)  # (BH, 1, 1)
+            qk = torch.matmul(q, (k_mean / s).to(q.dtype).transpose(-2, -1))  # (BH, N, 1): q . w
+            # z = 1 / (q . w + eps / (N s)), written as N s / (N s q . w + eps): without a tiny
+            # constant such as eps/N, which an fp16 graph would round to zero.
+            ns = s * n
+            z = ns / (qk.float() * ns + self.eps)
+            inv_s = (1.0 / s).to(q.dtype)
+            # Products in fp16 with fp32 accumulation, on k^T scaled by 1/N: k^T v is a token
+            # average, which cannot overflow where a token sum could. The scaled transpose feeds one
+            # MatMul only, so ONNX Runtime folds both into it (FusedMatMul, transA and alpha 1/N,
+            # applied to the fp32 accumulator): no pass over k of its own. 1/s scales the small
+            # product (k^T v, c x d per head; or q k^T, N x N, when N < d).
+            k_t = k.transpose(-2, -1) * (1.0 / n)
             if kv_first:
-                out = torch.matmul(q, torch.matmul(k_avg.transpose(-2, -1), v))
+                out = torch.matmul(q, torch.matmul(k_t, v) * inv_s)
             else:
-                out = torch.matmul(torch.matmul(q, k_avg.transpose(-2, -1)), v)
-            # out is q (k/N)^T v, so z carries the factor N. The scaling is an fp16 multiply by z
-            # rounded to fp16 (an fp32 one would cast all of out up and back: three passes over it).
-            # z is capped at the largest fp16: z > 65504 only where q.mean(k) < 1/65504, and since
-            # q, k >= 0, |out| <= max|v| * q.mean(k) there, so the capped product stays below max|v|.
+                out = torch.matmul(torch.matmul(q, k_t) * inv_s, v)
+            # The scaling is an fp16 multiply by z rounded to fp16 (an fp32 one would cast all of out
+            # up and back: three passes over it). z is capped at the largest fp16: z > 65504 only
+            # where q . w < 1/65504, and |out| <= max|v| (q . w) there, so the capped product stays
+            # below max|v|.
             return out * z.clamp_max(HALF_MAX[out.dtype]).to(out.dtype)
         if half and self.policy == "fp32":
             q, k, v = q.float(), k.float(), v.float()
@@ -218,13 +230,14 @@ class SLACore(nn.Module):
 HALF_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.3895313892515355e38}
 
 
-def token_ones(x: torch.Tensor) -> torch.Tensor:
-    """A (1, N) row of ones in x's dtype: `token_ones(x) @ x` sums x (.., N, c) over its tokens.
+def token_ones(x: torch.Tensor, value: float = 1.0) -> torch.Tensor:
+    """A (1, N) row of ones (or of `value`) in x's dtype: `token_ones(x) @ x` sums x (.., N, c) over
+    its tokens, `token_ones(x, 1 / N) @ x` averages them.
 
     Written as a MatMul, a token sum runs as a GEMV (tensor cores, fp32 accumulation) in torch,
     ONNX Runtime and TensorRT alike, where a ReduceSum/ReduceMean is a separate reduction kernel
     (cuDNN's in ONNX Runtime CUDA). N is static in these models, so the row is a graph constant."""
-    return torch.ones(1, x.shape[-2], dtype=x.dtype, device=x.device)
+    return torch.full((1, x.shape[-2]), value, dtype=x.dtype, device=x.device)
 
 
 def shared_dwc(v: torch.Tensor, dwc: nn.Conv2d, grid: tuple[int, int], heads: int,

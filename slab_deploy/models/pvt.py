@@ -147,10 +147,9 @@ class SimplifiedLinearAttention(nn.Module):
         self.core = SLACore()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[1], x.shape[2]
+        c = x.shape[2]
         q = F.relu(self.q(x))
-        kv = self.kv(x).reshape(-1, n, 2, c)
-        k, v = kv[:, :, 0], kv[:, :, 1]
+        k, v = self.kv(x).split(c, dim=-1)
         k = F.relu(k + self.positional_encoding)
         out = head_merge(self.core(*(head_split(t, self.num_heads) for t in (q, k, v))), self.num_heads)
         return self.proj(out + shared_dwc(v, self.dwc, self.resolution, self.num_heads))
@@ -188,8 +187,7 @@ class FocusedLinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[1], x.shape[2]
         q = self.q(x)
-        kv = self.kv(x).reshape(-1, n, 2, c)
-        k, v = kv[:, :, 0], kv[:, :, 1]
+        k, v = self.kv(x).split(c, dim=-1)
         k = k + self.positional_encoding
         q = focused_kernel(q, self.scale, self.focusing_factor)
         k = focused_kernel(k, self.scale, self.focusing_factor)

@@ -173,9 +173,8 @@ class SimplifiedLinearAttention(nn.Module):
         self.core = SLACore()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        n, c = self.window * self.window, self.dim
-        qkv = self.qkv(x).reshape(-1, n, 3, c)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        c = self.dim
+        q, k, v = self.qkv(x).split(c, dim=-1)
         q = F.relu(q)
         k = F.relu(k + self.positional_encoding)
         out = head_merge(self.core(*(head_split(t, self.num_heads) for t in (q, k, v))), self.num_heads)
@@ -212,8 +211,7 @@ class FocusedLinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         n, c = self.window * self.window, self.dim
-        qkv = self.qkv(x).reshape(-1, n, 3, c)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = self.qkv(x).split(c, dim=-1)
         k = k + self.positional_encoding
         q = focused_kernel(q, self.scale, self.focusing_factor)
         k = focused_kernel(k, self.scale, self.focusing_factor)
