@@ -14,6 +14,7 @@ from slab_deploy.choices import (
     ACTIVATION_TYPES,
     BACKENDS,
     COMPILE_MODES,
+    DEFAULT_SLA_POLICY,
     DEVICES,
     EXPORTERS,
     ORT_CUDA_LAYOUTS,
@@ -38,7 +39,7 @@ class Profile:
     peak_tflops: float | None = None  # for model FLOP utilisation
     emulated: bool = False
     compile_mode: str = "max-autotune-no-cudagraphs"
-    sla_policy: str = "fp32"  # half-precision policy of SLA (see SLACore): fp32 | mixed
+    sla_policy: str = DEFAULT_SLA_POLICY  # half-precision policy of SLA (see SLACore): fp32 | mixed
     exporter: str = "auto"  # ONNX exporter for the ONNX Runtime / TensorRT backends
     activation_type: str = "int8"  # int8 cases: int8 (signed symmetric, TensorRT's) or uint8 (CPU only)
     ort_cuda_layout: str = "nchw"  # ONNX Runtime CUDA: nchw (its default) or nhwc (prefer_nhwc)
@@ -177,7 +178,7 @@ def validate(data: Any, source: str) -> Profile:
         peak_tflops=c.number("peak_tflops", None, positive=True, optional=True),
         emulated=_bool(data, "emulated", source),
         compile_mode=c.choice("compile_mode", COMPILE_MODES, "max-autotune-no-cudagraphs"),
-        sla_policy=c.choice("sla_policy", SLA_POLICIES, "fp32"),
+        sla_policy=c.choice("sla_policy", SLA_POLICIES, DEFAULT_SLA_POLICY),
         exporter=c.choice("exporter", EXPORTERS, "auto"),
         activation_type=c.choice("activation_type", ACTIVATION_TYPES, "int8"),
         ort_cuda_layout=c.choice("ort_cuda_layout", ORT_CUDA_LAYOUTS, "nchw"),

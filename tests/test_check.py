@@ -119,14 +119,14 @@ def test_fp16_without_fp32_islands_fails_on_cuda(tmp_path: Path, monkeypatch: py
 
     ckpt = _large_k_checkpoint(tmp_path / "c.pth")
     good = tmp_path / "good"
-    export_model(NAME, ckpt, good, ExportOptions(precision="fp16"))
+    export_model(NAME, ckpt, good, ExportOptions(precision="fp16", sla_policy="fp32"))
     rep_good = run_check(NAME, ckpt, artifacts=good, inputs=4, backends=("torch", "ort-cuda"))
     assert rep_good.passed, rep_good.verdict()
     assert any(r.rung == "ort_cuda" and r.status == "pass" for r in rep_good.rungs)
 
     real = api.prepare_precision
 
-    def no_islands(model, precision, sla_policy="fp32"):  # type: ignore[no-untyped-def]
+    def no_islands(model, precision, sla_policy):  # type: ignore[no-untyped-def]
         wrapped = real(model, precision, sla_policy)
         for m in wrapped.modules():
             if isinstance(m, SLACore):
@@ -135,7 +135,7 @@ def test_fp16_without_fp32_islands_fails_on_cuda(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(api, "prepare_precision", no_islands)
     bad = tmp_path / "bad"
-    export_model(NAME, ckpt, bad, ExportOptions(precision="fp16"))  # the CPU parity cannot see it
+    export_model(NAME, ckpt, bad, ExportOptions(precision="fp16", sla_policy="fp32"))  # not seen on the CPU
     rep_bad = run_check(NAME, ckpt, artifacts=bad, inputs=4, backends=("torch", "ort-cuda"))
     assert rep_bad.first_failure is not None
     assert (rep_bad.first_failure.rung, rep_bad.first_failure.precision) == ("ort_cuda", "fp16")

@@ -159,7 +159,7 @@ def test_simplifier_that_changes_results_is_rejected(tmp_path: Path, monkeypatch
 
 def test_fp16_export_keeps_fp32_islands(tmp_path: Path) -> None:
     name = "test_slab_swin"
-    m = _export(name, tmp_path, precision="fp16")
+    m = _export(name, tmp_path, precision="fp16", sla_policy="fp32")
     assert m["status"] == "ok" and m["precision"]["mode"] == "fp16"
     g = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert g.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT

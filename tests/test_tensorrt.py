@@ -298,7 +298,7 @@ def test_records_that_are_not_ours_are_refused(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def exported_fp16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("trt16") / "fp16"
-    export_model(NAME, None, d, ExportOptions(precision="fp16"))
+    export_model(NAME, None, d, ExportOptions(precision="fp16", sla_policy="fp32"))
     return d
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from slab_deploy.bench.cases import Target
-from slab_deploy.choices import EXPORT_PRECISIONS
+from slab_deploy.choices import DEFAULT_SLA_POLICY, EXPORT_PRECISIONS
 from slab_deploy.errors import ArtifactError, CheckpointError
 
 CACHE_RECORD = "bench-cache.json"
@@ -36,8 +36,9 @@ def checkpoint_identity(t: Target) -> str:
     return _SHA_MEMO[key]
 
 
-def onnx_for(t: Target, precision: str, cache: Path, sla_policy: str = "fp32", exporter: str = "auto",
-              *, notes: list[str] | None = None, activation_type: str = "int8") -> Path:
+def onnx_for(t: Target, precision: str, cache: Path, sla_policy: str = DEFAULT_SLA_POLICY,
+             exporter: str = "auto", *, notes: list[str] | None = None,
+             activation_type: str = "int8") -> Path:
     """The ONNX graph of a target at `precision`: reused from `cache` only when the record bench
     wrote beside it (CACHE_RECORD) matches the request (model, variant, precision, SLA policy,
     exporter, checkpoint sha256) and the file's sha256; otherwise exported afresh (and `notes`
@@ -76,7 +77,7 @@ def onnx_for(t: Target, precision: str, cache: Path, sla_policy: str = "fp32", e
     return path
 
 
-def export_options(t: Target, precision: str, sla_policy: str = "fp32", exporter: str = "auto",
+def export_options(t: Target, precision: str, sla_policy: str = DEFAULT_SLA_POLICY, exporter: str = "auto",
                    activation_type: str = "int8") -> Any:
     """The export a bench case runs on. INT8: the demo models calibrate on their held-out digits; any
     other model on seeded random images, which is good for latency and nothing else (`calibration_note`)."""

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from slab_deploy.choices import DEFAULT_SLA_POLICY
 from slab_deploy.cli.app import (
     CkptOpt,
     JsonOpt,
@@ -66,7 +67,7 @@ def bench(
     compile_mode: Annotated[str | None, typer.Option(
         "--compile-mode", help="torch.compile mode for the torch-compile backend.")] = None,
     sla_policy: Annotated[str | None, typer.Option(
-        "--sla-policy", help="Half precision SLA policy: fp32 or mixed.")] = None,
+        "--sla-policy", help="Half precision SLA policy: mixed (the default) or fp32.")] = None,
     exporter: Annotated[str | None, typer.Option(
         "--exporter", help="ONNX exporter for ORT/TensorRT cases: auto, dynamo, torchscript.")] = None,
     activation_type: Annotated[str | None, typer.Option("--activation-type", help=(
@@ -168,7 +169,7 @@ def trace(
     top: Annotated[int, typer.Option(
         "--top", help="How many kernels/operators to list per model.")] = 12,
     sla_policy: Annotated[str, typer.Option(
-        "--sla-policy", help="Half precision SLA policy: fp32 or mixed.")] = "fp32",
+        "--sla-policy", help="Half precision SLA policy: mixed or fp32.")] = DEFAULT_SLA_POLICY,
     exporter: Annotated[str, typer.Option(
         "--exporter", help="ONNX exporter for ORT cases: auto, dynamo, torchscript.")] = "auto",
     activation_type: Annotated[str, typer.Option("--activation-type", help=(

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from slab_deploy.choices import CHECK_BACKENDS, EXPORT_PRECISIONS, describe
+from slab_deploy.choices import CHECK_BACKENDS, DEFAULT_SLA_POLICY, EXPORT_PRECISIONS, describe
 from slab_deploy.cli.app import (
     CkptOpt,
     EmaOpt,
@@ -185,8 +185,8 @@ def export(
         "Input resolution (default: the model's, 224); "
         "must be the checkpoint's for models with positional encodings."))] = None,
     sla_policy: Annotated[str, typer.Option("--sla-policy", help=(
-        "fp16 only: SLA in fp32 (the authors' island) "
-        "or mixed (fp16 matmuls, fp32 normaliser)."))] = "fp32",
+        "fp16 only: mixed (fp16 matmuls, fp32 normaliser; the default) "
+        "or fp32 (SLA in fp32, the authors' island)."))] = DEFAULT_SLA_POLICY,
     calibration: Annotated[Path | None, typer.Option("--calibration", metavar="DIR", help=(
         "int8: folder of calibration images (flat, or one folder per class); "
         "the demo models default to their held-out digits, any other model needs it."))] = None,

@@ -12,6 +12,7 @@ import torch
 from slab_deploy.choices import (
     ACTIVATION_TYPES,
     CALIBRATION_METHODS,
+    DEFAULT_SLA_POLICY,
     EXPORT_PRECISIONS,
     EXPORTERS,
     SIMPLIFIERS,
@@ -45,7 +46,7 @@ class ExportOptions:
     seed: int = 0
     img_size: int | None = None
     fold: bool = True  # False exports the checkpoint model as is (for unfolded benchmarks)
-    sla_policy: str = "fp32"  # fp16 only: SLA's half-precision policy (fp32 island or mixed; see SLACore)
+    sla_policy: str = DEFAULT_SLA_POLICY  # fp16 only: SLA's half-precision policy (mixed or fp32; SLACore)
     # int8 only (None: not given; see export/calibration.py and export/quantize.py)
     calibration: str | Path | None = None  # image folder (the demo models default to their held-out set)
     calibration_samples: int | None = None

@@ -15,6 +15,7 @@ import onnx
 import torch
 from torch import nn
 
+from slab_deploy.choices import DEFAULT_SLA_POLICY
 from slab_deploy.errors import ExportError, UnsupportedInputError
 from slab_deploy.export.calibration import CalibrationSet
 from slab_deploy.export.onnx_export import ExportInfo, ImageModel, file_opset, onnx_from_torch
@@ -96,7 +97,7 @@ def base_precision(precision: str) -> str:
     return "fp32" if precision == "int8" else precision
 
 
-def prepare_precision(model: nn.Module, precision: str, sla_policy: str = "fp32") -> nn.Module:
+def prepare_precision(model: nn.Module, precision: str, sla_policy: str = DEFAULT_SLA_POLICY) -> nn.Module:
     """Wrap for deployment. fp16: half weights and activations, fp32 images in and logits out, and
     SLA's normaliser (and, with policy fp32, its k^T v product) in fp32: see `SLACore`."""
     from slab_deploy.models.layers import set_sla_policy

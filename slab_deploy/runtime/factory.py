@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slab_deploy.choices import BACKENDS
+from slab_deploy.choices import BACKENDS, DEFAULT_SLA_POLICY
 from slab_deploy.runtime.base import TimedRunner, UnsupportedBackend
 
 
-def make_runner(backend: str, model_or_onnx: Any, device: str, precision: str, *, sla_policy: str = "fp32",
-                compile_mode: str = "max-autotune-no-cudagraphs", threads: int | None = None,
+def make_runner(backend: str, model_or_onnx: Any, device: str, precision: str, *,
+                sla_policy: str = DEFAULT_SLA_POLICY, compile_mode: str = "max-autotune-no-cudagraphs",
+                threads: int | None = None,
                 max_batch: int = 64, profile_prefix: str | None = None,
                 ort_cuda_layout: str = "nchw") -> TimedRunner:
     """The runner of `backend`: torch backends take an nn.Module (moved to `device` and

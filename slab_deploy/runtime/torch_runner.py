@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slab_deploy.choices import DEFAULT_SLA_POLICY
 from slab_deploy.runtime.base import Prepared, RunnerInfo, UnsupportedBackend
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -22,7 +23,7 @@ class TorchRunner:
     `torch.inference_mode()`."""
 
     def __init__(self, model: nn.Module, device: str = "cpu", precision: str = "fp32",
-                 sla_policy: str = "fp32", *, mode: str = "eager",
+                 sla_policy: str = DEFAULT_SLA_POLICY, *, mode: str = "eager",
                  compile_mode: str = "max-autotune-no-cudagraphs", threads: int | None = None) -> None:
         from slab_deploy.models.layers import set_sla_policy
 
