@@ -8,6 +8,7 @@ Usage:
   python tools/summarize_bench.py --traces docs/results/h200-2026-11-29-r2/trace-*/trace.json
   python tools/summarize_bench.py --checks docs/results/h200-2026-11-29/check/*/report.json
   python tools/summarize_bench.py --cpu docs/results/cpu2-2026-11-29/bench-*/bench.json
+  python tools/summarize_bench.py --before-after BEFORE.json[,BEFORE2.json] AFTER.json[,AFTER2.json]
 Every figure printed comes from the JSON files; nothing is typed in.
 """
 
@@ -191,6 +192,19 @@ def margins(paths: list[str]) -> None:
               f"{m['ref_margin_min']:.1e} | {m['max_abs_reference']:.2f} |")
 
 
+def before_after(before: list[str], after: list[str]) -> None:
+    """Median latency of the cases measured both before and after a change (same case key)."""
+    def medians(paths: list[str]) -> dict[tuple, float]:
+        return {(r["model"], r["backend"], r["precision"], r["batch"]): r["median_ms"]
+                for data in load(paths) for r in data["results"] if r["status"] == "ok"}
+
+    old, new = medians(before), medians(after)
+    print("| model | backend | precision | batch | before ms | after ms | after / before |")
+    print("|---|---|---|---|---|---|---|")
+    for k in sorted(old.keys() & new.keys(), key=lambda k: (k[1], k[3], k[0])):
+        print(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {old[k]:.3f} | {new[k]:.3f} | {new[k] / old[k]:.3f} |")
+
+
 def cpu(paths: list[str]) -> None:
     """Per-thread latency and speed-up tables (CPU runs)."""
     print("| SLAB model | vs | threads | SLAB median ms | other median ms | speed-up |")
@@ -207,6 +221,8 @@ if __name__ == "__main__":
             checks(sys.argv[4:], sys.argv[3])
         else:
             checks(sys.argv[2:])
+    elif sys.argv[1:2] == ["--before-after"]:
+        before_after(sys.argv[2].split(","), sys.argv[3].split(","))
     elif sys.argv[1:2] == ["--cpu"]:
         cpu(sys.argv[2:])
     elif sys.argv[1:2] == ["--margins"]:
