@@ -157,7 +157,7 @@ class SimplifiedLinearAttention(_StripeAttention):
         convs = shared_dwc(v, self.dwc, (self.h_sp, self.w_sp), heads, extra=self.get_v)
         q = F.relu(q)
         k = F.relu(k + self.positional_encoding)
-        x = head_merge(self.core(*(head_split(t, heads) for t in (q, k, v))), heads)
+        x = self.core.tokens(q, k, v, heads)
         return self.unstripes(x + convs)
 
 

@@ -32,8 +32,6 @@ from slab_deploy.models.layers import (
     Mlp,
     NormFactory,
     SLACore,
-    head_merge,
-    head_split,
     init_weights,
     norm_factory,
     shared_dwc,
@@ -95,7 +93,7 @@ class SimplifiedLinearAttention(nn.Module):
         q, k, v = self.qkv(x).split(c, dim=-1)
         q = F.relu(q)
         k = F.relu(k + self.positional_encoding)
-        out = head_merge(self.core(*(head_split(t, self.num_heads) for t in (q, k, v))), self.num_heads)
+        out = self.core.tokens(q, k, v, self.num_heads)
         return self.proj(out + shared_dwc(v, self.dwc, self.grid, self.num_heads))
 
     def extra_repr(self) -> str:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slab_deploy import choices
+from slab_deploy.models import sla_kernel
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -164,7 +165,19 @@ class SLACore(nn.Module):
         super().__init__()
         self.eps = eps
         self.policy = "native"
+        self.fused = True  # `tokens` may run the fused CUDA kernel (models.sla_kernel) under `mixed`
         self._kv_first: bool | None = None  # decided from the shapes on the first eager call
+
+    def tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+        """The product of every head on the token layout: q, k (B, N, heads*c), v (B, N, heads*d) in,
+        (B, N, heads*d) out. Under `mixed` on CUDA it is one fused Triton kernel where one runs and
+        pays off (`sla_kernel.supports`; never while traced or exported, where the ONNX graph is the
+        reference, nor under torch.compile, which fuses the reference itself); otherwise the heads
+        are split, `forward` runs, and the heads are merged."""
+        if (self.fused and self.policy == "mixed" and sla_kernel.available() and not _tracing()
+                and not torch.compiler.is_compiling() and sla_kernel.supports(q, k, v, heads)):
+            return sla_kernel.sla_mixed(q, k, v, heads, self.eps)
+        return head_merge(self(*(head_split(t, heads) for t in (q, k, v))), heads)
 
     @staticmethod
     def kv_first(n: int, c: int, d: int) -> bool:
@@ -228,6 +241,12 @@ class SLACore(nn.Module):
 
 
 HALF_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.3895313892515355e38}
+
+
+def _tracing() -> bool:
+    """Under torch.jit tracing (the TorchScript ONNX exporter) or torch.export (the dynamo one)."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return torch.jit.is_tracing() or bool(exporting is not None and exporting())
 
 
 def token_ones(x: torch.Tensor, value: float = 1.0) -> torch.Tensor:

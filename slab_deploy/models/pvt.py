@@ -151,7 +151,7 @@ class SimplifiedLinearAttention(nn.Module):
         q = F.relu(self.q(x))
         k, v = self.kv(x).split(c, dim=-1)
         k = F.relu(k + self.positional_encoding)
-        out = head_merge(self.core(*(head_split(t, self.num_heads) for t in (q, k, v))), self.num_heads)
+        out = self.core.tokens(q, k, v, self.num_heads)
         return self.proj(out + shared_dwc(v, self.dwc, self.resolution, self.num_heads))
 
     def extra_repr(self) -> str:

@@ -177,7 +177,7 @@ class SimplifiedLinearAttention(nn.Module):
         q, k, v = self.qkv(x).split(c, dim=-1)
         q = F.relu(q)
         k = F.relu(k + self.positional_encoding)
-        out = head_merge(self.core(*(head_split(t, self.num_heads) for t in (q, k, v))), self.num_heads)
+        out = self.core.tokens(q, k, v, self.num_heads)
         return self.proj(out + shared_dwc(v, self.dwc, (self.window, self.window), self.num_heads))
 
     def extra_repr(self) -> str:
