@@ -127,3 +127,12 @@ def test_kernel_is_chosen_where_it_was_measured_to_pay_off() -> None:
     assert sla_kernel.pays_off(1, 197, 6) and sla_kernel.pays_off(64, 197, 6)
     assert all(sla_kernel.pays_off(w, n, h) for w, n, h in swin + pvt)
     assert not any(sla_kernel.pays_off(64 * w, n, h) for w, n, h in swin[:3] + pvt[:2])
+
+
+def test_trace_counts_the_kernel_as_fused_attention() -> None:
+    """`trace` files the kernel (Triton names it after its function) and the op with fused attention."""
+    from slab_deploy.bench.categories import ATEN_CATEGORIES, categorize
+
+    assert "def _sla_mixed_kernel(" in Path(sla_kernel.__file__).read_text()
+    assert categorize("_sla_mixed_kernel") == "fused attention"
+    assert categorize("slab_deploy::sla_mixed", ATEN_CATEGORIES) == "fused attention"

@@ -15,7 +15,7 @@ KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
     ("conv", r"conv|fprop|dgrad|wgrad|depthwise|implicit_convolve|winograd|Conv"),
     ("norm", r"layer_?norm|LayerNorm|batch_?norm|BatchNorm|cuApplyLayerNorm|SkipLayerNorm|welford|Welford"),
     ("softmax", r"softmax|SoftMax|Softmax"),
-    ("fused attention", r"fmha|flash|[Aa]ttention|mha_|Mha"),
+    ("fused attention", r"fmha|flash|[Aa]ttention|mha_|Mha|sla_mixed"),  # sla_mixed: models.sla_kernel
     ("matmul", r"gemm|Gemm|GEMM|gemv|Gemv|nvjet|xmma|cutlass|cublas|splitK|s16816|s1688|matmul|MatMul"),
     ("reduction", r"reduce|Reduce"),
     ("copy/cast/layout",
@@ -29,7 +29,7 @@ ATEN_CATEGORIES: tuple[tuple[str, str], ...] = (
     ("conv", r"conv|mkldnn_convolution"),
     ("norm", r"layer_norm|batch_norm"),
     ("softmax", r"softmax"),
-    ("fused attention", r"scaled_dot_product|flash|efficient_attention"),
+    ("fused attention", r"scaled_dot_product|flash|efficient_attention|sla_mixed"),
     ("matmul", r"::(addmm|mm|bmm|baddbmm|matmul|linear|_addmm_activation)$"),
     ("reduction", r"::(sum|mean|norm|linalg_vector_norm|amax|max|min)$"),
     ("copy/cast/layout", r"copy_|contiguous|clone|_to_copy|::to$|transpose|permute|reshape|view|cat|roll|pad|"
