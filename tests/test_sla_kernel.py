@@ -87,7 +87,7 @@ def test_fused_kernel_on_cuda() -> None:
 
 
 @pytest.mark.cuda
-def test_models_take_the_fused_path_on_cuda(tmp_path: Path) -> None:
+def test_models_take_the_fused_path_on_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A folded fp16 `mixed` SLAB-DeiT-T on CUDA runs the kernel (the op is called) and gives the
     logits of the reference path within the tolerance table's torch_cuda fp16 row."""
     from slab_deploy.export.steps import prepare_precision
@@ -103,11 +103,9 @@ def test_models_take_the_fused_path_on_cuda(tmp_path: Path) -> None:
         deploy = prepare_precision(model, "fp16", "mixed").cuda()
         calls = []
         real = sla_kernel.sla_mixed
-        sla_kernel.sla_mixed = lambda *a: calls.append(1) or real(*a)  # type: ignore[assignment]
-        try:
-            fused = deploy(x.cuda()).float().cpu().numpy()
-        finally:
-            sla_kernel.sla_mixed = real  # type: ignore[assignment]
+        monkeypatch.setattr(sla_kernel, "sla_mixed", lambda *a: calls.append(1) or real(*a))
+        fused = deploy(x.cuda()).float().cpu().numpy()
+        monkeypatch.undo()
         for m in deploy.modules():
             if isinstance(m, SLACore):
                 m.fused = False

@@ -174,8 +174,8 @@ class SLACore(nn.Module):
         pays off (`sla_kernel.supports`; never while traced or exported, where the ONNX graph is the
         reference, nor under torch.compile, which fuses the reference itself); otherwise the heads
         are split, `forward` runs, and the heads are merged."""
-        if (self.fused and self.policy == "mixed" and sla_kernel.available() and not _tracing()
-                and not torch.compiler.is_compiling() and sla_kernel.supports(q, k, v, heads)):
+        if (self.fused and self.policy == "mixed" and sla_kernel.available() and not _traced()
+                and sla_kernel.supports(q, k, v, heads)):
             return sla_kernel.sla_mixed(q, k, v, heads, self.eps)
         return head_merge(self(*(head_split(t, heads) for t in (q, k, v))), heads)
 
@@ -191,7 +191,7 @@ class SLACore(nn.Module):
         if kv_first is None:
             # Shapes are static for these models; under an exporter's tracer use the cached choice.
             kv_first = self.kv_first(int(q.shape[-2]), int(q.shape[-1]), int(v.shape[-1]))
-            if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            if not _traced():
                 self._kv_first = kv_first
         if half and self.policy == "mixed":
             n, c = k.shape[-2], k.shape[-1]
@@ -243,10 +243,12 @@ class SLACore(nn.Module):
 HALF_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.3895313892515355e38}
 
 
-def _tracing() -> bool:
-    """Under torch.jit tracing (the TorchScript ONNX exporter) or torch.export (the dynamo one)."""
+def _traced() -> bool:
+    """Under torch.jit tracing (the TorchScript ONNX exporter), torch.export (the dynamo one) or
+    torch.compile: a graph is being recorded, not run."""
     exporting = getattr(torch.compiler, "is_exporting", None)
-    return torch.jit.is_tracing() or bool(exporting is not None and exporting())
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or bool(exporting is not None and exporting()))
 
 
 def token_ones(x: torch.Tensor, value: float = 1.0) -> torch.Tensor:

@@ -36,12 +36,13 @@ HEAD_SIZES = (16, 32, 64, 128)  # tl.dot needs powers of two >= 16; 128 bounds t
 
 
 # Where the kernel pays off (H200, torch CUDA graphs, fp16, 2026-12-03; docs/benchmarks.md): every
-# program recomputes its head's k^T v, and each is a small latency-bound unit. Measured all-fused, it won
-# where a model had at most 1536 programs of at most 4x recomputation (SLAB-DeiT-S at batch 1 and 64,
-# SLAB-Swin-T and SLAB-PVT-T at batch 1) and lost at batch 64 where SLAB-Swin-T ran 3072-12288 small
-# programs per layer and SLAB-PVT-T's 3136-token stage recomputed k^T v 49 times per head. So it runs
-# where the programs are at most MAX_PROGRAMS and programs x q-blocks (the k^T v work) at most MAX_WORK,
-# the reference path elsewhere.
+# program recomputes its head's k^T v over all N tokens, and each is a small latency-bound unit. Measured
+# with every layer fused, it won for SLAB-DeiT-S at batch 1 and 64 (at most 1536 programs of 4 query
+# blocks) and for SLAB-Swin-T and SLAB-PVT-T at batch 1 (a few hundred programs at most; PVT-T's first
+# stage 49 programs of 49 blocks), and lost at batch 64 for SLAB-Swin-T (3072-12288 small programs in
+# stages 1-3) and SLAB-PVT-T (its 3136-token stage: 3136 programs each recomputing k^T v over 49
+# blocks). So it runs where the programs are at most MAX_PROGRAMS and programs x query blocks (the
+# k^T v work) at most MAX_WORK, the reference path elsewhere.
 MAX_PROGRAMS = 1536
 MAX_WORK = 6144
 
