@@ -4,6 +4,7 @@ run through Triton's interpreter on the CPU (where Triton is installed) and on C
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -13,44 +14,69 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from slab_deploy.models import sla_kernel
-from slab_deploy.models.layers import SLACore, head_merge, head_split
+from slab_deploy.models.layers import SLACore, dwc_weights
 from slab_deploy.parity import compare, judge
 from slab_deploy.tolerances import tolerance_for
 
 ROOT = Path(__file__).resolve().parent.parent
-# (B, N, heads, head size, key scale): DeiT-S, a Swin-T window, a PVT-T stage-1 map, large keys
-# (the output is invariant to their scale; the reference's fp16 reciprocal once went subnormal there)
-SHAPES = [(2, 197, 6, 64, 1.0), (8, 49, 3, 32, 1.0), (1, 3136, 1, 64, 1.0), (2, 70, 2, 16, 300.0)]
+# (B, N, heads, head size, grid, key scale, LePE kernel): DeiT-S; a window of 49 tokens; PVT-T's
+# 3136-token stage 1 (the three-kernel path); a 400-token map on that path with CSWin's LePE in the
+# conv; large keys on a grid that is not square (the output is invariant to their scale; the
+# reference's fp16 reciprocal once went subnormal there)
+SHAPES = [(2, 196, 6, 64, (14, 14), 1.0, 0), (8, 49, 3, 32, (7, 7), 1.0, 0),
+          (1, 3136, 1, 64, (56, 56), 1.0, 0), (1, 400, 2, 16, (20, 20), 1.0, 3),
+          (2, 70, 2, 16, (7, 10), 300.0, 0)]
+INTERPRETED = [0, 1, 3, 4]  # the 3136-token map takes minutes in Triton's interpreter
 
 
-def _fp64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float) -> torch.Tensor:
-    q, k, v = (head_split(t.double().cpu(), heads) for t in (q, k, v))
-    den = q @ k.sum(-2, keepdim=True).transpose(-2, -1) + eps
-    return head_merge((q @ (k.transpose(-2, -1) @ v)) / den, heads)
-
-
-def _inputs(b: int, n: int, heads: int, c: int, scale: float, device: str) -> tuple[torch.Tensor, ...]:
-    """q, relu'd k and v as the models pass them: q and k contiguous, v a view of the qkv output."""
+def _inputs(shape: tuple, device: str) -> tuple[torch.Tensor, ...]:
+    """q, k, v as the models pass them (the projection's output, before the ReLUs: q and k views of
+    it, v too), the positional encoding, the DWC (randomised weights and bias, shared by the heads)
+    and CSWin's LePE (or None), in fp16 on `device`."""
+    b, n, heads, c, grid, scale, lepe = shape
     g = torch.Generator().manual_seed(n + c)
     qkv = torch.randn(b, n, 3 * heads * c, generator=g)
+    qkv[..., heads * c:2 * heads * c] *= scale
     q, k, v = qkv.to(device, torch.float16).split(heads * c, dim=-1)
-    return q.relu(), (k.float().relu() * scale).half(), v
+    pe = (0.5 * torch.randn(1, n, heads * c, generator=g)).to(device, torch.float16)
+    dwc = nn.Conv2d(c, c, 5, padding=2, groups=c)
+    extra = nn.Conv2d(heads * c, heads * c, lepe, padding=lepe // 2, groups=heads * c) if lepe else None
+    with torch.no_grad():
+        for conv in (dwc, extra):
+            if conv is not None:
+                conv.weight.normal_(generator=g)
+                conv.bias.normal_(generator=g)
+    return q, k, v, pe, dwc.to(device, torch.float16), extra.to(device, torch.float16) if extra else None
+
+
+def _attend(core: SLACore, shape: tuple, args: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """SLACore.attend of `args` in `dtype` (convs copied, so fp16 ones stay fp16)."""
+    q, k, v, pe, dwc, extra = args
+    convs = [None if m is None else copy.deepcopy(m).to(dtype) for m in (dwc, extra)]
+    q, k, v, pe = (t.to(dtype) for t in (q, k, v, pe))
+    return core.attend(q, k, v, shape[2], pe, convs[0], shape[4], convs[1])
 
 
 def _metrics(shape: tuple, device: str) -> dict[str, dict]:
-    """fp64 reference vs the fused kernel and vs SLACore's `mixed` reference path."""
-    b, n, heads, c, scale = shape
-    q, k, v = _inputs(b, n, heads, c, scale, device)
-    core = SLACore()
+    """fp64 reference (SLACore.attend on the fp16 inputs) vs the fused kernels and vs the `mixed`
+    reference path."""
+    b, n, heads = shape[:3]
+    args = _inputs(shape, device)
+    ref_core, core = SLACore(), SLACore()
     core.policy, core.fused = "mixed", False
-    ref = _fp64(q, k, v, heads, core.eps).numpy().reshape(b * n, -1)
-    fused = sla_kernel.launch(q, k, v, heads, core.eps).double().cpu().numpy().reshape(b * n, -1)
-    mixed = core.tokens(q, k, v, heads).double().cpu().numpy().reshape(b * n, -1)
+    with torch.no_grad():
+        ref = _attend(ref_core, shape, tuple(a if a is None else a.cpu() for a in args), torch.float64)
+        q, k, v, pe, dwc, extra = args
+        weight, bias = dwc_weights(dwc, heads, extra)
+        assert sla_kernel.supports(q, k, v, heads, pe, weight, bias, shape[4]) == (device == "cuda")
+        fused = sla_kernel.sla_mixed(q, k, v, heads, core.eps, pe, weight, bias, *shape[4], True)
+        mixed = _attend(core, shape, args, torch.float16)
     out = {}
     for name, cand in (("fused", fused), ("mixed", mixed)):
-        m = compare(ref, cand)
+        m = compare(ref.numpy().reshape(b * n, -1), cand.double().cpu().numpy().reshape(b * n, -1))
         out[name] = {"sqnr_db": m.sqnr_db, "passed": judge(m, tolerance_for("torch_cuda", "fp16")).passed}
     return out
 
@@ -58,8 +84,14 @@ def _metrics(shape: tuple, device: str) -> dict[str, dict]:
 def _check(results: dict[str, dict]) -> None:
     for shape, r in results.items():
         assert r["fused"]["passed"], (shape, r)
-        # the fused kernel keeps its normaliser and the division in fp32: no less accurate
+        # the fused kernels keep the normaliser, the division and the conv in fp32: no less accurate
         assert r["fused"]["sqnr_db"] >= r["mixed"]["sqnr_db"], (shape, r)
+
+
+def test_shapes_cover_both_paths() -> None:
+    """The shapes above take the one-kernel path and the three-kernel one, in the interpreter too."""
+    blocks = [-(-SHAPES[i][1] // sla_kernel.BLOCK) for i in INTERPRETED]
+    assert min(blocks) <= sla_kernel.INLINE_BLOCKS < max(blocks)
 
 
 def test_fused_kernel_in_triton_interpreter() -> None:
@@ -70,7 +102,7 @@ def test_fused_kernel_in_triton_interpreter() -> None:
     script = (
         "import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
         "import test_sla_kernel as t\n"
-        "print(json.dumps({str(s): t._metrics(s, 'cpu') for s in t.SHAPES[:2] + t.SHAPES[3:]}))\n"
+        "print(json.dumps({str(t.SHAPES[i]): t._metrics(t.SHAPES[i], 'cpu') for i in t.INTERPRETED}))\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", script, str(ROOT), str(ROOT / "tests")], env=env,
@@ -87,16 +119,19 @@ def test_fused_kernel_on_cuda() -> None:
 
 
 @pytest.mark.cuda
-def test_models_take_the_fused_path_on_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A folded fp16 `mixed` SLAB-DeiT-T on CUDA runs the kernel (the op is called) and gives the
-    logits of the reference path within the tolerance table's torch_cuda fp16 row."""
+@pytest.mark.parametrize(("name", "blocks"), [("slab_deit_tiny", 12), ("slab_pvt_tiny", 8)])
+def test_models_take_the_fused_path_on_cuda(name: str, blocks: int, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folded fp16 `mixed` model on CUDA runs the kernels in every SLA block (PVT-T's first stage
+    on the three-kernel path) and gives logits that pass the tolerance table's torch_cuda fp16 row
+    against the fp32 model, as the reference path's do."""
     from slab_deploy.export.steps import prepare_precision
     from slab_deploy.models import create_model
     from slab_deploy.passes.fold import fold_model
     from slab_deploy.weights import random_checkpoint
 
-    ckpt = random_checkpoint("slab_deit_tiny", tmp_path / "c.pth", seed=5)
-    model, _ = fold_model(create_model("slab_deit_tiny", ckpt))
+    ckpt = random_checkpoint(name, tmp_path / "c.pth", seed=5)
+    model, _ = fold_model(create_model(name, ckpt))
     x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(x).numpy()
@@ -110,27 +145,57 @@ def test_models_take_the_fused_path_on_cuda(tmp_path: Path, monkeypatch: pytest.
             if isinstance(m, SLACore):
                 m.fused = False
         unfused = deploy(x.cuda()).float().cpu().numpy()
-    assert len(calls) == 12
+    assert len(calls) == blocks
     for cand in (fused, unfused):
         v = judge(compare(ref, cand), tolerance_for("torch_cuda", "fp16"))
         assert v.passed, v
 
 
-def test_kernel_is_chosen_where_it_was_measured_to_pay_off() -> None:
-    """`pays_off` picks the fused kernel for the shapes it won on (SLAB-DeiT-S at batch 1 and 64, every
-    stage of SLAB-Swin-T and SLAB-PVT-T at batch 1) and leaves the reference for those it lost on
-    (SLAB-Swin-T's stages 1-3 and SLAB-PVT-T's stages 1-2 at batch 64)."""
-    swin = [(64, 49, 3), (16, 49, 6), (4, 49, 12), (1, 49, 24)]  # windows per image, tokens, heads
-    pvt = [(1, 3136, 1), (1, 784, 2), (1, 196, 5), (1, 49, 8)]
-    assert sla_kernel.pays_off(1, 197, 6) and sla_kernel.pays_off(64, 197, 6)
-    assert all(sla_kernel.pays_off(w, n, h) for w, n, h in swin + pvt)
-    assert not any(sla_kernel.pays_off(64 * w, n, h) for w, n, h in swin[:3] + pvt[:2])
+def test_auto_keeps_the_measured_rule() -> None:
+    """`pays_off` picks shapes the first kernel won on (SLAB-DeiT-S at batch 1 and 64, SLAB-PVT-T's
+    stages and SLAB-Swin-T's second at batch 1) and leaves the reference for those it lost on (the
+    3136-token stages at batch 64)."""
+    assert sla_kernel.pays_off(1, 196, 6) and sla_kernel.pays_off(64, 196, 6)
+    assert all(sla_kernel.pays_off(1, n, h) for n, h in [(784, 6), (3136, 1), (784, 2), (196, 5)])
+    assert not any(sla_kernel.pays_off(64, 3136, h) for h in (1, 3))
 
 
-def test_trace_counts_the_kernel_as_fused_attention() -> None:
-    """`trace` files the kernel (Triton names it after its function) and the op with fused attention."""
+def test_kernel_mode_chooses_where_the_kernels_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLAB_DEPLOY_SLA_KERNEL: `auto` runs the kernels eagerly but not under torch.compile, `compile`
+    under both, `never` nowhere; exporting or another policy always gets the reference; a value that
+    is not a mode is refused with one line naming the modes."""
+    from slab_deploy.errors import ConfigError
+
+    monkeypatch.setattr(sla_kernel, "available", lambda: True)
+    core = SLACore()
+    core.policy = "mixed"
+    for kernel_mode, eager, compiled in (("auto", True, False), ("compile", True, True),
+                                         ("never", False, False), ("", True, False)):
+        monkeypatch.setenv(sla_kernel.ENV, kernel_mode)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+        assert core._fused_here() is eager, kernel_mode
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert core._fused_here() is compiled, kernel_mode
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setenv(sla_kernel.ENV, "compile")
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert not core._fused_here()
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: False)
+    core.policy = "fp32"
+    assert not core._fused_here()
+    core.policy = "mixed"
+    monkeypatch.setenv(sla_kernel.ENV, "fast")
+    with pytest.raises(ConfigError, match="auto, compile, never"):
+        core._fused_here()
+
+
+def test_trace_counts_the_kernels_as_fused_attention() -> None:
+    """`trace` files the kernels (Triton names them after their functions) and the op with fused
+    attention."""
     from slab_deploy.bench.categories import ATEN_CATEGORIES, categorize
 
-    assert "def _sla_mixed_kernel(" in Path(sla_kernel.__file__).read_text()
-    assert categorize("_sla_mixed_kernel") == "fused attention"
+    source = Path(sla_kernel.__file__).read_text()
+    for name in ("_sla_mixed_kernel", "_sla_kv_kernel", "_sla_norm_kernel"):
+        assert f"def {name}(" in source
+        assert categorize(name) == "fused attention"
     assert categorize("slab_deploy::sla_mixed", ATEN_CATEGORIES) == "fused attention"

@@ -15,7 +15,7 @@ KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
     ("conv", r"conv|fprop|dgrad|wgrad|depthwise|implicit_convolve|winograd|Conv"),
     ("norm", r"layer_?norm|LayerNorm|batch_?norm|BatchNorm|cuApplyLayerNorm|SkipLayerNorm|welford|Welford"),
     ("softmax", r"softmax|SoftMax|Softmax"),
-    ("fused attention", r"fmha|flash|[Aa]ttention|mha_|Mha|sla_mixed"),  # sla_mixed: models.sla_kernel
+    ("fused attention", r"fmha|flash|[Aa]ttention|mha_|Mha|_sla_(mixed|kv|norm)_kernel"),  # models.sla_kernel
     ("matmul", r"gemm|Gemm|GEMM|gemv|Gemv|nvjet|xmma|cutlass|cublas|splitK|s16816|s1688|matmul|MatMul"),
     ("reduction", r"reduce|Reduce"),
     ("copy/cast/layout",

@@ -9,12 +9,14 @@ from typing import Any
 
 
 def environment(device: str) -> dict[str, Any]:
-    """Versions of slab-deploy, Python, torch, ONNX Runtime and TensorRT, the CPU and, on CUDA, the GPU
-    and driver."""
+    """Versions of slab-deploy, Python, torch, Triton, ONNX Runtime and TensorRT, the fused SLA kernels'
+    mode (SLAB_DEPLOY_SLA_KERNEL; a value that is not a mode is refused here, before any case), the
+    CPU and, on CUDA, the GPU and driver."""
     import torch
 
     from slab_deploy import __version__
     from slab_deploy._deps import version_of
+    from slab_deploy.models import sla_kernel
 
     env: dict[str, Any] = {
         "slab-deploy": __version__,
@@ -23,6 +25,8 @@ def environment(device: str) -> dict[str, Any]:
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
+        "triton": version_of("triton"),
+        "sla_kernel": sla_kernel.mode(),
         **_ort_environment(),
         "tensorrt": (version_of("tensorrt") or version_of("tensorrt-rtx")
                      or version_of("tensorrt-rtx-cu13-bindings") or version_of("tensorrt-rtx-cu12-bindings")),

@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slab_deploy.errors import UnsupportedInputError
@@ -154,11 +153,9 @@ class SimplifiedLinearAttention(_StripeAttention):
         heads = self.num_heads
         q, k, v = self.stripes(q), self.stripes(k), self.stripes(v)
         # DWC(v) + LePE(v): one depthwise conv (the LePE kernel added into the tiled DWC kernel)
-        convs = shared_dwc(v, self.dwc, (self.h_sp, self.w_sp), heads, extra=self.get_v)
-        q = F.relu(q)
-        k = F.relu(k + self.positional_encoding)
-        x = self.core.tokens(q, k, v, heads)
-        return self.unstripes(x + convs)
+        x = self.core.attend(q, k, v, heads, self.positional_encoding, self.dwc, (self.h_sp, self.w_sp),
+                             extra=self.get_v)
+        return self.unstripes(x)
 
 
 class FocusedLinearAttention(_StripeAttention):

@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slab_deploy.errors import UnsupportedInputError
@@ -34,7 +33,6 @@ from slab_deploy.models.layers import (
     SLACore,
     init_weights,
     norm_factory,
-    shared_dwc,
     to_tokens,
 )
 from slab_deploy.models.registry import register_model
@@ -91,10 +89,8 @@ class SimplifiedLinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[2]
         q, k, v = self.qkv(x).split(c, dim=-1)
-        q = F.relu(q)
-        k = F.relu(k + self.positional_encoding)
-        out = self.core.tokens(q, k, v, self.num_heads)
-        return self.proj(out + shared_dwc(v, self.dwc, self.grid, self.num_heads))
+        out = self.core.attend(q, k, v, self.num_heads, self.positional_encoding, self.dwc, self.grid)
+        return self.proj(out)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, grid={self.grid}"

@@ -165,19 +165,44 @@ class SLACore(nn.Module):
         super().__init__()
         self.eps = eps
         self.policy = "native"
-        self.fused = True  # `tokens` may run the fused CUDA kernel (models.sla_kernel) under `mixed`
+        self.fused = True  # `attend` may run the fused CUDA kernels (models.sla_kernel) under `mixed`
         self._kv_first: bool | None = None  # decided from the shapes on the first eager call
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, pe: torch.Tensor,
+               dwc: nn.Conv2d, grid: tuple[int, int], extra: nn.Conv2d | None = None) -> torch.Tensor:
+        """SLA from its projections on the token layout: q, k (B, N, heads*c), v (B, N, heads*d) and the
+        positional encoding pe (1, N, heads*c) in; relu(q), relu(k + pe), the normalised product of
+        every head, + the DWC of v on `grid` (`shared_dwc`, with `extra` in the same conv) out,
+        (B, N, heads*d).
+
+        Under `mixed` on CUDA this is one fused Triton kernel (three for long token maps) where they
+        run (`sla_kernel.supports`; never while traced or exported, where the ONNX graph is the
+        reference; under torch.compile only in the kernels' `compile` mode); otherwise the reference
+        graph: the heads are split, `forward` runs, the heads are merged and the conv added."""
+        if self._fused_here():
+            weight, bias = dwc_weights(dwc, heads, extra)
+            chosen = sla_kernel.mode() == "compile" or sla_kernel.pays_off(q.shape[0], q.shape[1], heads)
+            if chosen and sla_kernel.supports(q, k, v, heads, pe, weight, bias, grid):
+                return sla_kernel.sla_mixed(q, k, v, heads, self.eps, pe, weight, bias, grid[0], grid[1],
+                                            True)
+        q = F.relu(q)
+        k = F.relu(k + pe)
+        return self.tokens(q, k, v, heads) + shared_dwc(v, dwc, grid, heads, extra)
+
     def tokens(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-        """The product of every head on the token layout: q, k (B, N, heads*c), v (B, N, heads*d) in,
-        (B, N, heads*d) out. Under `mixed` on CUDA it is one fused Triton kernel where one runs and
-        pays off (`sla_kernel.supports`; never while traced or exported, where the ONNX graph is the
-        reference, nor under torch.compile, which fuses the reference itself); otherwise the heads
-        are split, `forward` runs, and the heads are merged."""
-        if (self.fused and self.policy == "mixed" and sla_kernel.available() and not _traced()
-                and sla_kernel.supports(q, k, v, heads)):
-            return sla_kernel.sla_mixed(q, k, v, heads, self.eps)
+        """The reference product of every head on the token layout: q, k (B, N, heads*c), v
+        (B, N, heads*d) in, already ReLU'd; the heads split, `forward`, the heads merged."""
         return head_merge(self(*(head_split(t, heads) for t in (q, k, v))), heads)
+
+    def _fused_here(self) -> bool:
+        """Whether `attend` may take the fused kernels: `mixed`, Triton here, a graph not being recorded
+        for export, and torch.compile only in the kernels' `compile` mode."""
+        if not (self.fused and self.policy == "mixed"):
+            return False
+        kernel_mode = sla_kernel.mode()  # read (and a bad value refused) wherever `mixed` runs
+        if not sla_kernel.available() or _exporting():
+            return False
+        return kernel_mode == "compile" or (kernel_mode == "auto" and not torch.compiler.is_compiling())
 
     @staticmethod
     def kv_first(n: int, c: int, d: int) -> bool:
@@ -243,12 +268,16 @@ class SLACore(nn.Module):
 HALF_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.3895313892515355e38}
 
 
-def _traced() -> bool:
-    """Under torch.jit tracing (the TorchScript ONNX exporter), torch.export (the dynamo one) or
-    torch.compile: a graph is being recorded, not run."""
+def _exporting() -> bool:
+    """Under torch.jit tracing (the TorchScript ONNX exporter) or torch.export (the dynamo one): a
+    graph is being recorded for a file, not run."""
     exporting = getattr(torch.compiler, "is_exporting", None)
-    return (torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or bool(exporting is not None and exporting()))
+    return torch.jit.is_tracing() or bool(exporting is not None and exporting())
+
+
+def _traced() -> bool:
+    """Under export (`_exporting`) or torch.compile: a graph is being recorded, not run."""
+    return _exporting() or torch.compiler.is_compiling()
 
 
 def token_ones(x: torch.Tensor, value: float = 1.0) -> torch.Tensor:
@@ -276,6 +305,19 @@ def shared_dwc(v: torch.Tensor, dwc: nn.Conv2d, grid: tuple[int, int], heads: in
     instead of two; exact, convolution being linear in its kernel)."""
     b, n, c = v.shape
     h, w = grid
+    weight, bias = dwc_weights(dwc, heads, extra, tiled=True)
+    x = v.reshape(b, h, w, c).permute(0, 3, 1, 2)
+    y = F.conv2d(x, weight, bias, padding=dwc.padding, groups=c)
+    return y.permute(0, 2, 3, 1).reshape(b, n, c)
+
+
+def dwc_weights(dwc: nn.Conv2d, heads: int, extra: nn.Conv2d | None = None,
+                tiled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernel and bias of `shared_dwc`'s one conv: dwc's own (head_dim channels, shared by the
+    heads) unless `tiled` or `extra` is given; otherwise tiled once per head over all channels, with
+    `extra`'s kernel zero-padded to dwc's size and added (and its bias)."""
+    if extra is None and not tiled:
+        return dwc.weight, dwc.bias
     weight = dwc.weight.repeat(heads, 1, 1, 1)
     bias = dwc.bias.repeat(heads) if dwc.bias is not None else None
     if extra is not None:
@@ -283,9 +325,7 @@ def shared_dwc(v: torch.Tensor, dwc: nn.Conv2d, grid: tuple[int, int], heads: in
         weight = weight + F.pad(extra.weight, (pad, pad, pad, pad))
         if extra.bias is not None:
             bias = extra.bias if bias is None else bias + extra.bias
-    x = v.reshape(b, h, w, c).permute(0, 3, 1, 2)
-    y = F.conv2d(x, weight, bias, padding=dwc.padding, groups=c)
-    return y.permute(0, 2, 3, 1).reshape(b, n, c)
+    return weight, bias
 
 
 def set_sla_policy(model: nn.Module, policy: str) -> int:

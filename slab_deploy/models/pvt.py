@@ -148,11 +148,10 @@ class SimplifiedLinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[2]
-        q = F.relu(self.q(x))
         k, v = self.kv(x).split(c, dim=-1)
-        k = F.relu(k + self.positional_encoding)
-        out = self.core.tokens(q, k, v, self.num_heads)
-        return self.proj(out + shared_dwc(v, self.dwc, self.resolution, self.num_heads))
+        out = self.core.attend(self.q(x), k, v, self.num_heads, self.positional_encoding, self.dwc,
+                               self.resolution)
+        return self.proj(out)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, resolution={self.resolution}"

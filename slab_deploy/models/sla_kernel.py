@@ -1,29 +1,37 @@
-"""SLA's normalised product as one fused Triton kernel: the torch path of the `mixed` policy on CUDA.
+"""SLA's attention as fused Triton kernels: the torch path of the `mixed` policy on CUDA.
 
-`SLACore.tokens` runs it when it can and pays off (a CUDA fp16/bf16 model under `mixed`, Triton
-importable, head sizes 16-128 and a power of two, shapes within `pays_off`, not being traced, exported
-or compiled: torch.compile fuses the reference itself, and measured slightly faster so) and the
-reference graph of `SLACore.forward` otherwise; an exported ONNX graph is always the reference.
-One program per (image, head, block of 64 queries) reads its head's k and v in the token layout
-(B, N, heads*c) the qkv projection wrote: k^T v and the token mean of k accumulate in fp32 registers,
-the normaliser is fp32, and q . (k^T v) runs on the tensor cores from fp16 with fp32 accumulation. It
-writes the output in the token layout too, so the head split and merge copies of the reference path and
-its dozen small normaliser kernels are gone.
+`SLACore.attend` runs them when they can (a CUDA fp16/bf16 model under `mixed`, Triton importable, head
+sizes 16-128 and a power of two, the DWC an odd square kernel of at most 7 on the token grid; not
+while traced or exported) and are chosen (`mode`: by default where `pays_off`, not under
+torch.compile), and the reference graph otherwise; an exported ONNX graph is always the reference.
 
-The function is the reference's, normalised per head as `mixed` is (s = sum_c mean(k)_c):
-    out = q (k^T v / (N s)) / (q . (mean(k) / s) + eps / (N s))
-With s >= 2^-14 every fp16 value it stores is bounded by max|v|: k^T v / (N s) row c is at most
-(mean(k)_c / s) max|v|.
+What they compute is the whole of SLA between the qkv projection and `proj`, for every head at once,
+on the token layout (B, N, heads*c) the projection wrote, with no head split or merge copies:
+    out = q' (k'^T v / (N s)) / (q' . (mean(k') / s) + eps / (N s)) + DWC(v) + bias
+with q' = relu(q) and k' = relu(k + pe) (optional: `relu`, `pe`), s = sum_c mean(k')_c per head as the
+reference `mixed` path normalises (with s >= 2^-14 every fp16 value stored is bounded by max|v|), and
+DWC the depthwise conv of v on the (grid_h, grid_w) token grid, its kernel shared by all heads or one
+per channel. k'^T v and the token mean of k' accumulate in fp32, the normaliser and the DWC are fp32,
+q' . (k'^T v) runs on the tensor cores from fp16 with fp32 accumulation, and the sum is rounded once.
+
+Two shapes of work: where a head has at most INLINE_BLOCKS blocks of BLOCK tokens, one kernel does
+everything (each program, one block of queries of one image and head, recomputes its head's k'^T v:
+at most INLINE_BLOCKS times over). Longer heads (SLAB-Swin-T's and PVT-T's 3136-token stages) take
+three: partial k'^T v sums over chunks of CHUNK_BLOCKS blocks, their reduction with the normaliser
+into an fp16 (c, d) matrix per head, and the queries.
 
 `sla_mixed` is registered as the torch custom op `slab_deploy::sla_mixed` (one named call in profiles;
-torch.compile would keep it opaque), and CUDA graphs capture its launch.
+opaque to torch.compile, which can still fuse what surrounds it), and CUDA graphs capture its launches.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
+
+from slab_deploy.errors import ConfigError
 
 try:  # Triton comes with the CUDA wheels of torch; CPU-only installs run the reference path
     import triton
@@ -33,113 +41,269 @@ except ImportError:  # pragma: no cover - depends on the install
 
 BLOCK = 64  # tokens per tile (queries per program; keys per step of the k^T v loop)
 HEAD_SIZES = (16, 32, 64, 128)  # tl.dot needs powers of two >= 16; 128 bounds the fp32 (c, d) tile
+INLINE_BLOCKS = 4  # at most this many query blocks per head: k^T v recomputed by each program
+CHUNK_BLOCKS = 4  # blocks per partial k^T v sum of the three-kernel path
+MAX_DWC = 7  # largest DWC kernel side the fused path takes (SLAB's is 5)
+
+# SLAB_DEPLOY_SLA_KERNEL: "auto" (the default: eager and CUDA-graph torch where `pays_off`, not under
+# torch.compile), "compile" (every supported shape, torch.compile too) or "never" (the reference graph).
+MODES = ("auto", "compile", "never")
+ENV = "SLAB_DEPLOY_SLA_KERNEL"
 
 
-# Where the kernel pays off (H200, torch CUDA graphs, fp16, 2026-12-03; docs/benchmarks.md): every
-# program recomputes its head's k^T v over all N tokens, and each is a small latency-bound unit. Measured
-# with every layer fused, it won for SLAB-DeiT-S at batch 1 and 64 (at most 1536 programs of 4 query
-# blocks) and for SLAB-Swin-T and SLAB-PVT-T at batch 1 (a few hundred programs at most; PVT-T's first
-# stage 49 programs of 49 blocks), and lost at batch 64 for SLAB-Swin-T (3072-12288 small programs in
-# stages 1-3) and SLAB-PVT-T (its 3136-token stage: 3136 programs each recomputing k^T v over 49
-# blocks). So it runs where the programs are at most MAX_PROGRAMS and programs x query blocks (the
-# k^T v work) at most MAX_WORK, the reference path elsewhere.
+def mode() -> str:
+    """The fused kernels' mode from SLAB_DEPLOY_SLA_KERNEL; one line naming the choices if unknown."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ConfigError(f"{ENV}={value!r} is not a mode of the fused SLA kernels; "
+                          f"use one of {', '.join(MODES)}")
+    return value
+
+
+# Where the kernels run by default (mode `auto`): the shapes where the first, unfused kernel (SLA's
+# product alone, k^T v recomputed by every program) was measured to pay off (H200, torch CUDA graphs,
+# fp16, 2026-12-03; docs/benchmarks.md): at most MAX_PROGRAMS programs of BLOCK queries and at most
+# MAX_WORK programs x query blocks. It won for SLAB-DeiT-S at batch 1 and 64 and for SLAB-Swin-T and
+# SLAB-PVT-T at batch 1, and lost at batch 64 for the 3136-token stages of SLAB-Swin-T and PVT-T,
+# which the three-kernel path is for. The fused DWC and ReLUs and the three-kernel path have not been
+# timed on a GPU yet, so the rule stays the measured one; mode `compile` takes every supported shape.
 MAX_PROGRAMS = 1536
 MAX_WORK = 6144
 
 
 def pays_off(batch: int, n: int, heads: int) -> bool:
-    """Whether the fused kernel is chosen for `batch` images of `heads` heads over `n` tokens."""
+    """Whether `auto` chooses the kernels for `batch` images of `heads` heads over `n` tokens."""
     blocks = -(-n // BLOCK)
     programs = batch * heads * blocks
     return programs <= MAX_PROGRAMS and programs * blocks <= MAX_WORK
 
 
 def available() -> bool:
-    """Whether the fused kernel can run here at all (Triton importable)."""
+    """Whether the fused kernels can run here at all (Triton importable)."""
     return triton is not None
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> bool:
-    """Whether `sla_mixed` takes these (B, N, heads*c) tensors: same B and N, head sizes in
-    HEAD_SIZES, unit stride along channels, fp16/bf16 on one CUDA device, and shapes where it pays
-    off (`pays_off`)."""
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, pe: torch.Tensor | None = None,
+             weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+             grid: tuple[int, int] | None = None) -> bool:
+    """Whether `sla_mixed` takes these tensors: q, k (B, N, heads*c), v (B, N, heads*d) with unit stride
+    along channels, head sizes in HEAD_SIZES, fp16/bf16 on one CUDA device; `pe` (1, N, heads*c);
+    `weight` a DWC kernel (d or heads*d, 1, K, K), K odd <= MAX_DWC, with `bias` (same channels) on a
+    `grid` of N tokens."""
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
         return False
     if q.shape[-1] % heads or v.shape[-1] % heads:
         return False
     c, d = q.shape[-1] // heads, v.shape[-1] // heads
-    return (
-        c in HEAD_SIZES and d in HEAD_SIZES and pays_off(q.shape[0], q.shape[1], heads)
-        and all(t.is_cuda and t.dtype == q.dtype and t.stride(-1) == 1 for t in (q, k, v))
-        and q.dtype in (torch.float16, torch.bfloat16)
-    )
+    if c not in HEAD_SIZES or d not in HEAD_SIZES or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    tensors = [q, k, v]
+    if pe is not None:
+        if pe.shape != (1, *q.shape[1:]):
+            return False
+        tensors.append(pe)
+    if weight is not None:
+        side = weight.shape[-1]
+        if (grid is None or grid[0] * grid[1] != q.shape[1] or weight.dim() != 4 or weight.shape[1] != 1
+                or weight.shape[0] not in (d, heads * d) or weight.shape[-2] != side or side % 2 == 0
+                or side > MAX_DWC or not weight.is_contiguous()):
+            return False
+        tensors.append(weight)
+        if bias is not None:
+            if bias.shape != (weight.shape[0],) or not bias.is_contiguous():
+                return False
+            tensors.append(bias)
+    return all(t.is_cuda and t.dtype == q.dtype and t.stride(-1) == 1 and t.device == q.device
+               for t in tensors)
 
 
 if triton is not None:
 
     @triton.jit
-    def _sla_mixed_kernel(
-        Q, K, V, Out, eps,
-        s_qb, s_qn, s_kb, s_kn, s_vb, s_vn, s_ob, s_on,
+    def _keys(k_base, pe_base, offs_n, m, offs_c, s_kn, s_pn, HAS_PE: tl.constexpr, RELU: tl.constexpr):
+        """k' = relu(k + pe) of one block of tokens (rows past N are zero)."""
+        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_c[None, :], mask=m[:, None], other=0.0)
+        if HAS_PE:
+            pe = tl.load(pe_base + offs_n[:, None] * s_pn + offs_c[None, :], mask=m[:, None], other=0.0)
+            k = (k.to(tl.float32) + pe.to(tl.float32)).to(k.dtype)
+        if RELU:
+            k = tl.where(k > 0, k, 0.0).to(k.dtype)
+        return k
+
+    @triton.jit
+    def _kv_sums(k_base, v_base, pe_base, start, s_kn, s_vn, s_pn, N: tl.constexpr, C: tl.constexpr,
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, HAS_PE: tl.constexpr,
+                 RELU: tl.constexpr):
+        """k'^T v (C, D) and the token sum of k' (C,) over BLOCKS blocks from token `start`, fp32."""
+        offs_c = tl.arange(0, C)
+        offs_d = tl.arange(0, D)
+        kv = tl.zeros((C, D), dtype=tl.float32)
+        ksum = tl.zeros((C,), dtype=tl.float32)
+        for i in range(BLOCKS):
+            offs_n = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
+            m = offs_n < N
+            k = _keys(k_base, pe_base, offs_n, m, offs_c, s_kn, s_pn, HAS_PE, RELU)
+            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=m[:, None], other=0.0)
+            kv += tl.dot(tl.trans(k), v)
+            ksum += tl.sum(k.to(tl.float32), axis=0)
+        return kv, ksum
+
+    @triton.jit
+    def _sla_kv_kernel(
+        K, V, PE, PKV, PKS,
+        s_kb, s_kn, s_vb, s_vn, s_pn,
         N: tl.constexpr, HEADS: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+        CHUNK: tl.constexpr, HAS_PE: tl.constexpr, RELU: tl.constexpr,
     ):
-        # N is a compile-time constant: static in these models (one kernel per stage's token count)
+        # partial k'^T v and token sums of one chunk of CHUNK blocks of one image and head
+        bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = bh // HEADS
+        h = bh % HEADS
+        kv, ksum = _kv_sums(K + b * s_kb + h * C, V + b * s_vb + h * D, PE + h * C, sp * CHUNK * BLOCK_N,
+                            s_kn, s_vn, s_pn, N, C, D, BLOCK_N, CHUNK, HAS_PE, RELU)
+        row = bh * tl.num_programs(1) + sp
+        offs_c = tl.arange(0, C)
+        offs_d = tl.arange(0, D)
+        tl.store(PKV + (row * C + offs_c[:, None]) * D + offs_d[None, :], kv)
+        tl.store(PKS + row * C + offs_c, ksum)
+
+    @triton.jit
+    def _sla_norm_kernel(PKV, PKS, KVS, WN, SN, N: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+                         SPLIT: tl.constexpr):
+        # the partial sums of one head reduced and normalised: k'^T v / (N s) in the model's dtype,
+        # mean(k') / s and s in fp32
+        bh = tl.program_id(0)
+        offs_c = tl.arange(0, C)
+        offs_d = tl.arange(0, D)
+        kv = tl.zeros((C, D), dtype=tl.float32)
+        ksum = tl.zeros((C,), dtype=tl.float32)
+        for sp in range(SPLIT):
+            row = bh * SPLIT + sp
+            kv += tl.load(PKV + (row * C + offs_c[:, None]) * D + offs_d[None, :])
+            ksum += tl.load(PKS + row * C + offs_c)
+        kmean = ksum * (1.0 / N)
+        s = tl.maximum(tl.sum(kmean, axis=0), 6.103515625e-05)  # 2^-14, as the reference clamps it
+        tl.store(KVS + (bh * C + offs_c[:, None]) * D + offs_d[None, :],
+                 (kv * ((1.0 / N) / s)).to(KVS.dtype.element_ty))
+        tl.store(WN + bh * C + offs_c, kmean / s)
+        tl.store(SN + bh, s)
+
+    @triton.jit
+    def _sla_mixed_kernel(
+        Q, K, V, PE, WT, BIAS, KVS, WN, SN, Out, eps,
+        s_qb, s_qn, s_kb, s_kn, s_vb, s_vn, s_pn, s_ob, s_on, w_hs, b_hs,
+        N: tl.constexpr, HEADS: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+        GW: tl.constexpr, GH: tl.constexpr, KS: tl.constexpr, PAD: tl.constexpr,
+        HAS_PE: tl.constexpr, HAS_DWC: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+        INLINE: tl.constexpr, BLOCKS: tl.constexpr,
+    ):
+        # N and the grid are compile-time constants: static in these models (one kernel per stage)
         inv_n = 1.0 / N
         bh = tl.program_id(0)
         b = bh // HEADS
         h = bh % HEADS
         offs_c = tl.arange(0, C)
         offs_d = tl.arange(0, D)
-        k_base = K + b * s_kb + h * C
         v_base = V + b * s_vb + h * D
-        kv = tl.zeros((C, D), dtype=tl.float32)
-        ksum = tl.zeros((C,), dtype=tl.float32)
-        for start in range(0, N, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            m = offs_n < N
-            k = tl.load(k_base + offs_n[:, None] * s_kn + offs_c[None, :], mask=m[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=m[:, None], other=0.0)
-            kv += tl.dot(tl.trans(k), v)
-            ksum += tl.sum(k.to(tl.float32), axis=0)
-        kmean = ksum * inv_n
-        s = tl.maximum(tl.sum(kmean, axis=0), 6.103515625e-05)  # 2^-14, as the reference clamps it
-        w = kmean / s
-        kvs = (kv * (inv_n / s)).to(Q.dtype.element_ty)
+        if INLINE:
+            kv, ksum = _kv_sums(K + b * s_kb + h * C, v_base, PE + h * C, 0, s_kn, s_vn, s_pn,
+                                N, C, D, BLOCK_N, BLOCKS, HAS_PE, RELU)
+            kmean = ksum * inv_n
+            s = tl.maximum(tl.sum(kmean, axis=0), 6.103515625e-05)  # 2^-14, as the reference clamps it
+            w = kmean / s
+            kvs = (kv * (inv_n / s)).to(Q.dtype.element_ty)
+        else:
+            kvs = tl.load(KVS + (bh * C + offs_c[:, None]) * D + offs_d[None, :])
+            w = tl.load(WN + bh * C + offs_c)
+            s = tl.load(SN + bh)
         offs_q = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mq = offs_q < N
         q = tl.load(Q + b * s_qb + h * C + offs_q[:, None] * s_qn + offs_c[None, :], mask=mq[:, None],
                     other=0.0)
+        if RELU:
+            q = tl.where(q > 0, q, 0.0).to(kvs.dtype)
         num = tl.dot(q, kvs)
         den = tl.sum(q.to(tl.float32) * w[None, :], axis=1) + eps * inv_n / s
         out = num / den[:, None]
+        if HAS_DWC:
+            ty = offs_q // GW
+            tx = offs_q % GW
+            w_base = WT + h * w_hs + offs_d * (KS * KS)
+            for i in tl.static_range(KS):
+                yy = ty + (i - PAD)
+                for j in tl.static_range(KS):
+                    xx = tx + (j - PAD)
+                    mt = mq & (yy >= 0) & (yy < GH) & (xx >= 0) & (xx < GW)
+                    vt = tl.load(v_base + (yy * GW + xx)[:, None] * s_vn + offs_d[None, :], mask=mt[:, None],
+                                 other=0.0)
+                    wt = tl.load(w_base + (i * KS + j))
+                    out += vt.to(tl.float32) * wt.to(tl.float32)[None, :]
+            if HAS_BIAS:
+                out += tl.load(BIAS + h * b_hs + offs_d).to(tl.float32)[None, :]
         tl.store(Out + b * s_ob + h * D + offs_q[:, None] * s_on + offs_d[None, :],
                  out.to(Out.dtype.element_ty), mask=mq[:, None])
 
 
-def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float) -> torch.Tensor:
-    """Run the kernel on (B, N, heads*c) q, k and (B, N, heads*d) v; returns (B, N, heads*d).
-    Needs Triton; on CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1, for tests)."""
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float,
+           pe: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None, grid_h: int = 0, grid_w: int = 0,
+           relu: bool = False) -> torch.Tensor:
+    """Run the kernels on q, k (B, N, heads*c), v (B, N, heads*d) and the optional pe, DWC weight and
+    bias (see `supports`); returns (B, N, heads*d). Needs Triton; on CPU tensors only under Triton's
+    interpreter (TRITON_INTERPRET=1, for tests)."""
     if triton is None:
         raise RuntimeError("the fused SLA kernel needs Triton (pip install triton)")
     b, n, cq = q.shape
     cv = v.shape[-1]
+    c, d = cq // heads, cv // heads
     out = torch.empty(b, n, cv, device=q.device, dtype=q.dtype)
-    grid = (b * heads, triton.cdiv(n, BLOCK))
-    _sla_mixed_kernel[grid](
-        q, k, v, out, float(eps),
+    blocks = triton.cdiv(n, BLOCK)
+    inline = blocks <= INLINE_BLOCKS
+    dummy = q  # a pointer for absent tensors; the kernels never read it
+    pe_t = pe if pe is not None else dummy
+    w_t = weight if weight is not None else dummy
+    b_t = bias if bias is not None else dummy
+    side = weight.shape[-1] if weight is not None else 1
+    w_hs = 0 if weight is None or weight.shape[0] == d else d * side * side
+    b_hs = 0 if bias is None or bias.shape[0] == d else d
+    if inline:
+        kvs, wn, sn = dummy, dummy, dummy
+    else:
+        split = triton.cdiv(blocks, CHUNK_BLOCKS)
+        pkv = torch.empty(b * heads * split, c, d, device=q.device, dtype=torch.float32)
+        pks = torch.empty(b * heads * split, c, device=q.device, dtype=torch.float32)
+        _sla_kv_kernel[(b * heads, split)](
+            k, v, pe_t, pkv, pks, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            pe_t.stride(1) if pe is not None else 0,
+            N=n, HEADS=heads, C=c, D=d, BLOCK_N=BLOCK, CHUNK=CHUNK_BLOCKS, HAS_PE=pe is not None, RELU=relu,
+        )
+        kvs = torch.empty(b * heads, c, d, device=q.device, dtype=q.dtype)
+        wn = torch.empty(b * heads, c, device=q.device, dtype=torch.float32)
+        sn = torch.empty(b * heads, device=q.device, dtype=torch.float32)
+        _sla_norm_kernel[(b * heads,)](pkv, pks, kvs, wn, sn, N=n, C=c, D=d, SPLIT=split)
+    _sla_mixed_kernel[(b * heads, blocks)](
+        q, k, v, pe_t, w_t, b_t, kvs, wn, sn, out, float(eps),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
-        N=n, HEADS=heads, C=cq // heads, D=cv // heads, BLOCK_N=BLOCK,
+        pe_t.stride(1) if pe is not None else 0, out.stride(0), out.stride(1), w_hs, b_hs,
+        N=n, HEADS=heads, C=c, D=d, BLOCK_N=BLOCK, GW=max(grid_w, 1), GH=max(grid_h, 1), KS=side,
+        PAD=side // 2, HAS_PE=pe is not None, HAS_DWC=weight is not None, HAS_BIAS=bias is not None,
+        RELU=relu, INLINE=inline, BLOCKS=blocks,
     )
     return out
 
 
 @torch.library.custom_op("slab_deploy::sla_mixed", mutates_args=())
-def sla_mixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float) -> torch.Tensor:
-    """SLA's `mixed` product per head on the token layout, fused (see the module docstring)."""
-    return launch(q, k, v, heads, eps)
+def sla_mixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float,
+              pe: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+              bias: torch.Tensor | None = None, grid_h: int = 0, grid_w: int = 0,
+              relu: bool = False) -> torch.Tensor:
+    """SLA's `mixed` attention on the token layout, fused (see the module docstring)."""
+    return launch(q, k, v, heads, eps, pe, weight, bias, grid_h, grid_w, relu)
 
 
 @sla_mixed.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float) -> Any:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float,
+      pe: torch.Tensor | None = None, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+      grid_h: int = 0, grid_w: int = 0, relu: bool = False) -> Any:
     return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])

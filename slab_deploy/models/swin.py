@@ -175,10 +175,8 @@ class SimplifiedLinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         c = self.dim
         q, k, v = self.qkv(x).split(c, dim=-1)
-        q = F.relu(q)
-        k = F.relu(k + self.positional_encoding)
-        out = self.core.tokens(q, k, v, self.num_heads)
-        return self.proj(out + shared_dwc(v, self.dwc, (self.window, self.window), self.num_heads))
+        grid = (self.window, self.window)
+        return self.proj(self.core.attend(q, k, v, self.num_heads, self.positional_encoding, self.dwc, grid))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window={self.window}, num_heads={self.num_heads}"
