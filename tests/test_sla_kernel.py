@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,13 @@ def _inputs(shape: tuple, device: str) -> tuple[torch.Tensor, ...]:
     return q, k, v, pe, dwc.to(device, torch.float16), extra.to(device, torch.float16) if extra else None
 
 
+def _on_cpu(x: torch.Tensor | nn.Module | None) -> torch.Tensor | nn.Module | None:
+    """A CPU copy (Module.cpu moves a module in place: the fused call below needs it where it was)."""
+    if isinstance(x, nn.Module):
+        return copy.deepcopy(x).cpu()
+    return None if x is None else x.cpu()
+
+
 def _attend(core: SLACore, shape: tuple, args: tuple, dtype: torch.dtype) -> torch.Tensor:
     """SLACore.attend of `args` in `dtype` (convs copied, so fp16 ones stay fp16)."""
     q, k, v, pe, dwc, extra = args
@@ -68,7 +76,7 @@ def _metrics(shape: tuple, device: str) -> dict[str, dict]:
     ref_core, core = SLACore(), SLACore()
     core.policy, core.fused = "mixed", False
     with torch.no_grad():
-        ref = _attend(ref_core, shape, tuple(a if a is None else a.cpu() for a in args), torch.float64)
+        ref = _attend(ref_core, shape, tuple(_on_cpu(a) for a in args), torch.float64)
         q, k, v, pe, dwc, extra = args
         weight, bias = dwc_weights(dwc, heads, extra)
         assert sla_kernel.supports(q, k, v, heads, pe, weight, bias, shape[4]) == (device == "cuda")
@@ -151,42 +159,45 @@ def test_models_take_the_fused_path_on_cuda(name: str, blocks: int, tmp_path: Pa
         assert v.passed, v
 
 
-def test_auto_keeps_the_measured_rule() -> None:
-    """`pays_off` picks shapes the first kernel won on (SLAB-DeiT-S at batch 1 and 64, SLAB-PVT-T's
-    stages and SLAB-Swin-T's second at batch 1) and leaves the reference for those it lost on (the
-    3136-token stages at batch 64)."""
-    assert sla_kernel.pays_off(1, 196, 6) and sla_kernel.pays_off(64, 196, 6)
-    assert all(sla_kernel.pays_off(1, n, h) for n, h in [(784, 6), (3136, 1), (784, 2), (196, 5)])
-    assert not any(sla_kernel.pays_off(64, 3136, h) for h in (1, 3))
+class _Probe(nn.Module):
+    """Returns 1 where SLACore would take the fused kernels, 0 where the reference graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.core = SLACore()
+        self.core.policy = "mixed"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0 + (1 if self.core._fused_here() else 0)
 
 
 def test_kernel_mode_chooses_where_the_kernels_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    """SLAB_DEPLOY_SLA_KERNEL: `auto` runs the kernels eagerly but not under torch.compile, `compile`
-    under both, `never` nowhere; exporting or another policy always gets the reference; a value that
-    is not a mode is refused with one line naming the modes."""
+    """SLAB_DEPLOY_SLA_KERNEL: `auto` (or unset) runs the kernels eagerly and under a real torch.compile,
+    `never` nowhere; a real torch.export (strict and not) and a TorchScript trace get the reference, as
+    does another policy; a value that is not a mode is refused with one line naming the modes."""
     from slab_deploy.errors import ConfigError
+    from slab_deploy.models import layers
 
     monkeypatch.setattr(sla_kernel, "available", lambda: True)
-    core = SLACore()
-    core.policy = "mixed"
-    for kernel_mode, eager, compiled in (("auto", True, False), ("compile", True, True),
-                                         ("never", False, False), ("", True, False)):
+    probe, x = _Probe(), torch.ones(2)
+    for kernel_mode, on in (("auto", 1.0), ("", 1.0), ("never", 0.0)):
         monkeypatch.setenv(sla_kernel.ENV, kernel_mode)
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-        assert core._fused_here() is eager, kernel_mode
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert core._fused_here() is compiled, kernel_mode
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
-    monkeypatch.setenv(sla_kernel.ENV, "compile")
-    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
-    assert not core._fused_here()
-    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: False)
-    core.policy = "fp32"
-    assert not core._fused_here()
-    core.policy = "mixed"
-    monkeypatch.setenv(sla_kernel.ENV, "fast")
-    with pytest.raises(ConfigError, match="auto, compile, never"):
-        core._fused_here()
+        torch._dynamo.reset()
+        assert probe(x)[0].item() == on, kernel_mode
+        assert torch.compile(probe, backend="eager")(x)[0].item() == on, kernel_mode
+    monkeypatch.setenv(sla_kernel.ENV, "auto")
+    if layers.EXPORT_FLAG_UNDER_DYNAMO:
+        for strict in (False, True):
+            assert torch.export.export(probe, (x,), strict=strict).module()(x)[0].item() == 0.0, strict
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace: the TorchScript exporter's
+        assert torch.jit.trace(probe, (x,))(x)[0].item() == 0.0
+    probe.core.policy = "fp32"
+    assert probe(x)[0].item() == 0.0
+    probe.core.policy = "mixed"
+    monkeypatch.setenv(sla_kernel.ENV, "compile")  # a mode of an earlier version: refused, not guessed
+    with pytest.raises(ConfigError, match="use one of auto, never$"):
+        probe(x)
 
 
 def test_trace_counts_the_kernels_as_fused_attention() -> None:
@@ -199,3 +210,16 @@ def test_trace_counts_the_kernels_as_fused_attention() -> None:
         assert f"def {name}(" in source
         assert categorize(name) == "fused attention"
     assert categorize("slab_deploy::sla_mixed", ATEN_CATEGORIES) == "fused attention"
+
+
+def test_onnx_exporter_refuses_the_op(tmp_path: Path) -> None:
+    """Where a trace cannot be told from torch.compile (torch < 2.13), the op may reach an exporter: the
+    ONNX one refuses it (the op has no ONNX translation) instead of writing a graph that needs it."""
+    class Op(nn.Module):
+        def forward(self, q: torch.Tensor) -> torch.Tensor:
+            return sla_kernel.sla_mixed(q, q, q, 1, 1e-6)
+
+    with pytest.raises(torch.onnx.OnnxExporterError):
+        torch.onnx.export(Op().eval(), (torch.ones(1, 64, 16, dtype=torch.float16),), tmp_path / "m.onnx",
+                          dynamo=True)
+    assert not (tmp_path / "m.onnx").exists()

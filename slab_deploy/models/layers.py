@@ -176,13 +176,13 @@ class SLACore(nn.Module):
         (B, N, heads*d).
 
         Under `mixed` on CUDA this is one fused Triton kernel (three for long token maps) where they
-        run (`sla_kernel.supports`; never while traced or exported, where the ONNX graph is the
-        reference; under torch.compile only in the kernels' `compile` mode); otherwise the reference
+        run (`sla_kernel.supports`, eager, CUDA graphs and torch.compile alike; never while traced for
+        export, where the ONNX graph is the reference; SLAB_DEPLOY_SLA_KERNEL=never turns them off);
+        otherwise the reference
         graph: the heads are split, `forward` runs, the heads are merged and the conv added."""
         if self._fused_here():
             weight, bias = dwc_weights(dwc, heads, extra)
-            chosen = sla_kernel.mode() == "compile" or sla_kernel.pays_off(q.shape[0], q.shape[1], heads)
-            if chosen and sla_kernel.supports(q, k, v, heads, pe, weight, bias, grid):
+            if sla_kernel.supports(q, k, v, heads, pe, weight, bias, grid):
                 return sla_kernel.sla_mixed(q, k, v, heads, self.eps, pe, weight, bias, grid[0], grid[1],
                                             True)
         q = F.relu(q)
@@ -195,14 +195,16 @@ class SLACore(nn.Module):
         return head_merge(self(*(head_split(t, heads) for t in (q, k, v))), heads)
 
     def _fused_here(self) -> bool:
-        """Whether `attend` may take the fused kernels: `mixed`, Triton here, a graph not being recorded
-        for export, and torch.compile only in the kernels' `compile` mode."""
+        """Whether `attend` may take the fused kernels: `mixed`, Triton here, the kernels not turned off
+        (`sla_kernel.mode`), and no graph being recorded for export."""
         if not (self.fused and self.policy == "mixed"):
             return False
         kernel_mode = sla_kernel.mode()  # read (and a bad value refused) wherever `mixed` runs
-        if not sla_kernel.available() or _exporting():
+        if kernel_mode == "never" or not sla_kernel.available() or torch.jit.is_tracing():
             return False
-        return kernel_mode == "compile" or (kernel_mode == "auto" and not torch.compiler.is_compiling())
+        if torch.compiler.is_compiling() and not EXPORT_FLAG_UNDER_DYNAMO:
+            return True  # torch.compile, or an export this torch cannot tell from it (see below)
+        return not _exporting()
 
     @staticmethod
     def kv_first(n: int, c: int, d: int) -> bool:
@@ -266,6 +268,15 @@ class SLACore(nn.Module):
 
 
 HALF_MAX = {torch.float16: 65504.0, torch.bfloat16: 3.3895313892515355e38}
+
+
+# Whether torch.compiler.is_exporting() tells torch.export from torch.compile while Dynamo traces: from
+# torch 2.13 it does (False under torch.compile, True under strict and non-strict torch.export; the test
+# suite checks it); torch 2.11 reads True under torch.compile too (measured on the H200, 2026-12-03),
+# which kept the fused SLA kernels out of compiled graphs. There, any Dynamo trace takes the kernels:
+# slab-deploy's own exports trace on the CPU, where `sla_kernel.supports` refuses, an ONNX exporter given
+# the op refuses it loudly (it has no ONNX translation), and SLAB_DEPLOY_SLA_KERNEL=never keeps it out.
+EXPORT_FLAG_UNDER_DYNAMO = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
 
 def _exporting() -> bool:

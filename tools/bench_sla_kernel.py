@@ -1,0 +1,72 @@
+"""Per-call time of SLA (`SLACore.attend`, fp16, `mixed`) with the fused kernels and with the reference
+graph, at the SLA shapes of the zoo's families, under CUDA graphs (Triton's do_bench_cudagraph).
+
+    PYTHONPATH=. python tools/bench_sla_kernel.py [OUT_DIR]
+
+Prints one line per shape and batch and a per-model total (calls per model x time per call), and writes
+OUT_DIR/micro.json (default: the current directory). The inputs are `tests/test_sla_kernel.py`'s
+(randomised q, k, v, positional encoding and DWC, with CSWin's LePE where it has one). Whole-model
+figures come from `slab-deploy bench`; this isolates the layer the kernels replace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from test_sla_kernel import _inputs  # noqa: E402
+
+from slab_deploy.models import sla_kernel  # noqa: E402
+from slab_deploy.models.layers import SLACore  # noqa: E402
+
+# model: [((N, heads, head size, grid, LePE kernel), SLA calls per forward)]
+SHAPES = {
+    "deit_s": [((196, 6, 64, (14, 14), 0), 12)],
+    "swin_t": [((3136, 3, 32, (56, 56), 0), 2), ((784, 6, 32, (28, 28), 0), 2)],
+    "pvt_t": [((3136, 1, 64, (56, 56), 0), 2), ((784, 2, 64, (28, 28), 0), 2),
+              ((196, 5, 64, (14, 14), 0), 2), ((49, 8, 64, (7, 7), 0), 2)],
+    "cswin_t": [((3136, 2, 32, (56, 56), 3), 1), ((784, 4, 32, (28, 28), 3), 2)],
+}
+BATCHES = (1, 64, 256)
+
+
+def main() -> None:
+    from triton.testing import do_bench_cudagraph
+
+    out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".")
+    core = SLACore()
+    core.policy = "mixed"
+    rows = []
+    for model, shapes in SHAPES.items():
+        for b in BATCHES:
+            total = {"auto": 0.0, "never": 0.0}
+            for (n, h, c, grid, lepe), calls in shapes:
+                q, k, v, pe, dwc, extra = _inputs((b, n, h, c, grid, 1.0, lepe), "cuda")
+                us = {}
+                for mode in ("auto", "never"):  # fused kernels, reference graph
+                    os.environ[sla_kernel.ENV] = mode
+                    with torch.no_grad():
+                        def call() -> torch.Tensor:
+                            return core.attend(q, k, v, h, pe, dwc, grid, extra)  # noqa: B023
+                        call()
+                        torch.cuda.synchronize()
+                        us[mode] = do_bench_cudagraph(call, rep=200) * 1000
+                    total[mode] += us[mode] * calls
+                print(f"{model:8s} b{b:<4d} N={n:5d} h={h} c={c}: fused {us['auto']:8.1f} us  "
+                      f"ref {us['never']:8.1f} us  x{us['never'] / us['auto']:.2f}", flush=True)
+                rows.append({"model": model, "b": b, "n": n, "heads": h, "c": c,
+                             "fused_us": us["auto"], "ref_us": us["never"]})
+            print(f"  == {model} b{b}: SLA total fused {total['auto'] / 1000:.3f} ms, "
+                  f"ref {total['never'] / 1000:.3f} ms", flush=True)
+    (out_dir / "micro.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
