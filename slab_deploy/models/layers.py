@@ -176,10 +176,10 @@ class SLACore(nn.Module):
         (B, N, heads*d).
 
         Under `mixed` on CUDA this is one fused Triton kernel (three for long token maps) where they
-        run (`sla_kernel.supports`, eager, CUDA graphs and torch.compile alike; never while traced for
+        run (`sla_kernel.supports`; eager, CUDA graphs and torch.compile alike; never while traced for
         export, where the ONNX graph is the reference; SLAB_DEPLOY_SLA_KERNEL=never turns them off);
-        otherwise the reference
-        graph: the heads are split, `forward` runs, the heads are merged and the conv added."""
+        otherwise the reference graph: the heads are split, `forward` runs, the heads are merged and
+        the conv added."""
         if self._fused_here():
             weight, bias = dwc_weights(dwc, heads, extra)
             if sla_kernel.supports(q, k, v, heads, pe, weight, bias, grid):
