@@ -38,6 +38,8 @@ BATCHES = (1, 64, 256)
 
 
 def main() -> None:
+    if not (torch.cuda.is_available() and sla_kernel.available()):
+        raise SystemExit("bench_sla_kernel: needs a CUDA device and Triton (the fused kernels' own path)")
     from triton.testing import do_bench_cudagraph
 
     out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".")
