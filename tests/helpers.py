@@ -21,14 +21,21 @@ def tiny_slab_models() -> list[str]:
     return [n for n in tiny_models() if get_spec(n).is_slab]
 
 
+# Full-size baselines whose export alone takes minutes on a 2-core CPU (cswin_tiny 148 s,
+# flatten_cswin_tiny 88 s in CI on 2026-12-03); test_cswin and test_flatten_cswin run the same export
+# code at tiny size in every run, and slab_cswin_tiny (SLA and LePE stages) stays at full size.
+SLOW_BASELINES = ("cswin_tiny", "flatten_cswin_tiny")
+
+
 def full_models() -> list:  # type: ignore[type-arg]
     """Every zoo model; the hierarchical families' small/medium/base variants (40-210 s each for a
-    full-size export + check on a 2-core CPU; the tiny ones run the same code) carry the `zoo_large`
-    mark, which `make test` leaves to `make test-zoo` to keep CI short."""
+    full-size export + check on a 2-core CPU; the tiny ones run the same code) and SLOW_BASELINES carry
+    the `zoo_large` mark, which `make test` leaves to `make test-zoo` to keep CI short."""
     out = []
     for n in list_models():
-        large = (get_spec(n).family != "deit"
-                 and n.removesuffix("_prepbn").split("_")[-1] in ("small", "medium", "base"))
+        large = n in SLOW_BASELINES or (
+            get_spec(n).family != "deit"
+            and n.removesuffix("_prepbn").split("_")[-1] in ("small", "medium", "base"))
         out.append(pytest.param(n, marks=pytest.mark.zoo_large) if large else n)
     return out
 
