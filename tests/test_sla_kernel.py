@@ -223,3 +223,22 @@ def test_onnx_exporter_refuses_the_op(tmp_path: Path) -> None:
         torch.onnx.export(Op().eval(), (torch.ones(1, 64, 16, dtype=torch.float16),), tmp_path / "m.onnx",
                           dynamo=True)
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("name", ["test_slab_deit", "test_slab_pvt", "test_slab_cswin"])
+def test_kernel_bench_reads_the_sla_calls_off_the_model(name: str, tmp_path: Path) -> None:
+    """tools/bench_sla_kernel.py times the shapes a real forward calls SLA with: one call per SLA module
+    (CSWin's two stripe branches included), each on its token grid."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import bench_sla_kernel
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    from slab_deploy.models import create_model
+    from slab_deploy.weights import random_checkpoint
+
+    calls = bench_sla_kernel.sla_calls(name)
+    model = create_model(name, random_checkpoint(name, tmp_path / "c.pth", seed=0))
+    assert sum(calls.values()) == sum(isinstance(m, SLACore) for m in model.modules()) > 0
+    for n, heads, c, grid, _ in calls:
+        assert grid[0] * grid[1] == n and heads >= 1 and c >= 1

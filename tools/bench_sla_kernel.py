@@ -1,5 +1,6 @@
 """Per-call time of SLA (`SLACore.attend`, fp16, `mixed`) with the fused kernels and with the reference
-graph, at the SLA shapes of the zoo's families, under CUDA graphs (Triton's do_bench_cudagraph).
+graph, at the SLA shapes of one SLAB model of each family (read off a forward of the real model), under
+CUDA graphs (Triton's do_bench_cudagraph).
 
     PYTHONPATH=. python tools/bench_sla_kernel.py [OUT_DIR]
 
@@ -26,15 +27,39 @@ from test_sla_kernel import _inputs  # noqa: E402
 from slab_deploy.models import sla_kernel  # noqa: E402
 from slab_deploy.models.layers import SLACore  # noqa: E402
 
-# model: [((N, heads, head size, grid, LePE kernel), SLA calls per forward)]
-SHAPES = {
-    "deit_s": [((196, 6, 64, (14, 14), 0), 12)],
-    "swin_t": [((3136, 3, 32, (56, 56), 0), 2), ((784, 6, 32, (28, 28), 0), 2)],
-    "pvt_t": [((3136, 1, 64, (56, 56), 0), 2), ((784, 2, 64, (28, 28), 0), 2),
-              ((196, 5, 64, (14, 14), 0), 2), ((49, 8, 64, (7, 7), 0), 2)],
-    "cswin_t": [((3136, 2, 32, (56, 56), 3), 1), ((784, 4, 32, (28, 28), 3), 2)],
-}
+MODELS = ("slab_deit_small", "slab_swin_tiny", "slab_pvt_tiny", "slab_cswin_tiny")
 BATCHES = (1, 64, 256)
+
+
+def sla_calls(name: str) -> dict[tuple, int]:
+    """The SLA calls of one forward of zoo model `name` (batch 1, CPU, seeded weights): (tokens, heads,
+    head size, grid, LePE kernel or 0) -> how many times `SLACore.attend` runs with that shape."""
+    import tempfile
+    from collections import Counter
+
+    from slab_deploy.models import create_model
+    from slab_deploy.weights import random_checkpoint
+
+    seen: Counter[tuple] = Counter()
+    attend = SLACore.attend
+
+    def spy(self: SLACore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+            pe: torch.Tensor, dwc: torch.nn.Conv2d, grid: tuple[int, int],
+            extra: torch.nn.Conv2d | None = None) -> torch.Tensor:
+        lepe = int(extra.kernel_size[0]) if extra is not None else 0
+        seen[(int(q.shape[1]), heads, int(q.shape[-1]) // heads, tuple(grid), lepe)] += 1
+        return attend(self, q, k, v, heads, pe, dwc, grid, extra)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = create_model(name, random_checkpoint(name, Path(tmp) / "c.pth", seed=0)).eval()
+    size = model.spec.input_size
+    SLACore.attend = spy  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *size))
+    finally:
+        SLACore.attend = attend  # type: ignore[method-assign]
+    return dict(seen)
 
 
 def main() -> None:
@@ -46,7 +71,8 @@ def main() -> None:
     core = SLACore()
     core.policy = "mixed"
     rows = []
-    for model, shapes in SHAPES.items():
+    for model in MODELS:
+        shapes = sla_calls(model).items()
         for b in BATCHES:
             total = {"auto": 0.0, "never": 0.0}
             for (n, h, c, grid, lepe), calls in shapes:
