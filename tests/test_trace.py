@@ -44,6 +44,9 @@ H200_KERNELS = {
         "at::native::GeluCUDAKernelImpl(at::TensorIteratorBase&)>": "elementwise",
     "void at::native::unrolled_elementwise_kernel<"
         "at::native::CUDAFunctor_add<c10::Half>, std::array<char*, 3ul>>": "elementwise",
+    # compiled PVT-T's attention on an H100 (2026-12-07): cuDNN's SDPA, once filed as conv ("fprop")
+    "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1_kernel0_0":
+        "fused attention",
 }
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 # First match wins. CUDA kernel names (cuBLAS/cuBLASLt, cuDNN, CUTLASS, ATen, ONNX Runtime).
 KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
+    # before conv: cuDNN's SDPA kernels are named "..._sdpa_..._flash_fprop_..."
+    ("fused attention", r"fmha|flash|sdpa|[Aa]ttention|mha_|Mha|_sla_(mixed|kv|norm)_kernel"),  # + sla_kernel
     ("conv", r"conv|fprop|dgrad|wgrad|depthwise|implicit_convolve|winograd|Conv"),
     ("norm", r"layer_?norm|LayerNorm|batch_?norm|BatchNorm|cuApplyLayerNorm|SkipLayerNorm|welford|Welford"),
     ("softmax", r"softmax|SoftMax|Softmax"),
-    ("fused attention", r"fmha|flash|[Aa]ttention|mha_|Mha|_sla_(mixed|kv|norm)_kernel"),  # models.sla_kernel
     ("matmul", r"gemm|Gemm|GEMM|gemv|Gemv|nvjet|xmma|cutlass|cublas|splitK|s16816|s1688|matmul|MatMul"),
     ("reduction", r"reduce|Reduce"),
     ("copy/cast/layout",
