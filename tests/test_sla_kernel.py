@@ -5,6 +5,7 @@ run through Triton's interpreter on the CPU (where Triton is installed) and on C
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -68,9 +69,9 @@ def _attend(core: SLACore, shape: tuple, args: tuple, dtype: torch.dtype) -> tor
     return core.attend(q, k, v, shape[2], pe, convs[0], shape[4], convs[1])
 
 
-def _metrics(shape: tuple, device: str) -> dict[str, dict]:
-    """fp64 reference (SLACore.attend on the fp16 inputs) vs the fused kernels and vs the `mixed`
-    reference path."""
+def _metrics(shape: tuple, device: str, config: dict | None = None) -> dict[str, dict]:
+    """fp64 reference (SLACore.attend on the fp16 inputs) vs the fused kernels (launched as
+    `sla_kernel.launch_config` picks, or with `config` over it) and vs the `mixed` reference path."""
     b, n, heads = shape[:3]
     args = _inputs(shape, device)
     ref_core, core = SLACore(), SLACore()
@@ -80,7 +81,11 @@ def _metrics(shape: tuple, device: str) -> dict[str, dict]:
         q, k, v, pe, dwc, extra = args
         weight, bias = dwc_weights(dwc, heads, extra)
         assert sla_kernel.supports(q, k, v, heads, pe, weight, bias, shape[4]) == (device == "cuda")
-        fused = sla_kernel.sla_mixed(q, k, v, heads, core.eps, pe, weight, bias, *shape[4], True)
+        if config is None:
+            fused = sla_kernel.sla_mixed(q, k, v, heads, core.eps, pe, weight, bias, *shape[4], True)
+        else:
+            fused = sla_kernel.launch(q, k, v, heads, core.eps, pe, weight, bias, *shape[4], True,
+                                      config=config)
         mixed = _attend(core, shape, args, torch.float16)
     out = {}
     for name, cand in (("fused", fused), ("mixed", mixed)):
@@ -117,6 +122,95 @@ def test_fused_kernel_in_triton_interpreter() -> None:
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+@functools.lru_cache(maxsize=1)
+def _zoo_launches() -> list[tuple[tuple, dict]]:
+    """(B, N, heads, head size, grid) and the launch `launch_config` picks for it, at every SLA shape of a
+    forward of each family's SLAB model (read off the model), batch 1 and 64."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import bench_sla_kernel
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    shapes = {key[:4] for name in bench_sla_kernel.MODELS for key in bench_sla_kernel.sla_calls(name)}
+    return [((b, n, heads, c, grid), sla_kernel.launch_config(b, n, heads, c))
+            for n, heads, c, grid in sorted(shapes) for b in (1, 64)]
+
+
+def test_every_launch_in_triton_interpreter() -> None:
+    """Every launch `launch_config` picks for the zoo (tile size, taps unrolled or looped, warps, one
+    kernel or three, chunk size) computes the same function: each, forced onto the interpreted shapes
+    (the one-kernel path's and the three-kernel path's, with and without CSWin's LePE), passes the
+    tolerance table's half-precision row against fp64 and is at least as accurate as the reference."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton not installed (the fused SLA kernel is a CUDA path; CUDA torch wheels bring it)")
+    configs = {json.dumps(cfg, sort_keys=True) for _, cfg in _zoo_launches()}
+    assert len(configs) >= 4  # batch 1 and 64, one-block, short and long heads pick different launches
+    script = (
+        "import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+        "import test_sla_kernel as t\n"
+        "out = {}\n"
+        "for cfg in json.loads(sys.argv[3]):\n"
+        "    for i in (3, 4):\n"
+        "        for inline in (True, False):\n"
+        "            c = dict(json.loads(cfg), inline=inline)\n"
+        "            out[cfg + str(t.SHAPES[i]) + str(inline)] = t._metrics(t.SHAPES[i], 'cpu', c)\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT), str(ROOT / "tests"),
+                           json.dumps(sorted(configs))], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 4 * len(configs)
+    _check(results)
+
+
+def _ptxas(consts: dict, options: dict) -> tuple[int, int]:
+    """(registers, spill-store bytes) of the query kernel compiled ahead of time for sm_90a (Hopper) by
+    Triton, as ptxas -v reports them; no GPU needed."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    fn = sla_kernel._sla_mixed_kernel
+    fp32 = {"WN", "SN", "eps"}
+    pointers = {"Q", "K", "V", "PE", "WT", "BIAS", "KVS", "WN", "SN", "Out"}
+    signature = {a: "constexpr" if a in consts else ("*" if a in pointers else "") + ("fp32" if a in fp32 else
+                 "fp16" if a in pointers else "i32") for a in fn.arg_names}
+    # fp fusion on, as Triton has it by default when it compiles for a launch (said explicitly: Triton
+    # 3.9 warns that its default will change)
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+                            target=GPUTarget("cuda", 90, 32), options={**options, "enable_fp_fusion": True})
+    ptx = Path(os.environ.get("TMPDIR", "/tmp")) / f"sla_query_{os.getpid()}.ptx"
+    ptx.write_text(kernel.asm["ptx"])
+    try:
+        log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
+                             capture_output=True, text=True, timeout=120, check=True).stderr
+    finally:
+        ptx.unlink()
+    registers, spilled = re.search(r"Used (\d+) registers", log), re.search(r"(\d+) bytes spill stores", log)
+    assert registers and spilled, log
+    return int(registers.group(1)), int(spilled.group(1))
+
+
+def test_zoo_launches_do_not_spill_registers_on_hopper() -> None:
+    """The query kernel as launched at every SLA shape of the zoo keeps its tiles in registers on an
+    H100/H200: compiled ahead of time for sm_90a, ptxas reports no spill stores. (The first launch, a
+    64-query tile with every tap of the 5x5 DWC unrolled, used all 255 registers and spilled 1.8-2.9 KB
+    per thread at head size 64.)"""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton not installed (the fused SLA kernel is a CUDA path; CUDA torch wheels bring it)")
+    for (b, n, heads, c, grid), _ in _zoo_launches():
+        _, consts, options = sla_kernel.plan(b, n, heads, c, c, side=5, grid_h=grid[0], grid_w=grid[1],
+                                             v_stride=3 * heads * c, has_pe=True, has_dwc=True, has_bias=True,
+                                             relu=True)
+        registers, spilled = _ptxas(consts, options)
+        assert spilled == 0, ((b, n, heads, c), consts, options, registers, spilled)
 
 
 @pytest.mark.cuda

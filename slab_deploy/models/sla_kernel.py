@@ -14,11 +14,11 @@ DWC the depthwise conv of v on the (grid_h, grid_w) token grid, its kernel share
 per channel. k'^T v and the token mean of k' accumulate in fp32, the normaliser and the DWC are fp32,
 q' . (k'^T v) runs on the tensor cores from fp16 with fp32 accumulation, and the sum is rounded once.
 
-Two shapes of work: where a head has at most INLINE_BLOCKS blocks of BLOCK tokens, one kernel does
-everything (each program, one block of queries of one image and head, recomputes its head's k'^T v:
-at most INLINE_BLOCKS times over). Longer heads (SLAB-Swin-T's and PVT-T's 3136-token stages) take
-three: partial k'^T v sums over chunks of CHUNK_BLOCKS blocks, their reduction with the normaliser
-into an fp16 (c, d) matrix per head, and the queries.
+Two shapes of work: one kernel that does everything (each program, one tile of queries of one image
+and head, recomputes its head's k'^T v), or three: partial k'^T v sums over chunks of blocks, their
+reduction with the normaliser into an fp16 (c, d) matrix per head, and the queries. Which one, the
+query tile, the chunk and how the DWC's taps are issued are chosen per shape (`launch_config`, from a
+sweep of the zoo's shapes: tools/sweep_sla_launch.py).
 
 `sla_mixed` is registered as the torch custom op `slab_deploy::sla_mixed` (one named call in profiles;
 opaque to torch.compile, which can still fuse what surrounds it), and CUDA graphs capture its launches.
@@ -41,9 +41,15 @@ except ImportError:  # pragma: no cover - depends on the install
 
 BLOCK = 64  # tokens per tile (queries per program; keys per step of the k^T v loop)
 HEAD_SIZES = (16, 32, 64, 128)  # tl.dot needs powers of two >= 16; 128 bounds the fp32 (c, d) tile
-INLINE_BLOCKS = 4  # at most this many query blocks per head: k^T v recomputed by each program
-CHUNK_BLOCKS = 4  # blocks per partial k^T v sum of the three-kernel path
+INLINE_BLOCKS = 4  # heads of at most this many blocks may take the one-kernel path
+CHUNK_BLOCKS = 4  # blocks per partial k^T v sum of the three-kernel path, unless the launch says
 MAX_DWC = 7  # largest DWC kernel side the fused path takes (SLAB's is 5)
+# The launch's keys (`launch_config` picks them per shape; `launch(config=...)` overrides them):
+# BLOCK_Q queries per program of the query kernel, its taps unrolled or a loop, Triton's num_warps
+# (None: its default), the one-kernel path or the three-kernel one, and that path's chunk size.
+LAUNCH: dict[str, Any] = {"block_q": BLOCK, "unroll": True, "num_warps": None, "inline": True,
+                          "chunk_blocks": CHUNK_BLOCKS}
+FEW_HEADS = 32  # b * heads below this: batch-1 launches (the sweep measured 1-8 and 64-512)
 
 # SLAB_DEPLOY_SLA_KERNEL: "auto" (the default: every supported shape, in eager, CUDA-graph and compiled
 # torch) or "never" (the reference graph everywhere). Measured on an H200 (fp16, 2026-12-03,
@@ -120,7 +126,8 @@ if triton is not None:
     def _kv_sums(k_base, v_base, pe_base, start, s_kn, s_vn, s_pn, N: tl.constexpr, C: tl.constexpr,
                  D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, HAS_PE: tl.constexpr,
                  RELU: tl.constexpr):
-        """k'^T v (C, D) and the token sum of k' (C,) over BLOCKS blocks from token `start`, fp32."""
+        """k'^T v (C, D) of the D columns at v_base and the token sum of k' (C,) over BLOCKS blocks from
+        token `start`, fp32."""
         offs_c = tl.arange(0, C)
         offs_d = tl.arange(0, D)
         kv = tl.zeros((C, D), dtype=tl.float32)
@@ -182,9 +189,11 @@ if triton is not None:
         N: tl.constexpr, HEADS: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
         GW: tl.constexpr, GH: tl.constexpr, KS: tl.constexpr, PAD: tl.constexpr,
         HAS_PE: tl.constexpr, HAS_DWC: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
-        INLINE: tl.constexpr, BLOCKS: tl.constexpr,
+        INLINE: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_Q: tl.constexpr, S_VN: tl.constexpr,
+        UNROLL: tl.constexpr,
     ):
-        # N and the grid are compile-time constants: static in these models (one kernel per stage)
+        # one program: BLOCK_Q queries of one image and head. N, the grid and v's token stride S_VN
+        # are compile-time constants: static in these models (one kernel per stage)
         inv_n = 1.0 / N
         bh = tl.program_id(0)
         b = bh // HEADS
@@ -203,7 +212,7 @@ if triton is not None:
             kvs = tl.load(KVS + (bh * C + offs_c[:, None]) * D + offs_d[None, :])
             w = tl.load(WN + bh * C + offs_c)
             s = tl.load(SN + bh)
-        offs_q = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         mq = offs_q < N
         q = tl.load(Q + b * s_qb + h * C + offs_q[:, None] * s_qn + offs_c[None, :], mask=mq[:, None],
                     other=0.0)
@@ -213,68 +222,123 @@ if triton is not None:
         den = tl.sum(q.to(tl.float32) * w[None, :], axis=1) + eps * inv_n / s
         out = num / den[:, None]
         if HAS_DWC:
+            # tap (i, j) of query t reads token t + (i - PAD) * GW + (j - PAD) where that stays on the
+            # grid: one pointer tile for every tap, each tap's offset a compile-time constant. UNROLL
+            # unrolls the taps (faster for small tiles); a loop keeps the registers of big tiles
+            # from spilling (the unrolled taps of a 64-token tile at head size 64 spill, ptxas -v)
             ty = offs_q // GW
             tx = offs_q % GW
+            v_rows = v_base + offs_q[:, None] * S_VN + offs_d[None, :]
             w_base = WT + h * w_hs + offs_d * (KS * KS)
-            for i in tl.static_range(KS):
-                yy = ty + (i - PAD)
-                for j in tl.static_range(KS):
-                    xx = tx + (j - PAD)
-                    mt = mq & (yy >= 0) & (yy < GH) & (xx >= 0) & (xx < GW)
-                    vt = tl.load(v_base + (yy * GW + xx)[:, None] * s_vn + offs_d[None, :], mask=mt[:, None],
-                                 other=0.0)
-                    wt = tl.load(w_base + (i * KS + j))
-                    out += vt.to(tl.float32) * wt.to(tl.float32)[None, :]
+            if UNROLL:
+                for i in tl.static_range(KS):
+                    my = mq & (ty + (i - PAD) >= 0) & (ty + (i - PAD) < GH)
+                    for j in tl.static_range(KS):
+                        mt = my & (tx + (j - PAD) >= 0) & (tx + (j - PAD) < GW)
+                        vt = tl.load(v_rows + ((i - PAD) * GW + (j - PAD)) * S_VN, mask=mt[:, None],
+                                     other=0.0)
+                        out += vt.to(tl.float32) * tl.load(w_base + (i * KS + j)).to(tl.float32)[None, :]
+            else:
+                for i in range(KS):
+                    my = mq & (ty + (i - PAD) >= 0) & (ty + (i - PAD) < GH)
+                    for j in range(KS):
+                        mt = my & (tx + (j - PAD) >= 0) & (tx + (j - PAD) < GW)
+                        vt = tl.load(v_rows + ((i - PAD) * GW + (j - PAD)) * S_VN, mask=mt[:, None],
+                                     other=0.0)
+                        out += vt.to(tl.float32) * tl.load(w_base + (i * KS + j)).to(tl.float32)[None, :]
             if HAS_BIAS:
                 out += tl.load(BIAS + h * b_hs + offs_d).to(tl.float32)[None, :]
         tl.store(Out + b * s_ob + h * D + offs_q[:, None] * s_on + offs_d[None, :],
                  out.to(Out.dtype.element_ty), mask=mq[:, None])
 
 
+def launch_config(b: int, n: int, heads: int, c: int) -> dict[str, Any]:
+    """The launch `launch` uses for B = b images of n tokens, `heads` heads of size c (see LAUNCH).
+
+    Chosen from a sweep of launch configurations at every SLA shape of the zoo, batch 1 and 64
+    (NVIDIA H100, 2026-12-07, docs/benchmarks.md; batches in between were not swept):
+      - few heads in flight (b * heads < FEW_HEADS: batch 1): 32-query tiles, taps unrolled: more
+        programs for a GPU that is mostly idle (PVT-T's 49-token stage 8.8 -> 6.1 us, the others 7-12%);
+      - many: heads of 2-4 blocks split the k'^T v sums over one-block chunks instead of recomputing
+        them in every program (SLAB-DeiT-S's blocks 118 -> 86 us at batch 64); long heads keep the
+        three kernels with 32-query tiles, the taps a loop at head size 32 (with 2 warps) and unrolled
+        at 64 (PVT-T's 3136-token stage 184 -> 164 us); one-block heads (49 tokens) a 64-query tile.
+    """
+    blocks = -(-n // BLOCK)
+    if b * heads < FEW_HEADS:
+        return {"block_q": 32, "unroll": True, "inline": blocks <= INLINE_BLOCKS}
+    if blocks == 1:
+        return {"block_q": BLOCK, "unroll": False, "inline": True}
+    if blocks <= INLINE_BLOCKS:
+        return {"block_q": BLOCK, "unroll": False, "inline": False, "chunk_blocks": 1}
+    if c <= 32:
+        return {"block_q": 32, "unroll": False, "num_warps": 2, "inline": False}
+    return {"block_q": 32, "unroll": True, "inline": False}
+
+
+def plan(b: int, n: int, heads: int, c: int, d: int, *, side: int, grid_h: int, grid_w: int,
+         v_stride: int, has_pe: bool, has_dwc: bool, has_bias: bool, relu: bool,
+         config: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The launch of the query kernel: (the LAUNCH keys, its compile-time constants, Triton's options),
+    `launch_config`'s choice with `config` over it."""
+    cfg = {**LAUNCH, **launch_config(b, n, heads, c), **(config or {})}
+    unknown = set(cfg) - set(LAUNCH)
+    if unknown:
+        raise ValueError(f"unknown launch keys {sorted(unknown)}; known: {', '.join(LAUNCH)}")
+    consts = dict(N=n, HEADS=heads, C=c, D=d, BLOCK_N=BLOCK, GW=max(grid_w, 1), GH=max(grid_h, 1), KS=side,
+                  PAD=side // 2, HAS_PE=has_pe, HAS_DWC=has_dwc, HAS_BIAS=has_bias, RELU=relu,
+                  INLINE=bool(cfg["inline"]), BLOCKS=-(-n // BLOCK), BLOCK_Q=int(cfg["block_q"]),
+                  S_VN=v_stride, UNROLL=bool(cfg["unroll"]))
+    options = {} if cfg["num_warps"] is None else {"num_warps": int(cfg["num_warps"])}
+    return cfg, consts, options
+
+
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: float,
            pe: torch.Tensor | None = None, weight: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, grid_h: int = 0, grid_w: int = 0,
-           relu: bool = False) -> torch.Tensor:
+           relu: bool = False, config: dict[str, Any] | None = None) -> torch.Tensor:
     """Run the kernels on q, k (B, N, heads*c), v (B, N, heads*d) and the optional pe, DWC weight and
     bias (see `supports`); returns (B, N, heads*d). Needs Triton; on CPU tensors only under Triton's
-    interpreter (TRITON_INTERPRET=1, for tests)."""
+    interpreter (TRITON_INTERPRET=1, for tests). The launch is `launch_config`'s; `config` overrides
+    any of its keys (LAUNCH), for tuning and tests."""
     if triton is None:
         raise RuntimeError("the fused SLA kernel needs Triton (pip install triton)")
     b, n, cq = q.shape
     cv = v.shape[-1]
     c, d = cq // heads, cv // heads
+    side = weight.shape[-1] if weight is not None else 1
+    cfg, consts, options = plan(b, n, heads, c, d, side=side, grid_h=grid_h, grid_w=grid_w,
+                                v_stride=v.stride(1), has_pe=pe is not None, has_dwc=weight is not None,
+                                has_bias=bias is not None, relu=relu, config=config)
+    blocks = consts["BLOCKS"]
     out = torch.empty(b, n, cv, device=q.device, dtype=q.dtype)
-    blocks = triton.cdiv(n, BLOCK)
-    inline = blocks <= INLINE_BLOCKS
     dummy = q  # a pointer for absent tensors; the kernels never read it
     pe_t = pe if pe is not None else dummy
     w_t = weight if weight is not None else dummy
     b_t = bias if bias is not None else dummy
-    side = weight.shape[-1] if weight is not None else 1
     w_hs = 0 if weight is None or weight.shape[0] == d else d * side * side
     b_hs = 0 if bias is None or bias.shape[0] == d else d
-    if inline:
+    if consts["INLINE"]:
         kvs, wn, sn = dummy, dummy, dummy
     else:
-        split = triton.cdiv(blocks, CHUNK_BLOCKS)
+        chunk = int(cfg["chunk_blocks"])
+        split = triton.cdiv(blocks, chunk)
         pkv = torch.empty(b * heads * split, c, d, device=q.device, dtype=torch.float32)
         pks = torch.empty(b * heads * split, c, device=q.device, dtype=torch.float32)
         _sla_kv_kernel[(b * heads, split)](
             k, v, pe_t, pkv, pks, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             pe_t.stride(1) if pe is not None else 0,
-            N=n, HEADS=heads, C=c, D=d, BLOCK_N=BLOCK, CHUNK=CHUNK_BLOCKS, HAS_PE=pe is not None, RELU=relu,
+            N=n, HEADS=heads, C=c, D=d, BLOCK_N=BLOCK, CHUNK=chunk, HAS_PE=pe is not None, RELU=relu,
         )
         kvs = torch.empty(b * heads, c, d, device=q.device, dtype=q.dtype)
         wn = torch.empty(b * heads, c, device=q.device, dtype=torch.float32)
         sn = torch.empty(b * heads, device=q.device, dtype=torch.float32)
         _sla_norm_kernel[(b * heads,)](pkv, pks, kvs, wn, sn, N=n, C=c, D=d, SPLIT=split)
-    _sla_mixed_kernel[(b * heads, blocks)](
+    _sla_mixed_kernel[(b * heads, triton.cdiv(n, consts["BLOCK_Q"]))](
         q, k, v, pe_t, w_t, b_t, kvs, wn, sn, out, float(eps),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         pe_t.stride(1) if pe is not None else 0, out.stride(0), out.stride(1), w_hs, b_hs,
-        N=n, HEADS=heads, C=c, D=d, BLOCK_N=BLOCK, GW=max(grid_w, 1), GH=max(grid_h, 1), KS=side,
-        PAD=side // 2, HAS_PE=pe is not None, HAS_DWC=weight is not None, HAS_BIAS=bias is not None,
-        RELU=relu, INLINE=inline, BLOCKS=blocks,
+        **consts, **options,
     )
     return out
 
