@@ -126,8 +126,7 @@ if triton is not None:
     def _kv_sums(k_base, v_base, pe_base, start, s_kn, s_vn, s_pn, N: tl.constexpr, C: tl.constexpr,
                  D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, HAS_PE: tl.constexpr,
                  RELU: tl.constexpr):
-        """k'^T v (C, D) of the D columns at v_base and the token sum of k' (C,) over BLOCKS blocks from
-        token `start`, fp32."""
+        """k'^T v (C, D) and the token sum of k' (C,) over BLOCKS blocks from token `start`, fp32."""
         offs_c = tl.arange(0, C)
         offs_d = tl.arange(0, D)
         kv = tl.zeros((C, D), dtype=tl.float32)
