@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from slab_deploy.check import MAX_INPUTS, check_graph, read_manifest, read_replay
+from slab_deploy.choices import EXPORT_PRECISIONS
 from slab_deploy.errors import ArtifactError
 from slab_deploy.export.api import export_model
 from slab_deploy.weights import random_checkpoint
@@ -102,7 +103,7 @@ def _manifest_world(export_dir: Path, manifest: bytes, check: bool = True) -> No
         except ArtifactError as exc:
             assert len(str(exc).splitlines()) == 1
         else:
-            assert isinstance(man.model, str) and man.model and man.precision in ("fp32", "fp16")
+            assert isinstance(man.model, str) and man.model and man.precision in EXPORT_PRECISIONS
             for p in (man.deployed, man.unsimplified):
                 assert p is None or p.resolve().is_relative_to(art.resolve()), p
             if check:

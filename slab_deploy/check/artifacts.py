@@ -34,7 +34,7 @@ class ArtifactManifest:
     model: str
     deployed: Path
     unsimplified: Path | None  # named by the manifest, or model.unsimplified.onnx when present
-    precision: str  # fp32 | fp16
+    precision: str  # one of EXPORT_PRECISIONS
     precision_block: dict[str, Any] | None
 
 
