@@ -167,7 +167,7 @@ def test_every_launch_in_triton_interpreter() -> None:
     _check(results)
 
 
-def _ptxas(consts: dict, options: dict) -> tuple[int, int]:
+def _ptxas(consts: dict, options: dict, workdir: Path) -> tuple[int, int]:
     """(registers, spill-store bytes) of the query kernel compiled ahead of time for sm_90a (Hopper) by
     Triton, as ptxas -v reports them; no GPU needed."""
     import re
@@ -186,19 +186,16 @@ def _ptxas(consts: dict, options: dict) -> tuple[int, int]:
     # 3.9 warns that its default will change)
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
                             target=GPUTarget("cuda", 90, 32), options={**options, "enable_fp_fusion": True})
-    ptx = Path(os.environ.get("TMPDIR", "/tmp")) / f"sla_query_{os.getpid()}.ptx"
+    ptx = workdir / "sla_query.ptx"
     ptx.write_text(kernel.asm["ptx"])
-    try:
-        log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
-                             capture_output=True, text=True, timeout=120, check=True).stderr
-    finally:
-        ptx.unlink()
+    cmd = [get_ptxas(90).path, "-arch=sm_90a", "-v", str(ptx), "-o", str(workdir / "sla_query.o")]
+    log = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stderr
     registers, spilled = re.search(r"Used (\d+) registers", log), re.search(r"(\d+) bytes spill stores", log)
     assert registers and spilled, log
     return int(registers.group(1)), int(spilled.group(1))
 
 
-def test_zoo_launches_do_not_spill_registers_on_hopper() -> None:
+def test_zoo_launches_do_not_spill_registers_on_hopper(tmp_path: Path) -> None:
     """The query kernel as launched at every SLA shape of the zoo keeps its tiles in registers on an
     H100/H200: compiled ahead of time for sm_90a, ptxas reports no spill stores. (The first launch, a
     64-query tile with every tap of the 5x5 DWC unrolled, used all 255 registers and spilled 1.8-2.9 KB
@@ -209,7 +206,7 @@ def test_zoo_launches_do_not_spill_registers_on_hopper() -> None:
         _, consts, options = sla_kernel.plan(b, n, heads, c, c, side=5, grid_h=grid[0], grid_w=grid[1],
                                              v_stride=3 * heads * c, has_pe=True, has_dwc=True, has_bias=True,
                                              relu=True)
-        registers, spilled = _ptxas(consts, options)
+        registers, spilled = _ptxas(consts, options, tmp_path)
         assert spilled == 0, ((b, n, heads, c), consts, options, registers, spilled)
 
 
