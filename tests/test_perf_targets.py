@@ -113,3 +113,18 @@ def test_plan_names_real_models_and_backends(tmp_path: Path, capsys: pytest.Capt
         assert code == 1 and "no CUDA device" in err, (code, err)
         assert not (tmp_path / "out").exists()
     assert judged <= planned
+
+
+def test_run_fails_closed_without_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--run` where bench refuses (no CUDA device visible to its process): exit 1, the failed run
+    named, no table."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    tool = _tool()
+    first = shlex.split(tool.plan()[0])
+    monkeypatch.setattr(tool, "plan", lambda: [shlex.join(first)])
+    assert tool.main(["--run", str(tmp_path / "runs")]) == 1
+    out, err = capsys.readouterr()
+    assert "Performance targets" not in out
+    assert f"1 run(s) failed: {Path(first[-1]).name} (exit 1)" in err
+    assert not list((tmp_path / "runs").rglob("bench.json"))

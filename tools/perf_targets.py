@@ -2,6 +2,7 @@
 
     python tools/perf_targets.py BENCH.json [BENCH.json ...]
     python tools/perf_targets.py --plan        # the bench commands that measure every target
+    python tools/perf_targets.py --run DIR     # run them on this GPU into DIR, then judge them
 
 Prints one Markdown table: each target, what the files measured for it, and `met`, `missed` or
 `not established` (a model, batch or backend the target needs is missing: the row says which).
@@ -159,6 +160,35 @@ def plan() -> list[str]:
     return out
 
 
+def run(out_dir: Path) -> int:
+    """Run every planned command (`python -m slab_deploy.cli`, from the project root) into `out_dir`,
+    one folder each, going on after a failed one; then print the table of what they measured.
+    Exit 1 if any run failed or wrote no bench.json (a run's case that failed makes bench exit 5)."""
+    import shlex
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed, written = [], []
+    for command in plan():
+        args = shlex.split(command)
+        args[-1] = str(out_dir / args[-1])  # the --output folder
+        print("+ " + shlex.join(args), flush=True)
+        code = subprocess.call([sys.executable, "-m", "slab_deploy.cli", *args[1:]], cwd=root)
+        bench = Path(args[-1]) / "bench.json"
+        if bench.is_file():
+            written.append(str(bench))
+        if code != 0 or not bench.is_file():
+            failed.append(f"{Path(args[-1]).name} (exit {code})")
+    if written:
+        print(table(written))
+    if failed:
+        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; their cases are missing above",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
@@ -166,6 +196,15 @@ def main(argv: list[str]) -> int:
     if argv == ["--plan"]:
         print("\n".join(plan()))
         return 0
+    if argv[0] == "--run":
+        if len(argv) != 2:
+            print("error: --run takes one folder: python tools/perf_targets.py --run DIR", file=sys.stderr)
+            return 1
+        try:
+            return run(Path(argv[1]))
+        except TargetsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     try:
         print(table(argv))
     except TargetsError as e:
