@@ -62,6 +62,20 @@ def norm_modules(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, kinds)]
 
 
+def import_tool(name: str):  # type: ignore[no-untyped-def]
+    """tools/NAME.py of the project as a module (the tools are scripts, not a package)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    tools = str(Path(__file__).resolve().parent.parent / "tools")
+    sys.path.insert(0, tools)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(tools)
+
+
 def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
     """Run `slab-deploy ARGS` in-process through the console entry point; returns (code, out, err)."""
     import sys

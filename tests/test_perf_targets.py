@@ -5,12 +5,11 @@ CLI accepts."""
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import run_cli
+from helpers import import_tool, run_cli
 
 from slab_deploy import choices
 from slab_deploy.models import get_spec
@@ -21,12 +20,7 @@ H100 = ROOT / "docs/results/h100-2026-12-07-verify"
 
 
 def _tool() -> Any:
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import perf_targets
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    return perf_targets
+    return import_tool("perf_targets")
 
 
 def _rows(text: str) -> dict[str, tuple[str, str]]:

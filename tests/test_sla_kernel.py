@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import import_tool
 from torch import nn
 
 from slab_deploy.models import sla_kernel
@@ -127,12 +128,7 @@ def test_fused_kernel_in_triton_interpreter() -> None:
 
 def _bench_tool() -> Any:
     """tools/bench_sla_kernel.py as a module (it reads the SLA calls off a forward of a real model)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import bench_sla_kernel
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    return bench_sla_kernel
+    return import_tool("bench_sla_kernel")
 
 
 @functools.lru_cache(maxsize=1)
