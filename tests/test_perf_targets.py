@@ -4,6 +4,7 @@ CLI accepts."""
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def test_targets_need_torch_compile_on_both_sides() -> None:
     assert rows["batch 1: slab_deit_small not slower than deit_small"][1] == "missed"
 
 
-@pytest.mark.parametrize("case", ["two-gpus", "cpu", "not-json"])
+@pytest.mark.parametrize("case", ["two-gpus", "cpu", "not-json", "bad-results"])
 def test_files_that_cannot_be_judged_together_exit_1(case: str, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     tool = _tool()
@@ -75,7 +76,8 @@ def test_files_that_cannot_be_judged_together_exit_1(case: str, tmp_path: Path,
         expect = "not measured on a GPU"
     else:
         files = [tmp_path / "bench.json"]
-        files[0].write_text("{not json")
+        body = {"environment": {"gpu": "NVIDIA H100"}, "results": ["not a case"]}
+        files[0].write_text("{not json" if case == "not-json" else json.dumps(body))
         expect = "is not a bench.json"
     assert tool.main([str(f) for f in files]) == 1
     err = capsys.readouterr().err
@@ -122,3 +124,17 @@ def test_run_fails_closed_without_a_gpu(tmp_path: Path, capsys: pytest.CaptureFi
     assert "Performance targets" not in out
     assert f"1 run(s) failed: {Path(first[-1]).name} (exit 1)" in err
     assert not list((tmp_path / "runs").rglob("bench.json"))
+
+
+def test_run_refuses_a_folder_with_earlier_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An earlier run's bench.json in DIR would be judged as this run's: --run refuses before it runs
+    anything, and leaves the folder as it was."""
+    tool = _tool()
+    earlier = tmp_path / "runs" / shlex.split(tool.plan()[0])[-1]
+    earlier.mkdir(parents=True)
+    (earlier / "bench.json").write_text("{}")
+    assert tool.main(["--run", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert "exists" in err and "pass a new folder" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [earlier.name]
+    assert (earlier / "bench.json").read_text() == "{}"

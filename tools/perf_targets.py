@@ -69,15 +69,18 @@ def load(paths: list[str]) -> tuple[str, list[dict[str, Any]]]:
         try:
             data = json.loads(Path(p).read_text())
             gpu = data["environment"].get("gpu")
-            results = data["results"]
+            measured = [r for r in data["results"] if r.get("status") == "ok" and r.get("precision") == "fp16"
+                        and r.get("variant") in ("folded", "baseline") and r.get("median_ms")]
+            for r in measured:
+                r["model"], r["batch"], r["backend"], r["median_ms"] = (
+                    str(r["model"]), int(r["batch"]), str(r["backend"]), float(r["median_ms"]))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise TargetsError(f"{p} is not a bench.json ({type(e).__name__}: {e}); pass the bench.json "
                                "files that `slab-deploy bench --output DIR` wrote") from None
         if not gpu:
             raise TargetsError(f"{p} was not measured on a GPU; pass the bench.json of GPU runs")
         gpus[p] = gpu
-        rows += [r for r in results if r.get("status") == "ok" and r.get("precision") == "fp16"
-                 and r.get("variant") in ("folded", "baseline") and r.get("median_ms")]
+        rows += measured
     if len(set(gpus.values())) > 1:
         each = "; ".join(f"{p}: {g}" for p, g in gpus.items())
         raise TargetsError(f"the files come from different GPUs ({each}); judge each machine's files apart")
@@ -168,11 +171,16 @@ def run(out_dir: Path) -> int:
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
+    out_dir = out_dir.resolve()
+    commands = [shlex.split(command) for command in plan()]
+    for args in commands:
+        args[-1] = str(out_dir / args[-1])  # the --output folder
+    taken = [a[-1] for a in commands if Path(a[-1]).exists()]
+    if taken:  # an earlier run's bench.json there would be judged as this run's
+        raise TargetsError(f"{taken[0]} exists (from an earlier run?); pass a new folder to --run")
     out_dir.mkdir(parents=True, exist_ok=True)
     failed, written = [], []
-    for command in plan():
-        args = shlex.split(command)
-        args[-1] = str(out_dir / args[-1])  # the --output folder
+    for args in commands:
         print("+ " + shlex.join(args), flush=True)
         code = subprocess.call([sys.executable, "-m", "slab_deploy.cli", *args[1:]], cwd=root)
         bench = Path(args[-1]) / "bench.json"
