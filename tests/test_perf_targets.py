@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
-from typing import Any
 
 import pytest
 from helpers import import_tool, run_cli
@@ -20,10 +19,6 @@ H200 = ROOT / "docs/results/h200-2026-12-03-perf3"
 H100 = ROOT / "docs/results/h100-2026-12-07-verify"
 
 
-def _tool() -> Any:
-    return import_tool("perf_targets")
-
-
 def _rows(text: str) -> dict[str, tuple[str, str]]:
     rows = {}
     for line in text.splitlines():
@@ -34,7 +29,7 @@ def _rows(text: str) -> dict[str, tuple[str, str]]:
 
 
 def test_targets_from_the_h200_runs() -> None:
-    tool = _tool()
+    tool = import_tool("perf_targets")
     files = [str(H200 / d / "bench.json")
              for d in ("after-swin", "compile-swin", "after-deit", "compile-deit")]
     text = tool.table(files)
@@ -52,7 +47,7 @@ def test_targets_from_the_h200_runs() -> None:
 
 
 def test_targets_need_torch_compile_on_both_sides() -> None:
-    tool = _tool()
+    tool = import_tool("perf_targets")
     cudagraph_only = tool.table([str(H100 / "after-cg/bench.json")])
     rows = _rows(cudagraph_only)
     assert rows["slab_deit_small >= 1.15x deit_small, batch 64, best backend each side"][1] == (
@@ -67,7 +62,7 @@ def test_targets_need_torch_compile_on_both_sides() -> None:
 @pytest.mark.parametrize("case", ["two-gpus", "cpu", "not-json", "bad-results"])
 def test_files_that_cannot_be_judged_together_exit_1(case: str, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    tool = _tool()
+    tool = import_tool("perf_targets")
     if case == "two-gpus":
         files = [H200 / "after-swin/bench.json", H100 / "after-cg/bench.json"]
         expect = "different GPUs"
@@ -91,7 +86,7 @@ def test_plan_names_real_models_and_backends(tmp_path: Path, capsys: pytest.Capt
     exit 1, not the parser's exit 2)."""
     import torch
 
-    tool = _tool()
+    tool = import_tool("perf_targets")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     plan = tool.plan()
     judged = {m for t in tool.RATIOS for m in (t.slab, t.other)} | {m for pair in tool.BATCH1 for m in pair}
@@ -116,7 +111,7 @@ def test_run_fails_closed_without_a_gpu(tmp_path: Path, capsys: pytest.CaptureFi
     """`--run` where bench refuses (no CUDA device visible to its process): exit 1, the failed run
     named, no table."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    tool = _tool()
+    tool = import_tool("perf_targets")
     first = shlex.split(tool.plan()[0])
     monkeypatch.setattr(tool, "plan", lambda: [shlex.join(first)])
     assert tool.main(["--run", str(tmp_path / "runs")]) == 1
@@ -129,7 +124,7 @@ def test_run_fails_closed_without_a_gpu(tmp_path: Path, capsys: pytest.CaptureFi
 def test_run_refuses_a_folder_with_earlier_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An earlier run's bench.json in DIR would be judged as this run's: --run refuses before it runs
     anything, and leaves the folder as it was."""
-    tool = _tool()
+    tool = import_tool("perf_targets")
     earlier = tmp_path / "runs" / shlex.split(tool.plan()[0])[-1]
     earlier.mkdir(parents=True)
     (earlier / "bench.json").write_text("{}")

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -126,16 +125,11 @@ def test_fused_kernel_in_triton_interpreter() -> None:
     _check(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def _bench_tool() -> Any:
-    """tools/bench_sla_kernel.py as a module (it reads the SLA calls off a forward of a real model)."""
-    return import_tool("bench_sla_kernel")
-
-
 @functools.lru_cache(maxsize=1)
 def _zoo_launches() -> list[tuple[tuple, dict]]:
     """(B, N, heads, head size, grid) and the launch `launch_config` picks for it, at every SLA shape of a
     forward of each family's SLAB model (read off the model), batch 1 and 64."""
-    bench_sla_kernel = _bench_tool()
+    bench_sla_kernel = import_tool("bench_sla_kernel")  # reads the SLA calls off a real forward
     shapes = {key[:4] for name in bench_sla_kernel.MODELS for key in bench_sla_kernel.sla_calls(name)}
     return [((b, n, heads, c, grid), sla_kernel.launch_config(b, n, heads, c))
             for n, heads, c, grid in sorted(shapes) for b in (1, 64)]
@@ -323,7 +317,7 @@ def test_onnx_exporter_refuses_the_op(tmp_path: Path) -> None:
 def test_kernel_bench_reads_the_sla_calls_off_the_model(name: str, tmp_path: Path) -> None:
     """tools/bench_sla_kernel.py times the shapes a real forward calls SLA with: one call per SLA module
     (CSWin's two stripe branches included), each on its token grid."""
-    bench_sla_kernel = _bench_tool()
+    bench_sla_kernel = import_tool("bench_sla_kernel")  # reads the SLA calls off a real forward
     from slab_deploy.models import create_model
     from slab_deploy.weights import random_checkpoint
 
