@@ -164,6 +164,33 @@ def test_every_launch_in_triton_interpreter() -> None:
     _check(results)
 
 
+def test_grid_row_tiles_in_triton_interpreter() -> None:
+    """Query tiles of several grid rows (`tile_w`) compute the same function as runs of consecutive
+    tokens: on a grid that the tile width does not divide (20 x 20 with CSWin's LePE, 7 x 10 with large
+    keys), one kernel and three, each passes the half-precision row against fp64 and is at least as
+    accurate as the reference; a width that does not divide the tile is refused."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton not installed (the fused SLA kernel is a CUDA path; CUDA torch wheels bring it)")
+    configs = [{"block_q": 32, "tile_w": 8, "unroll": False}, {"block_q": 64, "tile_w": 16, "inline": False},
+               {"block_q": 16, "tile_w": 2, "inline": False, "chunk_blocks": 1}]
+    script = (
+        "import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+        "import test_sla_kernel as t\n"
+        "print(json.dumps({json.dumps(c) + str(t.SHAPES[i]): t._metrics(t.SHAPES[i], 'cpu', c)\n"
+        "                  for c in json.loads(sys.argv[3]) for i in (3, 4)}))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT), str(ROOT / "tests"), json.dumps(configs)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 2 * len(configs)
+    _check(results)
+    with pytest.raises(ValueError, match="tile_w=24"):
+        sla_kernel.plan(1, 400, 2, 16, 16, side=5, grid_h=20, grid_w=20, v_stride=96, has_pe=True,
+                        has_dwc=True, has_bias=True, relu=True, config={"block_q": 32, "tile_w": 24})
+
+
 def _ptxas(consts: dict, options: dict, workdir: Path) -> tuple[int, int]:
     """(registers, spill-store bytes) of the query kernel compiled ahead of time for sm_90a (Hopper) by
     Triton, as ptxas -v reports them; no GPU needed."""

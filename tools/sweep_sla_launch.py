@@ -1,6 +1,8 @@
 """Sweep the fused SLA kernels' launch (`sla_kernel.LAUNCH` keys) at the SLA shapes of the zoo, on CUDA.
 
-    PYTHONPATH=. python tools/sweep_sla_launch.py [OUT_DIR] [BATCHES]      # BATCHES default 1,64
+    PYTHONPATH=. python tools/sweep_sla_launch.py [OUT_DIR] [BATCHES] [MIN_TOKENS] [CANDIDATES]
+    # BATCHES default 1,64; only the shapes of at least MIN_TOKENS tokens (default: all); CANDIDATES a
+    # comma-separated subset of the names below (default: all)
 
 For every SLA shape a forward of each family's SLAB model calls (`bench_sla_kernel.sla_calls`) and
 every batch, times `launch_config`'s choice ("auto") and the candidates below under CUDA graphs
@@ -40,6 +42,13 @@ CANDIDATES: dict[str, dict] = {
     "q64_loop_split_chunk1": {"block_q": 64, "unroll": False, "inline": False, "chunk_blocks": 1},
     "q32_unrolled_split_chunk1": {"block_q": 32, "unroll": True, "inline": False, "chunk_blocks": 1},
     "q32_loop_chunk2": {"block_q": 32, "unroll": False, "inline": False, "chunk_blocks": 2},
+    # query tiles of several grid rows (where there is a DWC; ignored without one)
+    "q32_loop_2warps_w8": {"block_q": 32, "unroll": False, "num_warps": 2, "tile_w": 8},
+    "q32_unrolled_w8": {"block_q": 32, "unroll": True, "tile_w": 8},
+    "q64_loop_w8": {"block_q": 64, "unroll": False, "tile_w": 8},
+    "q64_loop_w16": {"block_q": 64, "unroll": False, "tile_w": 16},
+    "q64_loop_2warps_w8": {"block_q": 64, "unroll": False, "num_warps": 2, "tile_w": 8},
+    "q128_loop_8warps_w16": {"block_q": 128, "unroll": False, "num_warps": 8, "tile_w": 16},
 }
 
 
@@ -50,11 +59,17 @@ def main() -> None:
 
     out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".")
     batches = [int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "1,64").split(",")]
+    min_tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    names = sys.argv[4].split(",") if len(sys.argv) > 4 else list(CANDIDATES)
+    unknown = sorted(set(names) - set(CANDIDATES))
+    if unknown:
+        raise SystemExit(f"sweep_sla_launch: unknown candidates {unknown}; known: {', '.join(CANDIDATES)}")
+    candidates = {name: CANDIDATES[name] for name in names}
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, seen = [], set()
     for model in MODELS:
         for (n, h, c, grid, lepe), calls in sla_calls(model).items():
-            if (n, h, c, grid, lepe) in seen:
+            if (n, h, c, grid, lepe) in seen or n < min_tokens:
                 continue
             seen.add((n, h, c, grid, lepe))
             for b in batches:
@@ -70,7 +85,7 @@ def main() -> None:
                     us, err, failed = {}, {}, []
                     row = tolerance_for("torch_cuda", "fp16")
                     auto = None
-                    for name, cfg in {"auto": {}, **CANDIDATES}.items():
+                    for name, cfg in {"auto": {}, **candidates}.items():
                         def call(cfg: dict = cfg) -> torch.Tensor:
                             return sla_kernel.launch(q, k, v, h, 1e-6, config=cfg, **args)  # noqa: B023
                         out = call().float()

@@ -46,9 +46,11 @@ CHUNK_BLOCKS = 4  # blocks per partial k^T v sum of the three-kernel path, unles
 MAX_DWC = 7  # largest DWC kernel side the fused path takes (SLAB's is 5)
 # The launch's keys (`launch_config` picks them per shape; `launch(config=...)` overrides them):
 # BLOCK_Q queries per program of the query kernel, its taps unrolled or a loop, Triton's num_warps
-# (None: its default), the one-kernel path or the three-kernel one, and that path's chunk size.
+# (None: its default), the one-kernel path or the three-kernel one, that path's chunk size, and the
+# query tile's width on the token grid (0: BLOCK_Q consecutive tokens; w > 0: BLOCK_Q / w rows of w
+# tokens, so the DWC's taps of one tile read fewer distinct tokens; only where there is a DWC).
 LAUNCH: dict[str, Any] = {"block_q": BLOCK, "unroll": True, "num_warps": None, "inline": True,
-                          "chunk_blocks": CHUNK_BLOCKS}
+                          "chunk_blocks": CHUNK_BLOCKS, "tile_w": 0}
 FEW_HEADS = 32  # b * heads below this: batch-1 launches (the sweep measured 1-8 and 64-512)
 
 # SLAB_DEPLOY_SLA_KERNEL: "auto" (the default: every supported shape, in eager, CUDA-graph and compiled
@@ -189,7 +191,7 @@ if triton is not None:
         GW: tl.constexpr, GH: tl.constexpr, KS: tl.constexpr, PAD: tl.constexpr,
         HAS_PE: tl.constexpr, HAS_DWC: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
         INLINE: tl.constexpr, BLOCKS: tl.constexpr, BLOCK_Q: tl.constexpr, S_VN: tl.constexpr,
-        UNROLL: tl.constexpr,
+        UNROLL: tl.constexpr, TILE_W: tl.constexpr,
     ):
         # one program: BLOCK_Q queries of one image and head. N, the grid and v's token stride S_VN
         # are compile-time constants: static in these models (one kernel per stage)
@@ -211,8 +213,19 @@ if triton is not None:
             kvs = tl.load(KVS + (bh * C + offs_c[:, None]) * D + offs_d[None, :])
             w = tl.load(WN + bh * C + offs_c)
             s = tl.load(SN + bh)
-        offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        mq = offs_q < N
+        if TILE_W > 0:
+            # a tile of BLOCK_Q // TILE_W grid rows of TILE_W tokens (columns past the grid masked)
+            tiles_x: tl.constexpr = (GW + TILE_W - 1) // TILE_W
+            loc = tl.arange(0, BLOCK_Q)
+            ty = (tl.program_id(1) // tiles_x) * (BLOCK_Q // TILE_W) + loc // TILE_W
+            tx = (tl.program_id(1) % tiles_x) * TILE_W + loc % TILE_W
+            mq = (ty < GH) & (tx < GW)
+            offs_q = tl.where(mq, ty * GW + tx, 0)
+        else:
+            offs_q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+            mq = offs_q < N
+            ty = offs_q // GW
+            tx = offs_q % GW
         q = tl.load(Q + b * s_qb + h * C + offs_q[:, None] * s_qn + offs_c[None, :], mask=mq[:, None],
                     other=0.0)
         if RELU:
@@ -225,8 +238,6 @@ if triton is not None:
             # grid: one pointer tile for every tap, each tap's offset a compile-time constant. UNROLL
             # unrolls the taps (faster for small tiles); a loop keeps the registers of big tiles
             # from spilling (the unrolled taps of a 64-token tile at head size 64 spill, ptxas -v)
-            ty = offs_q // GW
-            tx = offs_q % GW
             v_rows = v_base + offs_q[:, None] * S_VN + offs_d[None, :]
             w_base = WT + h * w_hs + offs_d * (KS * KS)
             if UNROLL:
@@ -284,10 +295,13 @@ def plan(b: int, n: int, heads: int, c: int, d: int, *, side: int, grid_h: int, 
     unknown = set(cfg) - set(LAUNCH)
     if unknown:
         raise ValueError(f"unknown launch keys {sorted(unknown)}; known: {', '.join(LAUNCH)}")
+    tile_w = int(cfg["tile_w"]) if has_dwc and grid_w > 1 else 0
+    if tile_w and (tile_w & (tile_w - 1) or int(cfg["block_q"]) % tile_w):
+        raise ValueError(f"tile_w={tile_w} must be a power of two dividing block_q={cfg['block_q']}")
     consts = dict(N=n, HEADS=heads, C=c, D=d, BLOCK_N=BLOCK, GW=max(grid_w, 1), GH=max(grid_h, 1), KS=side,
                   PAD=side // 2, HAS_PE=has_pe, HAS_DWC=has_dwc, HAS_BIAS=has_bias, RELU=relu,
                   INLINE=bool(cfg["inline"]), BLOCKS=-(-n // BLOCK), BLOCK_Q=int(cfg["block_q"]),
-                  S_VN=v_stride, UNROLL=bool(cfg["unroll"]))
+                  S_VN=v_stride, UNROLL=bool(cfg["unroll"]), TILE_W=tile_w)
     options = {} if cfg["num_warps"] is None else {"num_warps": int(cfg["num_warps"])}
     return cfg, consts, options
 
@@ -333,7 +347,10 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, eps: f
         wn = torch.empty(b * heads, c, device=q.device, dtype=torch.float32)
         sn = torch.empty(b * heads, device=q.device, dtype=torch.float32)
         _sla_norm_kernel[(b * heads,)](pkv, pks, kvs, wn, sn, N=n, C=c, D=d, SPLIT=split)
-    _sla_mixed_kernel[(b * heads, triton.cdiv(n, consts["BLOCK_Q"]))](
+    tile_w, block_q = consts["TILE_W"], consts["BLOCK_Q"]
+    tiles = (triton.cdiv(consts["GH"], block_q // tile_w) * triton.cdiv(consts["GW"], tile_w) if tile_w
+             else triton.cdiv(n, block_q))
+    _sla_mixed_kernel[(b * heads, tiles)](
         q, k, v, pe_t, w_t, b_t, kvs, wn, sn, out, float(eps),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         pe_t.stride(1) if pe is not None else 0, out.stride(0), out.stride(1), w_hs, b_hs,
