@@ -108,21 +108,26 @@ def test_shapes_cover_both_paths() -> None:
     assert min(blocks) <= sla_kernel.INLINE_BLOCKS < max(blocks)
 
 
+def _interpreted(code: str, *args: str, timeout: int = 600) -> dict:
+    """Run `code` (test_sla_kernel imported as `t`, extra arguments from sys.argv[3]) in a fresh process
+    under Triton's interpreter (chosen when the kernels are defined), on CPU tensors; its last line
+    printed, as JSON."""
+    script = ("import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+              "import test_sla_kernel as t\n" + code)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT), str(ROOT / "tests"), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_fused_kernel_in_triton_interpreter() -> None:
     """The kernel's code through Triton's interpreter on CPU tensors (a fresh process: the interpreter
     is chosen when the kernel is defined)."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton not installed (the fused SLA kernel is a CUDA path; CUDA torch wheels bring it)")
-    script = (
-        "import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-        "import test_sla_kernel as t\n"
-        "print(json.dumps({str(t.SHAPES[i]): t._metrics(t.SHAPES[i], 'cpu') for i in t.INTERPRETED}))\n"
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, str(ROOT), str(ROOT / "tests")], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _check(json.loads(proc.stdout.strip().splitlines()[-1]))
+    _check(_interpreted(
+        "print(json.dumps({str(t.SHAPES[i]): t._metrics(t.SHAPES[i], 'cpu') for i in t.INTERPRETED}))\n"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -144,22 +149,14 @@ def test_every_launch_in_triton_interpreter() -> None:
         pytest.skip("Triton not installed (the fused SLA kernel is a CUDA path; CUDA torch wheels bring it)")
     configs = {json.dumps(cfg, sort_keys=True) for _, cfg in _zoo_launches()}
     assert len(configs) >= 4  # batch 1 and 64, one-block, short and long heads pick different launches
-    script = (
-        "import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-        "import test_sla_kernel as t\n"
+    results = _interpreted(
         "out = {}\n"
         "for cfg in json.loads(sys.argv[3]):\n"
         "    for i in (3, 4):\n"
         "        for inline in (True, False):\n"
         "            c = dict(json.loads(cfg), inline=inline)\n"
         "            out[cfg + str(t.SHAPES[i]) + str(inline)] = t._metrics(t.SHAPES[i], 'cpu', c)\n"
-        "print(json.dumps(out))\n"
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, str(ROOT), str(ROOT / "tests"),
-                           json.dumps(sorted(configs))], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+        "print(json.dumps(out))\n", json.dumps(sorted(configs)), timeout=900)
     assert len(results) == 4 * len(configs)
     _check(results)
 
@@ -173,17 +170,16 @@ def test_grid_row_tiles_in_triton_interpreter() -> None:
         pytest.skip("Triton not installed (the fused SLA kernel is a CUDA path; CUDA torch wheels bring it)")
     configs = [{"block_q": 32, "tile_w": 8, "unroll": False}, {"block_q": 64, "tile_w": 16, "inline": False},
                {"block_q": 16, "tile_w": 2, "inline": False, "chunk_blocks": 1}]
-    script = (
-        "import json, sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-        "import test_sla_kernel as t\n"
+    # the tiles reach the kernel (a DWC on a grid), and only there
+    for cfg in configs:
+        for has_dwc, tile_w in ((True, cfg["tile_w"]), (False, 0)):
+            _, consts, _ = sla_kernel.plan(2, 70, 2, 16, 16, side=5, grid_h=7, grid_w=10, v_stride=96,
+                                           has_pe=True, has_dwc=has_dwc, has_bias=has_dwc, relu=True,
+                                           config=cfg)
+            assert consts["TILE_W"] == tile_w
+    results = _interpreted(
         "print(json.dumps({json.dumps(c) + str(t.SHAPES[i]): t._metrics(t.SHAPES[i], 'cpu', c)\n"
-        "                  for c in json.loads(sys.argv[3]) for i in (3, 4)}))\n"
-    )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, str(ROOT), str(ROOT / "tests"), json.dumps(configs)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+        "                  for c in json.loads(sys.argv[3]) for i in (3, 4)}))\n", json.dumps(configs))
     assert len(results) == 2 * len(configs)
     _check(results)
     with pytest.raises(ValueError, match="tile_w=24"):
