@@ -84,6 +84,9 @@ def fold(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
     ema: EmaOpt = False,
     allow_unfinished_prepbn: UnfinishedOpt = False,
+    keep_biases: Annotated[bool, typer.Option("--keep-biases", help=(
+        "Leave every bias where it is: no bias add moved into another layer (see docs/fold.md), so "
+        "the outputs of the blocks inside a stage stay the unfolded model's too."))] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fold every PRepBN/RepBN into its neighbouring Linear/Conv and write a folded checkpoint."""
@@ -95,7 +98,7 @@ def fold(
         raise ArtifactError(f"{output} exists; "
                             "pass --force to overwrite it or choose another --output")
     m = load_model(model, checkpoint, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn)
-    folded, report = fold_model(m)
+    folded, report = fold_model(m, move=not keep_biases)
     info = getattr(m, "checkpoint_info", None)
     save_folded(folded, output, source_sha256=info.sha256 if info else None)
     if as_json:

@@ -24,7 +24,8 @@ from slab_deploy.errors import CheckpointError
 from slab_deploy.models.layers import ChannelAffine, LinearNorm, RepBN
 
 FOLD_META_KEY = "slab_deploy"
-FOLD_FORMAT = 1
+FOLD_FORMAT = 2  # 2: with `biases_removed` (passes.move_biases); 1 is still read
+READ_FORMATS = (1, 2)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class FoldReport:
     tolerance_max_rel: float
     seconds: float
     biases_added: list[str] = field(default_factory=list)
+    biases_removed: list[str] = field(default_factory=list)  # moved elsewhere by passes.move_biases
 
     @property
     def folded(self) -> int:
@@ -89,6 +91,8 @@ class FoldReport:
             parts.append(f"{aff} kept as explicit affine")
         if ln:
             parts.append(f"{ln} LayerNorm not foldable (input-dependent statistics)")
+        if self.biases_removed:
+            parts.append(f"{len(self.biases_removed)} bias adds moved into other layers")
         if math.isfinite(self.max_abs_delta):
             parts.append(
                 f"max |delta logit| {self.max_abs_delta:.2e} ({self.max_rel_delta:.1e} of max |logit|)")
@@ -106,6 +110,7 @@ def fold_metadata(report: FoldReport, *, source_sha256: str | None = None) -> di
         "folded": [n.name for n in report.norms if n.action == "folded"],
         "kept_affine": [n.name for n in report.norms if n.action == "kept-affine"],
         "biases_added": list(report.biases_added),
+        "biases_removed": list(report.biases_removed),
         "source_sha256": source_sha256,
         "report": report.to_dict(),
     }
@@ -140,7 +145,7 @@ def fold_meta_from_json(text: str, path: Path) -> Any:
         ) from None
 
 
-_META_LISTS = ("folded", "kept_affine", "biases_added")
+_META_LISTS = ("folded", "kept_affine", "biases_added", "biases_removed")
 
 
 def check_fold_meta(meta: Any, path: Path) -> dict[str, Any]:
@@ -183,12 +188,12 @@ def _plain_json(v: Any, depth: int = 0) -> bool:
 def restore_folded_structure(model: nn.Module, meta: dict[str, Any]) -> None:
     """Turn a freshly built (unfolded) model into the folded architecture described by `meta`,
     so a folded state_dict loads into it strictly: every PRepBN/RepBN becomes a `ChannelAffine`
-    (its values come from the state_dict), the folded ones `Identity`, and the biases the fold
-    added are created."""
-    if int(meta.get("format", 0)) != FOLD_FORMAT:
+    (its values come from the state_dict), the folded ones `Identity`, the biases the fold
+    added are created and those it moved away (`passes.move_biases`) removed."""
+    if int(meta.get("format", 0)) not in READ_FORMATS:
         raise CheckpointError(
             f"folded checkpoint format {meta.get('format')} is not supported by this slab-deploy "
-            f"(expects {FOLD_FORMAT}); fold the original checkpoint again"
+            f"(reads {', '.join(map(str, READ_FORMATS))}); fold the original checkpoint again"
         )
     for n in [n for n, m in model.named_modules() if isinstance(m, LinearNorm)]:
         # eval-mode PRepBN is its RepBN
@@ -204,6 +209,11 @@ def restore_folded_structure(model: nn.Module, meta: dict[str, Any]) -> None:
         if m.bias is None:
             out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
             m.bias = nn.Parameter(torch.zeros(out, dtype=m.weight.dtype, device=m.weight.device))
+    for n in meta.get("biases_removed", []):
+        m = model.get_submodule(n)
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"{n} is a {type(m).__name__}, which has no bias to remove")
+        m.bias = None
     rep = meta.get("report")
     if rep:
         model.fold_report = FoldReport(  # type: ignore[assignment]

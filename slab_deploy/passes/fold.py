@@ -26,6 +26,7 @@ from slab_deploy.models.folded import FoldReport, NormFold
 from slab_deploy.models.layers import ChannelAffine, LinearNorm, RepBN
 from slab_deploy.passes.base import prepare, set_submodule
 from slab_deploy.passes.fold_affine import Fold, _Foldable, apply_fold, plan_folds
+from slab_deploy.passes.move_biases import move_biases
 from slab_deploy.passes.repbn_to_affine import RepBNToAffine
 from slab_deploy.passes.unwrap_prepbn import UnwrapPRepBN
 from slab_deploy.tolerances import tolerance_for
@@ -82,12 +83,15 @@ def fold_model(
     probe: torch.Tensor | None = None,
     inplace: bool = False,
     verify: bool = True,
+    move: bool = True,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every PRepBN/RepBN of `model` into its neighbours; returns (folded model, report).
 
     Each fold is checked on `probe` (seeded random images by default); one that moves the logits
-    beyond the `fold` tolerance is reverted and kept as an explicit affine. The input model is
-    not changed unless `inplace`.
+    beyond the `fold` tolerance is reverted and kept as an explicit affine. Then, unless `move` is
+    False, the constant bias adds a deployed graph would run on their own are moved into other
+    layers' biases (`passes.move_biases`), checked the same way (and undone if they moved the
+    logits). The input model is not changed unless `inplace`.
     """
     t0 = time.perf_counter()
     model = prepare(model, inplace)
@@ -137,6 +141,18 @@ def fold_model(
                                   reason=f"{what} statistics depend on the input: nothing fixed to fold")
         elif n not in entries and kind in ("prepbn", "repbn", "affine"):
             entries[n] = NormFold(n, kind, ch, "kept-affine", reason="not reached by the probe forward pass")
+    biases_removed: list[str] = []
+    if move:
+        before_move = copy.deepcopy(model) if verify else None
+        moved = move_biases(model)
+        if moved.removed or moved.added:
+            moved_final = model(probe).detach()
+            if verify and not float((moved_final - reference).abs().max()) <= budget:
+                assert before_move is not None
+                model = before_move  # a block the pass misread: keep the folded model as it was
+            else:
+                final, biases_removed = moved_final, moved.removed
+                biases_added += [n for n in moved.added if n not in biases_added]
     order = list(kinds)
     max_abs_delta = float((final - reference).abs().max())
     # The one-by-one path keeps only verified folds: a bug if reached.
@@ -154,6 +170,7 @@ def fold_model(
         tolerance_max_rel=tol,
         seconds=time.perf_counter() - t0,
         biases_added=biases_added,
+        biases_removed=biases_removed,
     )
     model.fold_report = report  # type: ignore[assignment]
     return model, report
