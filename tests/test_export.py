@@ -41,12 +41,17 @@ def _assert_clean(m: dict, name: str, out: Path) -> None:
     if spec.is_slab:
         assert m["norm_free"] and m["lint"]["norm_nodes"] == {}
         assert m["fold"]["folded"] == len(m["fold"]["norms"])
+        assert m["fold"]["biases_removed"]  # passes.move_biases ran in the export's fold
     else:
         assert (m["lint"]["norm_nodes"].get("LayerNormalization", 0) > 0
                 or m["simplify"]["ops_after"].get("ReduceMean", 0) > 0)
     for rung in ("onnx", "ort_cpu"):
         assert m["parity"][rung]["passed"], m["parity"][rung]
     model = onnx.load(str(out / "model.onnx"))
+    if spec.is_slab and spec.family != "cswin":  # (CSWin's LePE stages keep their conv biases)
+        biased_dwc = [n.name for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 2
+                      and n.input[2] and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+        assert biased_dwc == [], f"SLA's DWC should have no bias in the graph: {biased_dwc}"
     assert m["opset"] == m["export"]["opset"] == {o.domain: o.version for o in model.opset_import}[""]
     assert m["files"]["model.onnx"]["sha256"] == sha256_file(out / "model.onnx")
     props = onnx_passes.get_metadata(model)
