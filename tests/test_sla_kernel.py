@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -29,17 +30,19 @@ ROOT = Path(__file__).resolve().parent.parent
 # 3136-token stage 1 (the three-kernel path); a 400-token map on that path with CSWin's LePE in the
 # conv; large keys on a grid that is not square (the output is invariant to their scale; the
 # reference's fp16 reciprocal once went subnormal there)
-SHAPES = [(2, 196, 6, 64, (14, 14), 1.0, 0), (8, 49, 3, 32, (7, 7), 1.0, 0),
+# (batch, tokens, heads, head size, grid, scale of k, LePE kernel or 0[, folded]): a folded shape's convs
+# have no bias, as `passes.move_biases` leaves them in every folded model
+SHAPES = [(2, 196, 6, 64, (14, 14), 1.0, 0), (8, 49, 3, 32, (7, 7), 1.0, 0, True),
           (1, 3136, 1, 64, (56, 56), 1.0, 0), (1, 400, 2, 16, (20, 20), 1.0, 3),
-          (2, 70, 2, 16, (7, 10), 300.0, 0)]
+          (2, 70, 2, 16, (7, 10), 300.0, 0, True)]
 INTERPRETED = [0, 1, 3, 4]  # the 3136-token map takes minutes in Triton's interpreter
 
 
 def _inputs(shape: tuple, device: str) -> tuple[torch.Tensor, ...]:
     """q, k, v as the models pass them (the projection's output, before the ReLUs: q and k views of
     it, v too), the positional encoding, the DWC (randomised weights and bias, shared by the heads)
-    and CSWin's LePE (or None), in fp16 on `device`."""
-    b, n, heads, c, grid, scale, lepe = shape
+    and CSWin's LePE (or None), in fp16 on `device`; without conv biases where the shape is folded."""
+    b, n, heads, c, grid, scale, lepe, *folded = shape
     g = torch.Generator().manual_seed(n + c)
     qkv = torch.randn(b, n, 3 * heads * c, generator=g)
     qkv[..., heads * c:2 * heads * c] *= scale
@@ -52,6 +55,8 @@ def _inputs(shape: tuple, device: str) -> tuple[torch.Tensor, ...]:
             if conv is not None:
                 conv.weight.normal_(generator=g)
                 conv.bias.normal_(generator=g)
+                if folded and folded[0]:
+                    conv.bias = None
     return q, k, v, pe, dwc.to(device, torch.float16), extra.to(device, torch.float16) if extra else None
 
 
@@ -222,10 +227,11 @@ def test_zoo_launches_do_not_spill_registers_on_hopper(tmp_path: Path) -> None:
     per thread at head size 64.)"""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton not installed (the fused SLA kernel is a CUDA path; CUDA torch wheels bring it)")
-    for (b, n, heads, c, grid), _ in _zoo_launches():
+    # folded models launch without the DWC bias (passes.move_biases moves it), unfolded ones with it
+    for ((b, n, heads, c, grid), _), has_bias in itertools.product(_zoo_launches(), (False, True)):
         _, consts, options = sla_kernel.plan(b, n, heads, c, c, side=5, grid_h=grid[0], grid_w=grid[1],
-                                             v_stride=3 * heads * c, has_pe=True, has_dwc=True, has_bias=True,
-                                             relu=True)
+                                             v_stride=3 * heads * c, has_pe=True, has_dwc=True,
+                                             has_bias=has_bias, relu=True)
         registers, spilled = _ptxas(consts, options, tmp_path)
         assert spilled == 0, ((b, n, heads, c), consts, options, registers, spilled)
 

@@ -76,7 +76,7 @@ def main() -> None:
         for b in BATCHES:
             total = {"auto": 0.0, "never": 0.0}
             for (n, h, c, grid, lepe), calls in shapes:
-                q, k, v, pe, dwc, extra = _inputs((b, n, h, c, grid, 1.0, lepe), "cuda")
+                q, k, v, pe, dwc, extra = _inputs((b, n, h, c, grid, 1.0, lepe, True), "cuda")  # as folded
                 us = {}
                 for mode in ("auto", "never"):  # fused kernels, reference graph
                     os.environ[sla_kernel.ENV] = mode

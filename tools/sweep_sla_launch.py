@@ -73,7 +73,7 @@ def main() -> None:
                 continue
             seen.add((n, h, c, grid, lepe))
             for b in batches:
-                shape = (b, n, h, c, grid, 1.0, lepe)
+                shape = (b, n, h, c, grid, 1.0, lepe, True)  # folded: no conv bias (move_biases)
                 inputs = _inputs(shape, "cuda")
                 q, k, v, pe, dwc, extra = inputs
                 weight, bias = dwc_weights(dwc, h, extra)
