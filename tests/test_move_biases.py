@@ -90,11 +90,14 @@ def test_a_move_that_moves_the_logits_is_undone(monkeypatch: pytest.MonkeyPatch)
         fc1.bias.data += 1.0
         return out
 
-    monkeypatch.setattr(fold_pass, "move_biases", misread)
     model = randomize_weights(build_model("test_slab_deit"), seed=23)
+    kept, _ = fold_model(model, move=False)
+    monkeypatch.setattr(fold_pass, "move_biases", misread)
     folded, report = fold_model(model)
     assert report.verified and report.biases_removed == []
-    assert all(m.bias is not None for n, m in folded.named_modules() if n.endswith("attn.dwc"))
+    # every bias is back as the fold left it, bit for bit
+    want, got = kept.state_dict(), folded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     x = images(model, 2, 7)
     with torch.no_grad():
         ref = model(x)

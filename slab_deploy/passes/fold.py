@@ -143,13 +143,11 @@ def fold_model(
             entries[n] = NormFold(n, kind, ch, "kept-affine", reason="not reached by the probe forward pass")
     biases_removed: list[str] = []
     if move:
-        before_move = copy.deepcopy(model) if verify else None
         moved = move_biases(model)
         if moved.removed or moved.added:
             moved_final = model(probe).detach()
             if verify and not float((moved_final - reference).abs().max()) <= budget:
-                assert before_move is not None
-                model = before_move  # a block the pass misread: keep the folded model as it was
+                moved.undo()  # a block the pass misread: keep the folded model as it was
             else:
                 final, biases_removed = moved_final, moved.removed
                 biases_added += [n for n in moved.added if n not in biases_added]

@@ -26,7 +26,7 @@ past them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,10 +39,28 @@ __all__ = ["MovedBiases", "move_biases"]
 
 @dataclass
 class MovedBiases:
-    """What `move_biases` did: the biases it removed (module names) and those it created."""
+    """What `move_biases` did: the biases it removed (module names) and those it created; `undo` puts
+    every bias back as it was (only the biases are kept for that, not a copy of the model)."""
 
-    removed: list[str]
-    added: list[str]
+    removed: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    _saved: dict[int, tuple[nn.Module, torch.Tensor | None]] = field(default_factory=dict, repr=False)
+
+    def save(self, m: nn.Module) -> None:
+        """Keep m's bias as it is now, the first time m is about to change."""
+        if id(m) not in self._saved:
+            self._saved[id(m)] = (m, None if m.bias is None else m.bias.detach().clone())
+
+    @torch.no_grad()
+    def undo(self) -> None:
+        for m, bias in self._saved.values():
+            if bias is None:
+                m.bias = None
+            elif m.bias is None:
+                m.bias = nn.Parameter(bias)
+            else:
+                m.bias.data.copy_(bias)
+        self.removed, self.added, self._saved = [], [], {}
 
 
 @dataclass
@@ -67,7 +85,7 @@ def move_biases(model: nn.Module) -> MovedBiases:
     """Move the DWC biases into the output projections and the residual writers' biases to the end of
     their stage, in place (see the module docstring). Returns what was removed and created."""
     names = {id(m): n for n, m in model.named_modules()}
-    moved = MovedBiases([], [])
+    moved = MovedBiases()
     for m in list(model.modules()):
         if isinstance(m, _SLA):
             _dwc_into(m.proj, [(0, m.dwc, None, m.num_heads)], names, moved)
@@ -101,11 +119,13 @@ def _dwc_into(proj: nn.Linear, branches: list[tuple[int, nn.Conv2d, nn.Conv2d | 
         return
     _add_bias(proj, shift, names, moved)
     for c in convs:
+        moved.save(c)
         c.bias = None
         moved.removed.append(names[id(c)])
 
 
 def _add_bias(m: nn.Linear, shift: torch.Tensor, names: dict[int, str], moved: MovedBiases) -> None:
+    moved.save(m)
     if m.bias is None:
         if not shift.any():
             return  # a zero bias would only add an Add
@@ -184,11 +204,13 @@ def _move_stream(run: list[_Block], names: dict[int, str], moved: MovedBiases) -
             writers.append(writer)
     for w in writers[:-1]:
         if w.bias is not None:
+            moved.save(w)
             w.bias = None
             moved.removed.append(names[id(w)])
     if last.bias is None and carried.any():
         _add_bias(last, carried, names, moved)
     elif last.bias is not None:
+        moved.save(last)
         last.bias.data.copy_(carried.to(last.bias.dtype))
 
 
