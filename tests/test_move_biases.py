@@ -42,7 +42,7 @@ def _block_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]
 @pytest.mark.parametrize("name", FAMILIES)
 def test_moved_biases_keep_logits_and_every_stage_output(name: str) -> None:
     model = randomize_weights(build_model(name), seed=21)
-    kept, _ = fold_model(model, move=False)
+    kept, _ = fold_model(model, keep_biases=True)
     moved, report = fold_model(model)
     assert report.verified and report.biases_removed and not kept.fold_report.biases_removed
     # every SLA conv lost its bias (CSWin's LePE conv too), and nothing else has one it did not have
@@ -91,7 +91,7 @@ def test_a_move_that_moves_the_logits_is_undone(monkeypatch: pytest.MonkeyPatch)
         return out
 
     model = randomize_weights(build_model("test_slab_deit"), seed=23)
-    kept, _ = fold_model(model, move=False)
+    kept, _ = fold_model(model, keep_biases=True)
     monkeypatch.setattr(fold_pass, "move_biases", misread)
     folded, report = fold_model(model)
     assert report.verified and report.biases_removed == []
@@ -126,7 +126,7 @@ def test_folded_checkpoints_with_moved_biases_load_back(tmp_path: Path) -> None:
 def test_format_1_folded_checkpoints_still_load(tmp_path: Path) -> None:
     """What slab-deploy wrote before biases moved: format 1, no `biases_removed`."""
     name = "test_slab_swin"
-    folded, _ = fold_model(randomize_weights(build_model(name), seed=25), move=False)
+    folded, _ = fold_model(randomize_weights(build_model(name), seed=25), keep_biases=True)
     out = save_folded(folded, tmp_path / "f.pt")
     payload = torch.load(out, weights_only=True)
     payload[FOLD_META_KEY]["format"] = 1

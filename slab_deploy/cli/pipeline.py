@@ -98,7 +98,7 @@ def fold(
         raise ArtifactError(f"{output} exists; "
                             "pass --force to overwrite it or choose another --output")
     m = load_model(model, checkpoint, ema=ema, allow_unfinished_prepbn=allow_unfinished_prepbn)
-    folded, report = fold_model(m, move=not keep_biases)
+    folded, report = fold_model(m, keep_biases=keep_biases)
     info = getattr(m, "checkpoint_info", None)
     save_folded(folded, output, source_sha256=info.sha256 if info else None)
     if as_json:

@@ -83,13 +83,13 @@ def fold_model(
     probe: torch.Tensor | None = None,
     inplace: bool = False,
     verify: bool = True,
-    move: bool = True,
+    keep_biases: bool = False,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every PRepBN/RepBN of `model` into its neighbours; returns (folded model, report).
 
     Each fold is checked on `probe` (seeded random images by default); one that moves the logits
-    beyond the `fold` tolerance is reverted and kept as an explicit affine. Then, unless `move` is
-    False, the constant bias adds a deployed graph would run on their own are moved into other
+    beyond the `fold` tolerance is reverted and kept as an explicit affine. Then, unless
+    `keep_biases`, the constant bias adds a deployed graph would run on their own are moved into other
     layers' biases (`passes.move_biases`), checked the same way (and undone if they moved the
     logits). The input model is not changed unless `inplace`.
     """
@@ -142,7 +142,7 @@ def fold_model(
         elif n not in entries and kind in ("prepbn", "repbn", "affine"):
             entries[n] = NormFold(n, kind, ch, "kept-affine", reason="not reached by the probe forward pass")
     biases_removed: list[str] = []
-    if move:
+    if not keep_biases:
         moved = move_biases(model)
         if moved.removed or moved.added:
             moved_final = model(probe).detach()
