@@ -171,3 +171,6 @@ def test_fold_cli_moves_biases_unless_told_to_keep_them(  # type: ignore[no-unty
         assert code == 0 and ("bias adds moved" in text) == moved
         meta = torch.load(out, weights_only=True)[FOLD_META_KEY]
         assert bool(meta["biases_removed"]) == moved
+    # a folded file matches no variant's keys; inspect names the model its fold metadata gives
+    code, text, _ = run_cli(["inspect", str(out)], capsys, monkeypatch)
+    assert code == 0 and "test_slab_deit, from its fold metadata" in " ".join(text.split())

@@ -45,7 +45,7 @@ def inspect_table(path: str | Path, info: CheckpointInfo, variants: Sequence[str
         ("weights from", info.entry or "(top level)"),
         ("top-level keys", ", ".join(info.top_level_keys[:10]) if info.entry else "-"),
         ("layout", info.layout),
-        ("variant(s)", ", ".join(variants) or "no registered variant matches"),
+        ("variant(s)", ", ".join(variants) or _unmatched(info)),
         ("classes", str(info.num_classes)),
         ("PRepBN", prep),
         ("EMA weights", "yes (use --ema)" if info.has_ema else "no"),
@@ -295,3 +295,13 @@ def delivered_to_dict(done: Any) -> dict[str, Any]:
     if done.repository is not None:
         d["repository"] = done.repository.to_dict()
     return d
+
+
+def _unmatched(info: CheckpointInfo) -> str:
+    """The variant row where no registered variant's keys match. A folded file's never do (its norms
+    are gone): its fold metadata names the model."""
+    model = (info.folded or {}).get("model")
+    if model:
+        return f"{model}, from its fold metadata (load it with --model {model})"
+    return "no registered variant matches"
+
